@@ -1,0 +1,10 @@
+"""PEFT tuner types for MoRA and RL-selected sparse subnetworks.
+
+Importing this package registers the tuner types with PEFT, so ``get_peft_model``,
+``PeftModel.from_pretrained`` and ``AutoPeftModel*`` handle them like built-in types.
+"""
+
+from .registration import register_tuner
+
+__all__ = ["register_tuner"]
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""The offline toy testbed shared by tests, recipes and benchmarks.
+
+Tiny random causal LMs (Llama, Qwen2, GPT-2) saved like Hub repos, a local character-level
+tokenizer with a chat template, synthetic datasets with verifiable answers, and a cached
+arithmetic pretraining run. Nothing here downloads anything.
+
+Example:
+    ```py
+    >>> from transformers import AutoModelForCausalLM
+    >>> from trl_ext.toy import make_arithmetic_dataset, arithmetic_reward, pretrained_toy_model_path
+    >>> model = AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path(arch="llama"))
+    >>> train = make_arithmetic_dataset(256)
+    ```
+"""
+
+from .args import TOY_DEFAULTS, toy_args
+from .data import (
+    DEFAULT_MAX_OPERAND,
+    arithmetic_reward,
+    check_reasoning_answer,
+    extract_int,
+    make_arithmetic_dataset,
+    make_mixed_quality_sft,
+    make_reasoning_preferences,
+    make_reasoning_traces,
+    make_uuid_dataset,
+    reasoning_reward,
+    uuid_char_accuracy,
+)
+from .models import ARCHITECTURES, ToyModelSpec, build_toy_model, cache_dir, save_toy_model, toy_model_path
+from .pretrain import (
+    PretrainConfig,
+    arithmetic_accuracy,
+    load_pretrained_toy,
+    pretrain_metrics,
+    pretrain_toy_model,
+    pretrained_toy_model_path,
+)
+from .tokenizer import CHAT_TEMPLATE, build_toy_tokenizer
+
+__all__ = [
+    "ARCHITECTURES",
+    "CHAT_TEMPLATE",
+    "DEFAULT_MAX_OPERAND",
+    "PretrainConfig",
+    "TOY_DEFAULTS",
+    "ToyModelSpec",
+    "arithmetic_accuracy",
+    "arithmetic_reward",
+    "build_toy_model",
+    "build_toy_tokenizer",
+    "cache_dir",
+    "check_reasoning_answer",
+    "extract_int",
+    "load_pretrained_toy",
+    "make_arithmetic_dataset",
+    "make_mixed_quality_sft",
+    "make_reasoning_preferences",
+    "make_reasoning_traces",
+    "make_uuid_dataset",
+    "pretrain_metrics",
+    "pretrain_toy_model",
+    "pretrained_toy_model_path",
+    "reasoning_reward",
+    "save_toy_model",
+    "toy_args",
+    "toy_model_path",
+    "uuid_char_accuracy",
+]
