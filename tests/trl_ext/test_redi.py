@@ -1,0 +1,209 @@
+"""REDI: loss against the closed form, alpha=0 against SFT, no reference model, data tooling, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import trl.trainer.dpo_trainer as dpo_module
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig
+
+from trl_ext import REDIConfig, REDITrainer
+from trl_ext.redi import build_redi_pairs, label_traces, positives, redi_loss, verify_trace
+from trl_ext.toy import make_reasoning_preferences, make_reasoning_traces, pretrained_toy_model_path, toy_args
+from trl_ext.toy.distributed import run_distributed
+
+
+def _trainer(tmp_path, alpha=0.8, model=None, dataset=None, **kw):
+    kw = {"per_device_train_batch_size": 4, "max_steps": 1, **kw}
+    args = toy_args(REDIConfig, tmp_path, redi_alpha=alpha, **kw)
+    model = model if model is not None else AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path())
+    return REDITrainer(model=model, args=args, train_dataset=dataset or make_reasoning_preferences(8, seed=1))
+
+
+def _closed_form_parts(model, batch):
+    """Per-sequence completion log-prob sums and lengths from plain logits (no fused head)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    token_logps = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = batch["completion_mask"][:, 1:].float()
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 1.0])
+def test_loss_equals_closed_form_on_trainer_batch(alpha, tmp_path):
+    trainer = _trainer(tmp_path, alpha=alpha)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    loss = trainer.compute_loss(model, batch)
+    logps, lengths = _closed_form_parts(model, batch)
+    n = logps.shape[0] // 2
+    expected = sum(
+        -logps[i] / lengths[i] + alpha * logps[n + i] / lengths[n + i] for i in range(n)
+    ) / n  # fmt: skip
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_zero_gradient_is_length_normalised_sft(tmp_path):
+    trainer = _trainer(tmp_path, alpha=0.0)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    trainer.compute_loss(model, batch).backward()
+    redi_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # Independent SFT reference: mean over chosen sequences of the mean NLL of their completion tokens.
+    n = batch["input_ids"].shape[0] // 2
+    ids, att, cmask = batch["input_ids"][:n], batch["attention_mask"][:n], batch["completion_mask"][:n]
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+    labels = ids[:, 1:].masked_fill(cmask[:, 1:] == 0, -100)
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    sft = (nll.sum(-1) / (labels != -100).sum(-1)).mean()
+    sft.backward()
+    assert redi_grads
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(redi_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_redi_loss_function_closed_form():
+    loss, c, r = redi_loss(torch.tensor([-4.0, -6.0]), torch.tensor([-9.0, -2.0]), torch.tensor([2.0, 3.0]),
+                           torch.tensor([3.0, 0.0]), alpha=0.5)  # fmt: skip
+    # second rejected length 0 is clamped to 1
+    assert torch.allclose(loss, torch.tensor(((2.0 + 0.5 * -3.0) + (2.0 + 0.5 * -2.0)) / 2))  # 0.75
+    assert torch.equal(r, torch.tensor([-3.0, -2.0]))
+
+
+def test_no_reference_model_is_created_or_loaded(tmp_path, monkeypatch):
+    loads = []
+    original = dpo_module.create_model_from_path
+
+    def counting(path, **kw):
+        loads.append(path)
+        return original(path, **kw)
+
+    monkeypatch.setattr(dpo_module, "create_model_from_path", counting)
+    args = toy_args(REDIConfig, tmp_path, per_device_train_batch_size=4, max_steps=1)
+    trainer = REDITrainer(model=pretrained_toy_model_path(), args=args, train_dataset=make_reasoning_preferences(8))
+    assert trainer.ref_model is None
+    assert len(loads) == 1  # the policy only
+    trainer.train()
+    assert dpo_module.create_model_from_path is counting  # restored
+    instance_loads = len(loads)
+    _trainer(tmp_path)
+    assert len(loads) == instance_loads  # a model instance loads nothing
+
+
+def test_trains_lora_and_keeps_no_reference_adapter(tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path())
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = _trainer(tmp_path, model=model, learning_rate=1e-2, max_steps=2)
+    assert set(trainer.model.peft_config) == {"default"}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_conversational_preferences_work(tmp_path):
+    plain = make_reasoning_preferences(8, seed=2)
+    conv = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p}] for p in plain["prompt"]],
+            "chosen": [[{"role": "assistant", "content": c}] for c in plain["chosen"]],
+            "rejected": [[{"role": "assistant", "content": r}] for r in plain["rejected"]],
+        }
+    )
+    trainer = _trainer(tmp_path, dataset=conv)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for key in ("logps_norm/chosen", "logps_norm/rejected", "logps_norm/margin", "logps/chosen", "rewards/accuracies"):
+        assert key in logs
+    assert logs["logps_norm/margin"] == pytest.approx(logs["logps_norm/chosen"] - logs["logps_norm/rejected"], abs=1e-5)
+
+
+def test_bad_input_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"missing the column\(s\) \['rejected'\]"):
+        _trainer(tmp_path, dataset=Dataset.from_dict({"prompt": ["a"], "chosen": ["b"]}))
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=f"redi_alpha={alpha}"):
+            REDIConfig(output_dir=str(tmp_path), redi_alpha=alpha)
+    with pytest.warns(UserWarning, match="collapse"):
+        REDIConfig(output_dir=str(tmp_path), redi_alpha=0.95, bf16=False)
+    with pytest.raises(ValueError, match="reference-free"):
+        REDITrainer(model=pretrained_toy_model_path(), ref_model=pretrained_toy_model_path(),
+                    args=toy_args(REDIConfig, tmp_path), train_dataset=make_reasoning_preferences(4))  # fmt: skip
+    with pytest.raises(TypeError, match="needs a trl_ext.REDIConfig"):
+        REDITrainer(model=pretrained_toy_model_path(), args=toy_args(DPOConfig, tmp_path),
+                    train_dataset=make_reasoning_preferences(4))  # fmt: skip
+
+
+def _slow_pairs(rows):
+    """Obvious reference: loop over prompts in order of appearance."""
+    order, out, reasons = [], [], {}
+    for r in rows:
+        if r["prompt"] not in order:
+            order.append(r["prompt"])
+    for p in order:
+        mine = [r for r in rows if r["prompt"] == p and 3 <= len(r["completion"]) <= 12]
+        good = [r["completion"] for r in mine if r["correct"]]
+        bad = [r["completion"] for r in mine if not r["correct"]]
+        if not mine:
+            reasons["all traces filtered by length"] = reasons.get("all traces filtered by length", 0) + 1
+        elif not good:
+            reasons["no correct trace"] = reasons.get("no correct trace", 0) + 1
+        elif not bad:
+            reasons["no incorrect trace"] = reasons.get("no incorrect trace", 0) + 1
+        else:
+            out.append((p, good[0], bad[0]))
+    return out, reasons
+
+
+def test_build_pairs_matches_slow_reference():
+    rows = [
+        {"prompt": "p1", "completion": "wrong1", "correct": False},
+        {"prompt": "p1", "completion": "right1", "correct": True},
+        {"prompt": "p1", "completion": "right2", "correct": True},
+        {"prompt": "p2", "completion": "ok", "correct": True},  # too short
+        {"prompt": "p2", "completion": "right-long-enough", "correct": True},  # too long
+        {"prompt": "p3", "completion": "right3", "correct": True},
+        {"prompt": "p4", "completion": "wrong4", "correct": False},
+        {"prompt": "p5", "completion": "bad5", "correct": False},
+        {"prompt": "p5", "completion": "good5", "correct": True},
+    ]
+    pairs, report = build_redi_pairs(Dataset.from_list(rows), min_length=3, max_length=12, keep_columns=())
+    expected, reasons = _slow_pairs(rows)
+    assert list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])) == expected
+    assert dict(report.dropped) == reasons == {
+        "all traces filtered by length": 1, "no incorrect trace": 1, "no correct trace": 1,
+    }  # fmt: skip
+    assert report.prompts == 5 and report.pairs == 2
+
+
+def test_toy_traces_pairs_verify():
+    traces = make_reasoning_traces(60, seed=3)
+    relabelled = label_traces(traces.remove_columns("correct"), verifier="toy")
+    assert relabelled["correct"] == traces["correct"]
+    pairs, report = build_redi_pairs(relabelled)
+    assert report.pairs + sum(report.dropped.values()) == 60
+    assert all(verify_trace(c, a) for c, a in zip(pairs["chosen"], pairs["answer"]))
+    assert not any(verify_trace(r, a) for r, a in zip(pairs["rejected"], pairs["answer"]))
+    assert all(positives(relabelled)["correct"] if "correct" in positives(relabelled).column_names else [True])
+    assert len(positives(relabelled)) == sum(traces["correct"])
+
+
+def test_math_verify_labels_boxed_answers():
+    pytest.importorskip("math_verify")
+    assert verify_trace(r"so x = \boxed{\frac{1}{2}}", "0.5")
+    assert not verify_trace(r"so x = \boxed{3}", "0.5")
+    assert verify_trace(r"\boxed{42}", 42, verifier="math")
+
+
+def test_two_processes_match_one_process(tmp_path):
+    script = __file__.replace("test_redi.py", "_redi_distributed.py")
+    run_distributed(script, str(tmp_path / "one" / "w.safetensors"), "1", nproc=1)
+    run_distributed(script, str(tmp_path / "two" / "w.safetensors"), "2", nproc=2)
+    one, two = load_file(tmp_path / "one" / "w.safetensors"), load_file(tmp_path / "two" / "w.safetensors")
+    assert one["loss"].item() == pytest.approx(two["loss"].item(), rel=1e-5)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6, msg=name)

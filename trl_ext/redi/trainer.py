@@ -1,0 +1,175 @@
+"""REDI trainer: TRL's DPO trainer with the reference-free REDI loss."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import trl.trainer.dpo_trainer as dpo_module
+from trl import DPOTrainer
+
+from .config import REDIConfig
+from .loss import redi_loss, sequence_logps
+
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+@contextlib.contextmanager
+def _without_reference_model(policy_from_path: bool):
+    """Make ``DPOTrainer.__init__`` skip loading a reference model.
+
+    DPO loads its reference with ``create_model_from_path`` after the policy. REDI has no
+    reference, so every call after the policy's own load returns ``None`` (``DPOTrainer``
+    treats ``ref_model=None`` as "no reference" everywhere after that point).
+    """
+    original = getattr(dpo_module, "create_model_from_path", None)
+    if original is None:
+        raise RuntimeError(
+            "trl.trainer.dpo_trainer.create_model_from_path is gone in this TRL version, so REDITrainer cannot keep "
+            "DPOTrainer from loading a reference model. Install a TRL version this package was tested with."
+        )
+    calls = 0
+
+    def create(path, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(path, **kwargs) if policy_from_path and calls == 1 else None
+
+    dpo_module.create_model_from_path = create
+    try:
+        yield
+    finally:
+        dpo_module.create_model_from_path = original
+
+
+class REDITrainer(DPOTrainer):
+    """Reinforcement distillation (REDI) on (prompt, chosen, rejected) preference data.
+
+    A drop-in replacement for [`~trl.DPOTrainer`]: the same datasets (plain or conversational
+    prompt/chosen/rejected), collator, PEFT and accelerate support, with the REDI loss of
+    :func:`~trl_ext.redi.loss.redi_loss` instead of DPO's. No reference model is created or
+    loaded and there is no beta, so each step is one forward over chosen and rejected.
+
+    Example:
+        ```py
+        >>> from trl_ext import REDIConfig, REDITrainer
+        >>> from trl_ext.toy import make_reasoning_preferences, toy_args, pretrained_toy_model_path
+        >>> args = toy_args(REDIConfig, "redi-out", redi_alpha=0.8, max_steps=10)
+        >>> trainer = REDITrainer(model=pretrained_toy_model_path(), args=args,
+        ...                       train_dataset=make_reasoning_preferences(64))
+        >>> trainer.train()
+        ```
+
+    Logged metrics: ``logps/chosen`` and ``logps/rejected`` (summed, as DPO logs them),
+    ``logps_norm/chosen``, ``logps_norm/rejected`` and ``logps_norm/margin`` (the quantities
+    REDI optimises), ``rewards/accuracies`` (share of pairs with chosen_norm > rejected_norm),
+    ``entropy``, ``mean_token_accuracy``, ``logits/chosen``, ``logits/rejected``, ``num_tokens``.
+    """
+
+    _tag_names = ["trl", "redi", "peft-trl-ext"]
+    _name = "REDI"
+
+    def __init__(self, model, ref_model=None, args: REDIConfig | None = None, train_dataset=None, **kwargs):
+        if ref_model is not None:
+            raise ValueError(
+                "REDITrainer got a ref_model, but REDI is reference-free: its loss uses only the policy's "
+                "length-normalised log-likelihoods, so a reference model would cost memory and compute for nothing. "
+                "Remove ref_model (use trl.DPOTrainer if you want a reference-regularised objective)."
+            )
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = REDIConfig(f"{str(name).rstrip('/').split('/')[-1]}-REDI")
+        elif not isinstance(args, REDIConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; REDITrainer needs a trl_ext.REDIConfig (it carries redi_alpha). "
+                "Build one with the same fields, e.g. REDIConfig(output_dir=..., redi_alpha=0.8)."
+            )
+        _check_preference_columns(train_dataset, "train_dataset")
+        _check_preference_columns(kwargs.get("eval_dataset"), "eval_dataset")
+        with _without_reference_model(policy_from_path=isinstance(model, str)):
+            super().__init__(model=model, ref_model=None, args=args, train_dataset=train_dataset, **kwargs)
+        # DPOTrainer copies a pretrained adapter into a frozen "ref" adapter; REDI never reads it.
+        peft_config = getattr(self.model, "peft_config", None)
+        if isinstance(peft_config, dict) and "ref" in peft_config and len(peft_config) > 1:
+            self.model.delete_adapter("ref")
+        self.ref_model = None
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        # The fused LM head returns per-token log-probs without materialising full-vocabulary logits.
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        shift_mask = completion_mask[:, 1:]
+        seq_len = shift_mask.size(1)
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+
+        logps, lengths = sequence_logps(per_token_logps, shift_mask)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # the collator stacks [chosen; rejected]
+        chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+        loss, chosen_norm, rejected_norm = redi_loss(
+            chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, alpha=self.args.redi_alpha
+        )
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+
+        self._log_redi_metrics(mode, inputs, outputs, shift_mask, logps, chosen_norm, rejected_norm)
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in model_kwargs.items() if k != "output_router_logits"})
+            return loss, outputs
+        return loss
+
+    @torch.no_grad()
+    def _log_redi_metrics(self, mode, inputs, outputs, shift_mask, logps, chosen_norm, rejected_norm):
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        seq_len = shift_mask.size(1)
+        mask = shift_mask.bool()
+        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+
+        def token_mean(values, where):
+            total = gather((values * where).sum().float().reshape(1)).sum()
+            count = gather(where.sum().float().reshape(1)).sum()
+            return (total / count).item() if count > 0 else 0.0
+
+        metrics["entropy"].append(token_mean(outputs.entropy[:, -seq_len:], mask))
+        chosen_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+        metrics["mean_token_accuracy"].append(token_mean(chosen_top1.float(), chosen_mask))
+        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+        metrics["logits/chosen"].append(token_mean(chosen_logits, chosen_mask))
+        metrics["logits/rejected"].append(token_mean(rejected_logits, rejected_mask))
+
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        margin = chosen_norm - rejected_norm
+        metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
+        metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
+        metrics["logps_norm/chosen"].append(gather(chosen_norm).mean().item())
+        metrics["logps_norm/rejected"].append(gather(rejected_norm).mean().item())
+        metrics["logps_norm/margin"].append(gather(margin).mean().item())
+        metrics["rewards/accuracies"].append(gather((margin > 0).float()).mean().item())
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum().reshape(1)).sum().item()
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def _check_preference_columns(dataset, name: str) -> None:
+    """Refuse a dataset that is not in preference format, naming what is missing."""
+    if dataset is None:
+        return
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    for ds in datasets:
+        columns = getattr(ds, "column_names", None)
+        if columns is None:
+            continue
+        missing = [c for c in ("chosen", "rejected") if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{name} is missing the column(s) {missing}; it has {columns}. REDI needs preference data: "
+                "(prompt, chosen=correct trace, rejected=incorrect trace). Build it from labelled traces with "
+                "trl_ext.redi.build_redi_pairs."
+            )
