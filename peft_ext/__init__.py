@@ -4,7 +4,13 @@ Importing this package registers the tuner types with PEFT, so ``get_peft_model`
 ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` handle them like built-in types.
 """
 
+from .mora import MoraConfig, MoraModel, ReMoraCallback
 from .registration import register_tuner
 
-__all__ = ["register_tuner"]
+__all__ = [
+    "MoraConfig",
+    "MoraModel",
+    "ReMoraCallback",
+    "register_tuner",
+]
 __version__ = "0.1.0"

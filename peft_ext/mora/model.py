@@ -1,0 +1,92 @@
+"""The MoRA tuner: injects [`MoraLinear`] layers into a model."""
+
+from __future__ import annotations
+
+import warnings
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .config import MoraConfig
+from .layer import SUPPORTED_LAYERS, MoraLayer, MoraLinear
+from .ops import resolve_mora_type
+
+
+class MoraModel(BaseTuner):
+    """MoRA model (Jiang et al., 2024, https://huggingface.co/papers/2405.12130), built by `get_peft_model`.
+
+    Every target ``nn.Linear``/``Conv1D`` gets one trainable square matrix per adapter. All of
+    PEFT's adapter operations apply: several adapters, `set_adapter`, `disable_adapter()`,
+    `merge_and_unload`, `unmerge_adapter`, `delete_adapter`, `save_pretrained`/`from_pretrained`.
+
+    Args:
+        model (`torch.nn.Module`): the model to adapt.
+        config ([`MoraConfig`]): the adapter configuration.
+        adapter_name (`str`): name of the adapter, `"default"` by default.
+        low_cpu_mem_usage (`bool`): accepted for API compatibility; M is small and always materialised.
+
+    Example:
+        ```py
+        >>> from transformers import AutoModelForCausalLM
+        >>> from peft import get_peft_model
+        >>> from peft_ext import MoraConfig
+        >>> from trl_ext.toy.models import toy_model_path
+        >>> base = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="gpt2", hidden_size=64))
+        >>> model = get_peft_model(base, MoraConfig(r=8, target_modules=["c_attn", "c_proj"]))
+        >>> merged = model.merge_and_unload()  # a plain GPT-2 again, with the update folded in
+        ```
+    """
+
+    prefix: str = "mora_"
+    tuner_layer_cls = MoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        mora_config: MoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if isinstance(target, MoraLayer):
+            target.update_layer(adapter_name, mora_config)
+            return
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base_layer, SUPPORTED_LAYERS):
+            raise TypeError(
+                f"Target module {current_key!r} has type {type(base_layer).__name__}, which MoRA cannot adapt; it supports "
+                f"torch.nn.Linear and transformers Conv1D. Remove it from target_modules={mora_config.target_modules!r} "
+                "or add it to exclude_modules."
+            )
+        new_module = MoraLinear(target, adapter_name, mora_config)
+        if new_module.fan_in_fan_out != mora_config.fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out={mora_config.fan_in_fan_out} does not match the {type(base_layer).__name__} "
+                f"target layers; using fan_in_fan_out={new_module.fan_in_fan_out} for them.",
+                stacklevel=2,
+            )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trained
+        self._replace_module(parent, target_name, new_module, target)
+
+    def merge_and_reset(self, adapter_name: str | None = None, mora_type: str | int | None = None) -> None:
+        """ReMoRA restart on every layer: fold M into the base weights, zero M, optionally switch operator.
+
+        Also records the new operator in the adapter's config, so that a saved adapter loads with it.
+
+        Args:
+            adapter_name (`str`, *optional*): the adapter to restart; the active one if None.
+            mora_type (`str` or `int`, *optional*): operator to continue with (same r_hat); unchanged if None.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name={adapter_name!r} does not exist; choose from {list(self.peft_config)}.")
+        for module in self.model.modules():
+            if isinstance(module, MoraLayer) and adapter_name in module.mora_M:
+                module.merge_and_reset(adapter_name, mora_type)
+        if mora_type is not None:
+            self.peft_config[adapter_name].mora_type = resolve_mora_type(mora_type)

@@ -1,0 +1,121 @@
+"""MoRA's pure tensor math against slow references built from the formulas."""
+
+import math
+
+import pytest
+import torch
+from mora_reference import reference_code_forward, reference_delta_weight
+
+from peft_ext.mora import ops
+
+# (d_in, d_out, r): square, non-square both ways, r_hat > d_in, d_out < r_hat, tiny, capped.
+SHAPES = [
+    (32, 32, 4),
+    (64, 48, 4),
+    (48, 64, 2),
+    (7, 13, 3),
+    (4, 64, 8),  # r_hat = 23 > d_in
+    (64, 4, 8),  # d_out < r_hat
+    (3, 50, 2),  # r_hat = 10, wraps x more than twice
+    (1, 1, 1),
+    (2, 3, 1),
+    (3, 2, 16),  # r_hat capped at max(d_in, d_out)
+]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("mora_type", ops.MORA_TYPES)
+@pytest.mark.parametrize("d_in,d_out,r", SHAPES)
+def test_delta_weight_matches_loop_reference(mora_type, d_in, d_out, r):
+    r_hat = ops.mora_rank(d_in, d_out, r, mora_type)
+    M = torch.randn(r_hat, r_hat, dtype=torch.float64, generator=torch.Generator().manual_seed(r_hat))
+    expected = reference_delta_weight(M, d_in, d_out, mora_type)
+    actual = ops.mora_delta_weight(M, d_in, d_out, mora_type)
+    assert actual.shape == (d_out, d_in)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mora_type", ops.MORA_TYPES)
+@pytest.mark.parametrize("d_in,d_out,r", SHAPES)
+def test_forward_equals_dense_reference(mora_type, d_in, d_out, r):
+    r_hat = ops.mora_rank(d_in, d_out, r, mora_type)
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(r_hat, r_hat, dtype=torch.float64, generator=gen)
+    x = torch.randn(2, 5, d_in, dtype=torch.float64, generator=gen)
+    expected = x @ reference_delta_weight(M, d_in, d_out, mora_type).T
+    assert rel_err(ops.mora_delta_y(x, M, d_out, mora_type), expected) < 1e-12
+
+
+@pytest.mark.parametrize("code,mora_type", [(1, "sharing"), (6, "rotation")])
+@pytest.mark.parametrize("d_in,d_out,r", [(64, 48, 4), (48, 64, 2), (32, 96, 4), (100, 30, 8), (64, 64, 8)])
+def test_forward_matches_reference_code(code, mora_type, d_in, d_out, r):
+    r_hat = ops.mora_rank(d_in, d_out, r, mora_type)
+    gen = torch.Generator().manual_seed(1)
+    M = torch.randn(r_hat, r_hat, dtype=torch.float64, generator=gen)
+    x = torch.randn(3, d_in, dtype=torch.float64, generator=gen)
+    expected = reference_code_forward(x, M, d_out, code)
+    assert rel_err(ops.mora_delta_y(x, M, d_out, ops.resolve_mora_type(code)), expected) < 1e-12
+
+
+def test_rank_sizing_follows_paper_and_never_exceeds_lora_budget():
+    assert ops.mora_rank(4096, 4096, 8, "sharing") == 256  # paper: r=8 on 4096x4096 -> 256
+    assert ops.mora_rank(512, 512, 8, "sharing") == math.floor(math.sqrt(1024 * 8)) == 90
+    assert ops.mora_rank(64, 48, 4, "sharing") == 21  # the reference's round-to-nearest gives 22 > budget
+    assert ops.mora_rank(64, 48, 4, "rotation") == 20
+    for d_in in (1, 2, 3, 5, 16, 33, 64, 100):
+        for d_out in (1, 2, 7, 16, 64, 257):
+            for r in (1, 2, 3, 8, 64):
+                for mora_type in ops.MORA_TYPES:
+                    r_hat = ops.mora_rank(d_in, d_out, r, mora_type)
+                    assert 1 <= r_hat <= max(d_in, d_out)
+                    assert r_hat**2 <= r * (d_in + d_out)
+                    if mora_type == "rotation" and r_hat > 1:
+                        assert r_hat % 2 == 0
+
+
+def test_reference_integer_codes_and_errors():
+    assert [ops.resolve_mora_type(c) for c in (1, 2, 3, 4, 6)] == [
+        "sharing",
+        "group_interleave",
+        "group_tile",
+        "wrap_interleave",
+        "rotation",
+    ]
+    assert ops.resolve_mora_type("Rotation") == "rotation"
+    for bad in ("rope", 5, 0, True, None):
+        with pytest.raises(ValueError, match="mora_type="):
+            ops.resolve_mora_type(bad)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"r={bad}"):
+            ops.mora_rank(8, 8, bad)
+
+
+def test_building_blocks():
+    x = torch.arange(5.0)
+    assert ops.wrap_to(x, 12).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    assert ops.wrap_to(x, 3).tolist() == [0, 1, 2]
+    assert ops.group_index(7, 3).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert ops.group_index(2, 4).tolist() == [0, 1]
+    assert ops.group_sum(torch.arange(7.0), 3).tolist() == [0 + 1 + 2, 3 + 4, 5 + 6]
+    assert ops.group_sum(torch.arange(2.0), 4).tolist() == [0, 1, 0, 0]
+    assert ops.group_expand(torch.tensor([1.0, 2.0, 3.0]), 7).tolist() == [1, 1, 1, 2, 2, 3, 3]
+    cos, sin = ops.rope_cos_sin(4, 3, dtype=torch.float64)
+    assert cos.shape == (3, 2) and torch.equal(cos[0], torch.ones(2)) and torch.equal(sin[0], torch.zeros(2))
+    assert math.isclose(sin[2, 1].item(), math.sin(2 * 10000 ** (-2 / 4)))
+    quarter = torch.tensor([0.0, math.pi / 2])  # pair (0, 2) unrotated, pair (1, 3) by 90 degrees
+    rotated = ops.rotate(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), quarter.cos(), quarter.sin())
+    torch.testing.assert_close(rotated, torch.tensor([1.0, -4.0, 3.0, 2.0, 5.0]))  # odd size: last dim kept
+
+
+def test_delta_weight_is_differentiable():
+    M = torch.randn(10, 10, dtype=torch.float64, requires_grad=True)
+    W = ops.mora_delta_weight(M, 64, 32, "rotation")
+    W.sum().backward()
+    eps, i, j = 1e-6, 3, 7
+    bumped = M.detach().clone()
+    bumped[i, j] += eps
+    fd = (ops.mora_delta_weight(bumped, 64, 32, "rotation").sum() - W.detach().sum()) / eps
+    assert math.isclose(M.grad[i, j].item(), fd.item(), rel_tol=1e-5)
