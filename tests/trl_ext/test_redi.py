@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig
 
+from peft_ext import MoraConfig
 from trl_ext import REDIConfig, REDITrainer
 from trl_ext.redi import build_redi_pairs, label_traces, positives, redi_loss, verify_trace
 from trl_ext.toy import make_reasoning_preferences, make_reasoning_traces, pretrained_toy_model_path, toy_args
@@ -94,15 +95,23 @@ def test_no_reference_model_is_created_or_loaded(tmp_path, monkeypatch):
     assert len(loads) == instance_loads  # a model instance loads nothing
 
 
-def test_trains_lora_and_keeps_no_reference_adapter(tmp_path):
+@pytest.mark.parametrize(
+    "peft_config, trained_prefix",
+    [
+        (LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "lora_"),
+        (MoraConfig(r=4, mora_type="rotation", target_modules=["q_proj", "v_proj"]), "mora_"),
+    ],
+    ids=["lora", "mora"],
+)
+def test_trains_peft_adapter_and_keeps_no_reference_adapter(peft_config, trained_prefix, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path())
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(base, peft_config)
     trainer = _trainer(tmp_path, model=model, learning_rate=1e-2, max_steps=2)
     assert set(trainer.model.peft_config) == {"default"}
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
-    assert changed and all("lora_" in n for n in changed)
+    assert changed and all(trained_prefix in n for n in changed)
 
 
 def test_conversational_preferences_work(tmp_path):
@@ -119,7 +128,9 @@ def test_conversational_preferences_work(tmp_path):
     logs = trainer.state.log_history[0]
     for key in ("logps_norm/chosen", "logps_norm/rejected", "logps_norm/margin", "logps/chosen", "rewards/accuracies"):
         assert key in logs
-    assert logs["logps_norm/margin"] == pytest.approx(logs["logps_norm/chosen"] - logs["logps_norm/rejected"], abs=1e-5)
+    assert logs["logps_norm/margin"] == pytest.approx(
+        logs["logps_norm/chosen"] - logs["logps_norm/rejected"], abs=1e-5
+    )
 
 
 def test_bad_input_is_refused(tmp_path):
