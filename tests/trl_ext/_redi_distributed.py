@@ -18,7 +18,9 @@ args = toy_args(
     REDIConfig, os.path.dirname(out), max_steps=1, per_device_train_batch_size=per_device, optim="sgd",
     learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, disable_tqdm=True,
 )  # fmt: skip
-trainer = REDITrainer(model=pretrained_toy_model_path(), args=args, train_dataset=make_reasoning_preferences(4, seed=5))
+trainer = REDITrainer(
+    model=pretrained_toy_model_path(), args=args, train_dataset=make_reasoning_preferences(4, seed=5)
+)
 assert trainer.accelerator.num_processes == world
 trainer.train()
 if not dist.is_initialized() or dist.get_rank() == 0:

@@ -1,0 +1,37 @@
+"""One Q-Tuning step with SGD; launched by the tests on 1 process (2 accumulated micro-batches) or 2 processes.
+
+Writes the updated weights and logged loss (rank 0) and each process's EU-plane records.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from trl_ext import QTuningConfig, QTuningSFTTrainer
+from trl_ext.toy import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
+
+out, expected_world, scoring = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+world = int(os.environ.get("WORLD_SIZE", "1"))
+assert world == expected_world, f"expected {expected_world} processes, got {world}"
+args = toy_args(
+    QTuningConfig, os.path.dirname(out), max_steps=1, per_device_train_batch_size=4,
+    gradient_accumulation_steps=2 // world, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
+    max_grad_norm=0.0, disable_tqdm=True, scoring=scoring, sample_keep_ratio=0.5, token_keep_ratio=0.5,
+)  # fmt: skip
+trainer = QTuningSFTTrainer(
+    model=pretrained_toy_model_path(), args=args, train_dataset=make_mixed_quality_sft(8, seed=5)
+)
+assert trainer.accelerator.num_processes == world
+trainer.train()
+rank = dist.get_rank() if dist.is_initialized() else 0
+records = [{"ppl": r.ppl.tolist(), "quadrant": r.quadrant.tolist()} for r in trainer.eu_records]
+with open(f"{out}.rank{rank}.json", "w") as f:
+    json.dump({"records": records, "log": trainer.state.log_history[0]}, f)
+if rank == 0:
+    state = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
+    state["loss"] = torch.tensor([trainer.state.log_history[0]["loss"]])
+    save_file(state, out)

@@ -1,0 +1,232 @@
+"""Q-Tuning trainer: TRL's SFT trainer with joint sample and token pruning of every training batch."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from trl import SFTTrainer
+
+from .batch import prune_labels, sample_ids_from_batch, select_samples
+from .config import QTuningConfig
+from .plot import EUPlaneRecord, plot_eu_plane
+from .scoring import QuadrantAssignment, assign_quadrants, sample_ppl_entropy, token_keep_mask, token_scores
+
+
+@dataclass
+class BatchSelection:
+    """What Q-Tuning keeps of one micro-batch (see :meth:`QTuningSFTTrainer.select`)."""
+
+    assignment: QuadrantAssignment
+    ppl: torch.Tensor  # (S,) per-sample perplexity
+    entropy: torch.Tensor  # (S,) per-sample mean entropy
+    sample_docs: torch.Tensor  # (S,) document index of each sample in the collated batch
+    token_keep: torch.Tensor  # (rows, seq_len - 1) response tokens that get loss
+
+    @property
+    def keep_docs(self) -> torch.Tensor:
+        return self.sample_docs[self.assignment.keep]
+
+
+class QTuningSFTTrainer(SFTTrainer):
+    """Supervised fine-tuning with Q-Tuning's joint sample and token pruning.
+
+    A drop-in replacement for [`~trl.SFTTrainer`]: same datasets, collator, packing, PEFT and accelerate
+    support. Only the training loss changes (:meth:`compute_loss`): each micro-batch is scored on the
+    Error-Uncertainty plane (:mod:`trl_ext.qtuning.scoring`), ``round(sample_keep_ratio * B)`` samples are
+    kept, high-perplexity tokens of the kept Q2 samples are pruned down to the token budget, and the loss
+    is the mean NLL over the kept tokens. Evaluation is the stock SFT loss on whole batches.
+
+    Selection is per process and per gradient-accumulation micro-batch: each process scores its own slice
+    of the global batch (no communication), so ``N`` processes with ``per_device_train_batch_size=B`` select
+    like one process running ``N`` micro-batches of ``B`` with ``gradient_accumulation_steps=N``. Each
+    micro-batch's loss is its own kept-token mean; gradient accumulation and DDP average those means.
+
+    With ``scoring="separate"`` (the default), the batch is scored by a forward pass without gradient, and
+    forward and backward run on the kept samples only. With ``scoring="reuse"``, the training forward's
+    outputs score the batch and the loss is masked (the paper's procedure). ``num_tokens`` counts the
+    tokens forwarded with gradient; ``entropy`` and ``mean_token_accuracy`` are over the kept tokens.
+
+    Packing: ``packing=True`` with the BFD strategies and ``padding_free=True`` work (each packed document
+    is a sample); ``packing_strategy="wrapped"`` is refused by the config.
+
+    Example:
+        ```py
+        >>> from trl_ext import QTuningConfig, QTuningSFTTrainer
+        >>> from trl_ext.toy import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
+        >>> args = toy_args(QTuningConfig, "qtuning-out", sample_keep_ratio=0.25, token_keep_ratio=0.5, max_steps=10)
+        >>> trainer = QTuningSFTTrainer(model=pretrained_toy_model_path(), args=args,
+        ...                             train_dataset=make_mixed_quality_sft(256))
+        >>> trainer.train()
+        >>> trainer.plot_eu_plane("eu_plane.png")
+        ```
+
+    Logged metrics (training, summed over processes and averaged over the logging interval):
+    ``qtuning/q1`` .. ``qtuning/q4`` and ``qtuning/between`` (samples per quadrant; fillers count as Q2/Q4),
+    ``qtuning/samples``, ``qtuning/kept_samples``, ``qtuning/filled_samples``, ``qtuning/kept_token_fraction``
+    (kept / all response tokens of the batch) next to ``qtuning/kept_token_fraction_target``
+    (``sample_keep_ratio * token_keep_ratio``), ``qtuning/a`` (the bisected quantile ratio), plus SFT's
+    ``entropy``, ``mean_token_accuracy`` and ``num_tokens``.
+    """
+
+    _tag_names = ["trl", "sft", "q-tuning", "peft-trl-ext"]
+    _name = "Q-Tuning"
+    # The loss is a per-micro-batch mean over kept tokens; Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model, args: QTuningConfig | None = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = QTuningConfig(f"{str(name).rstrip('/').split('/')[-1]}-QTuning")
+        elif not isinstance(args, QTuningConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; QTuningSFTTrainer needs a trl_ext.QTuningConfig (it carries "
+                "sample_keep_ratio, token_keep_ratio, neighbor_lambda and scoring). Build one with the same fields."
+            )
+        if args.scoring == "reuse" and (kwargs.get("compute_loss_func") is not None or args.label_smoothing_factor):
+            raise ValueError(
+                "scoring='reuse' computes the masked loss from the fused LM head's per-token log-probabilities, so it "
+                "cannot apply compute_loss_func or label_smoothing_factor. Use scoring='separate', which trains the "
+                "kept sub-batch through SFTTrainer's own loss, or drop those options."
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        self.eu_records: deque[EUPlaneRecord] = deque(maxlen=args.eu_record_steps)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Q-Tuning loss on training batches; SFTTrainer's loss otherwise (evaluation, ``return_outputs``).
+
+        ``num_items_in_batch`` is ignored while training: the kept tokens are only known after scoring,
+        so each micro-batch's loss is the mean over its own kept tokens.
+        """
+        if not self.model.training or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.scoring == "separate":
+            with torch.no_grad():
+                outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+            selection = self.select(inputs, outputs.log_probs, outputs.entropy)
+            if selection is None:  # no response token anywhere: nothing to select
+                return super().compute_loss(model, inputs)
+            labels = prune_labels(inputs["labels"], selection.token_keep)
+            return super().compute_loss(model, select_samples(inputs, selection.keep_docs, labels))
+        return self._reuse_loss(model, inputs)
+
+    def _reuse_loss(self, model, inputs):
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        outputs = model(**inputs, fused_lm_head=True)
+        selection = self.select(inputs, outputs.log_probs.detach(), outputs.entropy.detach())
+        keep = selection.token_keep if selection is not None else torch.zeros_like(outputs.label_mask)
+        per_token_loss = -outputs.log_probs
+        if self.args.loss_type == "dft":
+            per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
+        loss = (per_token_loss * keep).sum() / keep.sum().clamp(min=1)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+
+        # SFTTrainer's metrics, over the tokens that carry loss.
+        gather = self.accelerator.gather
+        metrics = self._metrics["train"]
+        num_valid = gather(keep.sum().reshape(1)).sum()
+        entropy_sum = gather((outputs.entropy.detach() * keep).sum().reshape(1)).sum()
+        num_correct = gather((outputs.is_top1 & keep).sum().reshape(1)).sum()
+        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if "attention_mask" in inputs:
+            local_tokens = inputs["attention_mask"].sum()
+        else:
+            local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        self._total_train_tokens += gather(local_tokens.reshape(1)).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            metrics["aux_loss"].append(gather(outputs.aux_loss.detach().reshape(1)).mean().item())
+        return loss
+
+    @torch.no_grad()
+    def select(self, inputs: dict, log_probs: torch.Tensor, entropy: torch.Tensor) -> BatchSelection | None:
+        """Score a collated batch from per-token log-probabilities and entropies, and choose what to keep.
+
+        ``log_probs`` and ``entropy`` are in the shifted layout of TRL's fused LM head, ``(rows, seq_len - 1)``.
+        Logs the selection metrics and records the EU-plane scores. Returns ``None`` when the batch has no
+        response token.
+        """
+        sample_ids, sample_docs = sample_ids_from_batch(inputs)
+        if log_probs.shape != sample_ids.shape:
+            raise ValueError(
+                f"The model returned per-token log-probabilities of shape {tuple(log_probs.shape)} for labels of shape "
+                f"{tuple(inputs['labels'].shape)} (expected {tuple(sample_ids.shape)}). Q-Tuning scores the tokens of "
+                "each sample, which prompt-learning adapters (prompt/prefix tuning) shift; use LoRA-style adapters."
+            )
+        if sample_docs.numel() == 0:
+            return None
+        args = self.args
+        nll = -log_probs.float()
+        ppl, mean_entropy, _ = sample_ppl_entropy(nll, entropy.float(), sample_ids, sample_docs.numel())
+        assignment = assign_quadrants(ppl, mean_entropy, args.sample_keep_ratio)
+        scores = token_scores(nll.exp(), sample_ids, args.neighbor_lambda)
+        token_keep = token_keep_mask(
+            scores, sample_ids, assignment.quadrant, assignment.keep, args.sample_keep_ratio, args.token_keep_ratio
+        )
+        selection = BatchSelection(assignment, ppl, mean_entropy, sample_docs, token_keep)
+        self._log_selection(selection, int((sample_ids >= 0).sum()))
+        if self.eu_records.maxlen:
+            self.eu_records.append(
+                EUPlaneRecord(
+                    step=self.state.global_step,
+                    ppl=ppl.cpu(),
+                    entropy=mean_entropy.cpu(),
+                    quadrant=assignment.quadrant.cpu(),
+                    a=assignment.a,
+                    ppl_low=assignment.ppl_low,
+                    ppl_high=assignment.ppl_high,
+                    ent_low=assignment.ent_low,
+                    ent_high=assignment.ent_high,
+                    process_index=self.accelerator.process_index,
+                )
+            )
+        return selection
+
+    def _log_selection(self, selection: BatchSelection, num_response_tokens: int) -> None:
+        assignment = selection.assignment
+        quadrant = assignment.quadrant
+        local = torch.tensor(
+            [
+                *((quadrant == q).sum().item() for q in (1, 2, 3, 4, 0)),
+                quadrant.numel(),
+                assignment.num_filled,
+                int(selection.token_keep.sum()),
+                num_response_tokens,
+                assignment.a,
+            ],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
+        total = self.accelerator.gather(local[None]).sum(0).tolist()
+        q1, q2, q3, q4, between, samples, filled, kept_tokens, response_tokens, a_sum = total
+        metrics = self._metrics["train"]
+        for name, value in (("q1", q1), ("q2", q2), ("q3", q3), ("q4", q4), ("between", between)):
+            metrics[f"qtuning/{name}"].append(value)
+        metrics["qtuning/samples"].append(samples)
+        metrics["qtuning/kept_samples"].append(q2 + q4)
+        metrics["qtuning/filled_samples"].append(filled)
+        metrics["qtuning/kept_token_fraction"].append(kept_tokens / max(response_tokens, 1))
+        metrics["qtuning/kept_token_fraction_target"].append(self.args.sample_keep_ratio * self.args.token_keep_ratio)
+        metrics["qtuning/a"].append(a_sum / self.accelerator.num_processes)
+
+    def plot_eu_plane(self, path=None, steps: int | list[int] | None = None, title: str | None = None):
+        """Plot the recorded EU-plane scores of this process (all recorded micro-batches, or those of ``steps``).
+
+        Saves a PNG when ``path`` is given and returns the matplotlib figure; see
+        :func:`~trl_ext.qtuning.plot.plot_eu_plane`.
+        """
+        records = list(self.eu_records)
+        if steps is not None:
+            wanted = {steps} if isinstance(steps, int) else set(steps)
+            records = [r for r in records if r.step in wanted]
+        if not records:
+            raise ValueError(
+                f"No EU-plane records for steps={steps!r} (recorded steps: {sorted({r.step for r in self.eu_records})}). "
+                "Train first, with QTuningConfig(eu_record_steps > 0)."
+            )
+        return plot_eu_plane(records, path, title=title)
