@@ -31,6 +31,7 @@ from .models import ARCHITECTURES, ToyModelSpec, build_toy_model, cache_dir, sav
 from .pretrain import (
     PretrainConfig,
     arithmetic_accuracy,
+    generation_accuracy,
     load_pretrained_toy,
     pretrain_metrics,
     pretrain_toy_model,
@@ -52,6 +53,7 @@ __all__ = [
     "cache_dir",
     "check_reasoning_answer",
     "extract_int",
+    "generation_accuracy",
     "load_pretrained_toy",
     "make_arithmetic_dataset",
     "make_mixed_quality_sft",

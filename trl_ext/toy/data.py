@@ -116,11 +116,12 @@ def _trace(rng: random.Random, terms: list[int], wrong: bool) -> tuple[str, int]
 
 
 def make_reasoning_traces(
-    n_prompts: int = 256, seed: int = 0, traces_per_prompt: int = 4, p_correct: float = 0.5, max_operand: int = 30
+    n_prompts: int = 256, seed: int = 0, traces_per_prompt: int = 4, p_correct: float = 0.5, max_operand: int = 12
 ) -> Dataset:
     """Teacher traces with correctness labels: columns prompt, completion, answer, correct.
 
-    Each prompt asks for the sum of 3-4 numbers; each trace sums step by step. A trace is
+    Each prompt asks for the sum of 3-4 numbers (each at most ``max_operand``, so running sums
+    stay within the range the pretrained toy model can add); each trace sums step by step. A trace is
     wrong with probability ``1 - p_correct`` (one slipped step). ``correct`` is what
     :func:`check_reasoning_answer` says, so labels are verifiable.
     """
@@ -150,7 +151,7 @@ def reasoning_reward(completions, answer, **kwargs) -> list[float]:
     return [check_reasoning_answer(c, a) for c, a in zip(completions, answer)]
 
 
-def make_reasoning_preferences(n_prompts: int = 256, seed: int = 0, max_operand: int = 30) -> Dataset:
+def make_reasoning_preferences(n_prompts: int = 256, seed: int = 0, max_operand: int = 12) -> Dataset:
     """Preference pairs (prompt, chosen=correct trace, rejected=wrong trace) plus ``answer``."""
     rng = random.Random(seed)
     rows = {"prompt": [], "chosen": [], "rejected": [], "answer": []}

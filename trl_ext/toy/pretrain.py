@@ -75,11 +75,21 @@ def _batch(examples, pad_id):
 
 
 @torch.no_grad()
-def arithmetic_accuracy(model, tokenizer, dataset, batch_size: int = 128, chat: bool = False) -> float:
-    """Greedy held-out accuracy of ``model`` on an arithmetic dataset (plain prompts by default)."""
+def generation_accuracy(
+    model, tokenizer, dataset, reward_fn, max_new_tokens: int = 5, chat: bool = False, batch_size: int = 128
+) -> float:
+    """Mean ``reward_fn`` score of greedy completions of ``dataset["prompt"]`` against ``dataset["answer"]``.
+
+    Example:
+        ```py
+        >>> from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset
+        >>> acc = generation_accuracy(model, tokenizer, make_arithmetic_dataset(100), arithmetic_reward)
+        ```
+    """
+    was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"
-    correct = 0.0
+    total = 0.0
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         prompts = rows["prompt"]
@@ -90,17 +100,24 @@ def arithmetic_accuracy(model, tokenizer, dataset, batch_size: int = 128, chat: 
                 )
                 for p in prompts
             ]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(
             **enc,
-            max_new_tokens=5,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(arithmetic_reward(texts, rows["answer"]))
-    return correct / len(dataset)
+        total += sum(reward_fn(texts, rows["answer"]))
+    model.train(was_training)
+    return total / len(dataset)
+
+
+def arithmetic_accuracy(model, tokenizer, dataset, batch_size: int = 128, chat: bool = False) -> float:
+    """Greedy held-out accuracy of ``model`` on an arithmetic dataset (plain prompts by default)."""
+    return generation_accuracy(model, tokenizer, dataset, arithmetic_reward, max_new_tokens=5, chat=chat,
+                               batch_size=batch_size)  # fmt: skip
 
 
 def pretrain_toy_model(config: PretrainConfig, output_dir: str | os.PathLike, progress: bool = True) -> dict:

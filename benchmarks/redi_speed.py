@@ -1,0 +1,97 @@
+"""Step time and peak memory of REDI against DPO with its reference model, side by side.
+
+Each trainer runs in its own subprocess on the same model (a random toy Llama saved like a
+Hub repo, passed by path so DPO loads its reference model as it normally would), the same
+pairs and batch size. Step time is the mean over the timed steps after warm-up; peak
+memory is the process's peak resident set size (``ru_maxrss``), and the increase over the
+process's resident size just before the trainer was built.
+
+    python benchmarks/redi_speed.py --hidden 512 --layers 8 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(kind: str, a: argparse.Namespace) -> dict:
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from trl_ext.redi import REDIConfig, REDITrainer
+    from trl_ext.toy import make_reasoning_preferences, toy_args, toy_model_path
+
+    path = toy_model_path(arch="llama", hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=8)
+    data = make_reasoning_preferences(a.batch * (a.steps + a.warmup), seed=0)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t)
+
+    timer = Timer()
+    common = dict(max_steps=a.steps + a.warmup, per_device_train_batch_size=a.batch, disable_tqdm=True,
+                  learning_rate=1e-5, logging_steps=1000)  # fmt: skip
+    before = rss_mb()
+    if kind == "REDI":
+        trainer = REDITrainer(model=path, args=toy_args(REDIConfig, "/tmp/redi_speed", **common), train_dataset=data,
+                              callbacks=[timer])  # fmt: skip
+    else:
+        trainer = DPOTrainer(model=path, args=toy_args(DPOConfig, "/tmp/dpo_speed", **common), train_dataset=data,
+                             callbacks=[timer])  # fmt: skip
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timed = timer.times[a.warmup :]
+    params = sum(p.numel() for p in trainer.model.parameters())
+    return {"kind": kind, "step_s": sum(timed) / len(timed), "peak_mb": peak, "increase_mb": peak - before,
+            "params": params, "has_ref": trainer.ref_model is not None}  # fmt: skip
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--worker", choices=["REDI", "DPO"])
+    a = p.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(worker(a.worker, a)))
+        return
+    rows = {}
+    for kind in ("DPO", "REDI"):
+        out = subprocess.run([sys.executable, __file__, "--worker", kind, *sys.argv[1:]], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+        rows[kind] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    d, r = rows["DPO"], rows["REDI"]
+    print(f"toy Llama {a.hidden} wide x {a.layers} layers ({d['params'] / 1e6:.1f}M params), batch {a.batch} pairs, "
+          f"{a.steps} timed steps after {a.warmup} warm-up, CPU fp32")  # fmt: skip
+    print(f"{'trainer':<8}{'ref model':>10}{'step (s)':>10}{'peak RSS (MB)':>15}{'RSS increase (MB)':>19}")
+    for row in (d, r):
+        print(f"{row['kind']:<8}{str(row['has_ref']):>10}{row['step_s']:>10.3f}{row['peak_mb']:>15.0f}"
+              f"{row['increase_mb']:>19.0f}")  # fmt: skip
+    print(f"REDI / DPO: step time {r['step_s'] / d['step_s']:.2f}x, peak RSS {r['peak_mb'] / d['peak_mb']:.2f}x, "
+          f"RSS increase {r['increase_mb'] / d['increase_mb']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
