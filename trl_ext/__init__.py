@@ -4,6 +4,7 @@ Swap the stock trainer for the subclass; configs, datasets and callbacks stay as
 The offline toy testbed lives in :mod:`trl_ext.toy`.
 """
 
+from .prefix_grouper import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 from .qtuning import QTuningConfig, QTuningSFTTrainer
 from .redi import REDIConfig, REDITrainer
 

@@ -1,0 +1,117 @@
+"""A drop-in [`trl.GRPOTrainer`] that encodes each prompt once per group of completions."""
+
+from __future__ import annotations
+
+import torch
+from trl import GRPOTrainer
+from trl.extras.profiling import profiling_decorator
+
+from .attention import FALLBACK_HINT, LAYOUT_KWARG, GroupedAttentionLayout, install_grouped_attention
+from .layout import chunk_groups, find_groups, pack_groups, split_groups, ungroup
+
+
+class PrefixGrouperGRPOTrainer(GRPOTrainer):
+    """[`~trl.GRPOTrainer`] whose per-token log-probs come from the shared-prefix forward of Prefix Grouper.
+
+    Only `_get_per_token_logps_and_entropies` changes, so the policy, old and reference log-probs of every loss
+    type are computed on packed rows ``[prefix; block_1; ...; block_G]`` (one per group of completions sharing a
+    prompt) and mapped back to TRL's ``(batch, completion_len)`` layout. In fp32 the log-probs, entropies, loss and
+    gradients match the stock trainer to rounding. Groups are found by identical prompt ids, so they may be split
+    across processes or accumulation steps. TRL's fused LM head scores the packed rows, so full-vocabulary logits are
+    never materialised.
+
+    Args:
+        Same as [`~trl.GRPOTrainer`]; `args` may be a [`PrefixGrouperGRPOConfig`] or a plain [`~trl.GRPOConfig`].
+        The model must be a text-only decoder using `attn_implementation="sdpa"` or `"eager"`; construction raises
+        a `ValueError` naming the model type otherwise.
+
+    Example:
+        ```py
+        >>> from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
+        >>> from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
+        >>> args = toy_args(PrefixGrouperGRPOConfig, "out", max_steps=1, per_device_train_batch_size=4,
+        ...                 num_generations=4, max_completion_length=8)
+        >>> trainer = PrefixGrouperGRPOTrainer(model=toy_model_path(arch="llama"), reward_funcs=arithmetic_reward,
+        ...                                    args=args, train_dataset=make_arithmetic_dataset(8))
+        >>> trainer.train()
+        ```
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefix_grouper = getattr(self.args, "prefix_grouper", True)
+        self.prefix_grouper_max_completions = getattr(self.args, "prefix_grouper_max_completions", None)
+        if self.prefix_grouper:
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    install_grouped_attention(self.accelerator.unwrap_model(model))
+
+    @profiling_decorator
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal_inputs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if not self.prefix_grouper:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size=batch_size,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+                **multimodal_inputs,
+            )
+        given = sorted(name for name, value in multimodal_inputs.items() if value is not None)
+        if given:
+            raise ValueError(f"Prefix grouping supports text-only inputs, got {given}. Instead, {FALLBACK_HINT}.")
+        if compute_aux_loss:
+            raise ValueError(
+                "Prefix grouping does not reproduce the MoE load-balancing loss (the prompt is routed once, not once "
+                f"per completion). Set router_aux_loss_coef=0.0, or {FALLBACK_HINT}."
+            )
+
+        prompt_ids, completion_ids = input_ids[:, :-logits_to_keep], input_ids[:, -logits_to_keep:]
+        prompt_mask, completion_mask = attention_mask[:, :-logits_to_keep], attention_mask[:, -logits_to_keep:]
+        max_rows = batch_size or input_ids.size(0)
+        group_size = min(self.prefix_grouper_max_completions or max_rows, max_rows)
+        groups = split_groups(find_groups(prompt_ids, prompt_mask), group_size)
+        pad_token_id = self._tokenizer.pad_token_id or 0
+        num_layers = self.accelerator.unwrap_model(model).config.get_text_config().num_hidden_layers
+
+        logps, entropies = [], []
+        for chunk in chunk_groups(groups, max_rows):
+            packed = pack_groups(prompt_ids, prompt_mask, completion_ids, completion_mask, chunk, pad_token_id)
+            layout = GroupedAttentionLayout.from_packed(packed)
+            with self.accelerator.autocast():
+                outputs = model(
+                    input_ids=packed.input_ids,
+                    # A 4D mask passes through transformers' mask creation untouched; the split attention reads the
+                    # layout instead. Integer ids make any attention that did not get the layout fail loudly.
+                    attention_mask=packed.segment_ids[:, None, None, :],
+                    position_ids=packed.position_ids,
+                    shift_labels=packed.shift_labels,
+                    fused_lm_head=True,
+                    **{LAYOUT_KWARG: layout},
+                )
+            if layout.calls < num_layers:
+                model_type = self.accelerator.unwrap_model(model).config.model_type
+                raise ValueError(
+                    f"Prefix grouping cannot run model_type={model_type!r}: only {layout.calls} of its "
+                    f"{num_layers} layers used the grouped attention. Instead, {FALLBACK_HINT}."
+                )
+            logps.append(ungroup(outputs.log_probs, packed))
+            if compute_entropy:
+                entropies.append(ungroup(outputs.entropy, packed))
+
+        # Every stock position is filled by exactly one chunk and is 0 in the others, so the sum is exact
+        logps = torch.stack(logps).sum(0)
+        entropies = torch.stack(entropies).sum(0) if compute_entropy else None
+        return logps, entropies, None
