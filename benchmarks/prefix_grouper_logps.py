@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
+from trl_ext.prefix_grouper.cost import ideal_speedup
 from trl_ext.toy import (
     ToyModelSpec,
     arithmetic_reward,
@@ -96,14 +97,10 @@ def peak_bytes(fn) -> int:
 
 
 def ideal_ratio(spec: ToyModelSpec, vocab: int, prompt_len: int, completion_len: int, group: int) -> float:
-    d, inter, layers = spec.hidden_size, spec.intermediate_size or 4 * spec.hidden_size, spec.num_hidden_layers
-    kv = d * spec.kv_heads // spec.num_attention_heads
-    per_row = layers * 2 * (2 * d * d + 2 * d * kv + 3 * d * inter) + 2 * d * vocab
-    per_pair = layers * 4 * d
-    p, r, g = prompt_len, completion_len, group
-    stock = g * (p + r) * per_row + g * (p + r) ** 2 / 2 * per_pair
-    grouped = (p + g * r) * per_row + (p**2 / 2 + g * r * (p + r / 2)) * per_pair
-    return stock / grouped
+    d = spec.hidden_size
+    return ideal_speedup(prompt_len, completion_len, group, hidden_size=d, num_layers=spec.num_hidden_layers,
+                         intermediate_size=spec.intermediate_size or 4 * d,
+                         kv_size=d * spec.kv_heads // spec.num_attention_heads, vocab_size=vocab)  # fmt: skip
 
 
 def main():
