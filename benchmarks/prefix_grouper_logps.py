@@ -32,55 +32,11 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from trl import GRPOConfig, GRPOTrainer
 
-from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-from trl_ext.prefix_grouper.cost import ideal_speedup
-from trl_ext.toy import (
-    ToyModelSpec,
-    arithmetic_reward,
-    build_toy_model,
-    build_toy_tokenizer,
-    make_arithmetic_dataset,
-    toy_args,
-)
+from trl_ext.prefix_grouper.timing import logprob_step, make_trainer, one_group, spec_ideal_speedup
+from trl_ext.toy import ToyModelSpec
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def make_trainer(grouped: bool, spec: ToyModelSpec, out: str):
-    model = build_toy_model(spec)
-    model.config._attn_implementation = "sdpa"
-    config_cls, trainer_cls = (
-        (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
-    )
-    args = toy_args(config_cls, out, per_device_train_batch_size=4, num_generations=4, disable_dropout=True)
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=arithmetic_reward,
-        args=args,
-        train_dataset=make_arithmetic_dataset(8),
-        processing_class=build_toy_tokenizer(),
-    )
-    trainer.model.train()
-    return trainer
-
-
-def one_group(prompt_len: int, completion_len: int, group: int, vocab: int, eos: int):
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(10, vocab, (1, prompt_len), generator=gen).expand(group, -1)
-    completions = torch.randint(10, vocab, (group, completion_len), generator=gen)
-    completions[:, -1] = eos
-    input_ids = torch.cat([prompt, completions], dim=1)
-    return input_ids, torch.ones_like(input_ids)
-
-
-def step(trainer, input_ids, attention_mask, completion_len):
-    logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-        trainer.model, input_ids, attention_mask, completion_len, compute_entropy=True
-    )
-    logps.sum().backward()
-    trainer.model.zero_grad(set_to_none=True)
 
 
 def peak_bytes(fn) -> int:
@@ -94,13 +50,6 @@ def peak_bytes(fn) -> int:
         live += event.nbytes()
         peak = max(peak, live)
     return peak
-
-
-def ideal_ratio(spec: ToyModelSpec, vocab: int, prompt_len: int, completion_len: int, group: int) -> float:
-    d = spec.hidden_size
-    return ideal_speedup(prompt_len, completion_len, group, hidden_size=d, num_layers=spec.num_hidden_layers,
-                         intermediate_size=spec.intermediate_size or 4 * d,
-                         kv_size=d * spec.kv_heads // spec.num_attention_heads, vocab_size=vocab)  # fmt: skip
 
 
 def main():
@@ -140,7 +89,7 @@ def main():
         input_ids, mask = one_group(prompt_len, completion_len, group, vocab, tokenizer.eos_token_id)
         cpu, wall, peaks = {}, {}, {}
         for name, trainer in trainers.items():
-            run = functools.partial(step, trainer, input_ids, mask, completion_len)
+            run = functools.partial(logprob_step, trainer, input_ids, mask, completion_len)
             run()  # warm-up
             cpu[name] = wall[name] = float("inf")
             for _ in range(cli.repeats):
@@ -150,7 +99,7 @@ def main():
                 wall[name] = min(wall[name], time.perf_counter() - start_wall)
             peaks[name] = peak_bytes(run) / 2**20
         speedup = cpu["stock"] / cpu["grouped"]
-        ideal = ideal_ratio(spec, vocab, prompt_len, completion_len, group)
+        ideal = spec_ideal_speedup(spec, vocab, prompt_len, completion_len, group)
         line = (
             f"{prompt_len:>5} {completion_len:>4} {group:>3} | {cpu['stock']:>11.3f} {cpu['grouped']:>13.3f} "
             f"{speedup:>6.2f}x {ideal:>5.2f}x {speedup / ideal:>10.2f} {wall['stock'] / wall['grouped']:>11.2f}x | "

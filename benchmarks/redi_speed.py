@@ -17,7 +17,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,41 +27,20 @@ def rss_mb() -> float:
 
 
 def worker(kind: str, a: argparse.Namespace) -> dict:
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from trl_ext.redi import REDIConfig, REDITrainer
-    from trl_ext.toy import make_reasoning_preferences, toy_args, toy_model_path
+    from trl_ext.redi.timing import mean_step_time
+    from trl_ext.toy import toy_model_path
 
     path = toy_model_path(arch="llama", hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=8)
-    data = make_reasoning_preferences(a.batch * (a.steps + a.warmup), seed=0)
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t)
-
-    timer = Timer()
-    common = dict(max_steps=a.steps + a.warmup, per_device_train_batch_size=a.batch, disable_tqdm=True,
-                  learning_rate=1e-5, logging_steps=1000)  # fmt: skip
     before = rss_mb()
-    if kind == "REDI":
-        trainer = REDITrainer(model=path, args=toy_args(REDIConfig, "/tmp/redi_speed", **common), train_dataset=data,
-                              callbacks=[timer])  # fmt: skip
-    else:
-        trainer = DPOTrainer(model=path, args=toy_args(DPOConfig, "/tmp/dpo_speed", **common), train_dataset=data,
-                             callbacks=[timer])  # fmt: skip
-    trainer.train()
+    classes = (REDITrainer, REDIConfig) if kind == "REDI" else (DPOTrainer, DPOConfig)
+    step_s, trainer = mean_step_time(*classes, path, steps=a.steps, warmup=a.warmup, batch=a.batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    timed = timer.times[a.warmup :]
     params = sum(p.numel() for p in trainer.model.parameters())
-    return {"kind": kind, "step_s": sum(timed) / len(timed), "peak_mb": peak, "increase_mb": peak - before,
-            "params": params, "has_ref": trainer.ref_model is not None}  # fmt: skip
+    return {"kind": kind, "step_s": step_s, "peak_mb": peak, "increase_mb": peak - before, "params": params,
+            "has_ref": trainer.ref_model is not None}  # fmt: skip
 
 
 def main():

@@ -33,8 +33,10 @@ def is_toy_run(script_args: ScriptArguments, model_name_or_path: str | None) -> 
     return not script_args.dataset_name and not model_name_or_path
 
 
-def finish(trainer, script_args: ScriptArguments) -> None:
-    """Save the model or adapter and, when asked, push it to the Hub."""
+def finish(trainer, script_args: ScriptArguments, results: dict) -> dict:
+    """Save the model or adapter, push it to the Hub when asked, and add the log history to ``results``."""
+    results["log_history"] = trainer.state.log_history
     trainer.save_model(trainer.args.output_dir)
     if trainer.args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return results

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
 from peft_ext import MoraConfig, ReMoraCallback
+from peft_ext.mora.layer import MoraLayer
 from recipes.common import finish, is_toy_run, resolve_dataset, resolve_model
 from trl_ext.toy import arithmetic_accuracy, make_arithmetic_dataset
 
@@ -61,8 +63,12 @@ def main(script_args: ScriptArguments, mora_args: MoraArguments, training_args: 
     if toy:
         results["accuracy_after"] = arithmetic_accuracy(trainer.model, tokenizer, held_out)
     results["trainable_params"], results["all_params"] = model.get_nb_trainable_parameters()
-    finish(trainer, script_args)
-    print(f"[mora] {results}")
+    # MoRA's point: a high-rank update at LoRA's parameter count. Rank of one merged update:
+    layer = next(m for m in model.modules() if isinstance(m, MoraLayer))
+    results["update_rank"] = int(torch.linalg.matrix_rank(layer.get_delta_weight("default").float()))
+    results["lora_rank_same_params"] = mora_args.mora_r
+    finish(trainer, script_args, results)
+    print(f"[mora] { {k: v for k, v in results.items() if k != 'log_history'} }")
     return results
 
 

@@ -57,8 +57,8 @@ def main(script_args: ScriptArguments, recipe: GRPORecipeArguments, training_arg
     rewards_logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     if rewards_logged:
         results["reward_first"], results["reward_last"] = rewards_logged[0], rewards_logged[-1]
-    finish(trainer, script_args)
-    print(f"[prefix-grouper] {results}")
+    finish(trainer, script_args, results)
+    print(f"[prefix-grouper] { {k: v for k, v in results.items() if k != 'log_history'} }")
     return results
 
 

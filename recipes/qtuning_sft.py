@@ -46,8 +46,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         path = os.path.join(training_args.output_dir, "eu_plane.png")
         trainer.plot_eu_plane(path)
         results["eu_plane"] = path
-    finish(trainer, script_args)
-    print(f"[qtuning] {results}")
+    finish(trainer, script_args, results)
+    print(f"[qtuning] { {k: v for k, v in results.items() if k != 'log_history'} }")
     return results
 
 

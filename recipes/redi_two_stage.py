@@ -19,6 +19,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer, TrlParser
 
+from recipes.common import finish
 from trl_ext.redi import REDIConfig, REDITrainer, build_redi_pairs, label_traces, positives
 from trl_ext.toy import generation_accuracy, make_reasoning_traces, pretrained_toy_model_path, reasoning_reward
 
@@ -110,10 +111,9 @@ def main(recipe: REDIRecipeArguments, args: REDIConfig) -> dict:
     trainer = redi_stage(model_path, pairs, args)
     if held_out is not None:
         results["accuracy_after_redi"] = generation_accuracy(trainer.model, tokenizer, held_out, reasoning_reward, 48)
-    trainer.save_model(args.output_dir)
-    if args.push_to_hub:
-        trainer.push_to_hub(dataset_name=recipe.dataset_name)
-    print(f"[redi] {results}")
+    finish(trainer, recipe, results)
+    results["model_path"] = args.output_dir
+    print(f"[redi] { {k: v for k, v in results.items() if k != 'log_history'} }")
     return results
 
 
