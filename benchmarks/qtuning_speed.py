@@ -29,23 +29,11 @@ VARIANTS = [
 
 
 def run_epoch(variant, path, data, a) -> tuple[float, float]:
-    from trl import SFTConfig, SFTTrainer
-
-    from trl_ext import QTuningConfig, QTuningSFTTrainer
-    from trl_ext.toy import toy_args
+    from trl_ext.qtuning.timing import epoch_time
 
     _, scoring, r_s, r_t = variant
-    common = dict(num_train_epochs=1, per_device_train_batch_size=a.batch, disable_tqdm=True, learning_rate=1e-4,
-                  logging_steps=10_000, dataloader_drop_last=True)  # fmt: skip
-    if scoring is None:
-        trainer = SFTTrainer(model=path, args=toy_args(SFTConfig, "/tmp/qtuning_speed", **common), train_dataset=data)
-    else:
-        args = toy_args(QTuningConfig, "/tmp/qtuning_speed", scoring=scoring, sample_keep_ratio=r_s,
-                        token_keep_ratio=r_t, eu_record_steps=0, **common)  # fmt: skip
-        trainer = QTuningSFTTrainer(model=path, args=args, train_dataset=data)
-    output = trainer.train()
-    # Tokens that went through forward and backward (SFTTrainer's ``num_tokens`` counter).
-    return output.metrics["train_runtime"], trainer._total_train_tokens
+    return epoch_time(path, data, scoring=scoring, sample_keep_ratio=r_s or 1.0, token_keep_ratio=r_t or 1.0,
+                      batch=a.batch)  # fmt: skip
 
 
 def main():

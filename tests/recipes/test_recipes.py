@@ -32,3 +32,16 @@ def test_prefix_grouper_recipe(tmp_path):
                     num_generations=4, max_completion_length=4, disable_tqdm=True)  # fmt: skip
     results = prefix_grouper_grpo.main(ScriptArguments(), prefix_grouper_grpo.GRPORecipeArguments(), args)
     assert "reward_first" in results and (tmp_path / "model.safetensors").exists()
+
+
+def test_subnet_recipe_selects_and_retrains(tmp_path):
+    from trl import GRPOConfig
+
+    from recipes import subnet_grpo
+
+    args = toy_args(GRPOConfig, tmp_path, max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                    max_completion_length=4, learning_rate=1e-4, max_grad_norm=0.0, disable_tqdm=True)  # fmt: skip
+    results = subnet_grpo.main(subnet_grpo.SubnetRecipeArguments(), args)
+    assert 0 < results["density"] < 1 and results["trainable"] > 0
+    assert (tmp_path / "subnet_sparsity.png").exists()
+    assert (tmp_path / "subnet" / "adapter_model.safetensors").exists()
