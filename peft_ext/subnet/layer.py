@@ -81,6 +81,14 @@ class SubnetLayer(BaseTunerLayer):
         delta[self.subnet_indices[adapter]] = values
         return delta.view(self.weight_shape)
 
+    def _subnets_to_apply(self) -> list[str]:
+        """Adapters whose values must be added in this forward; empty when disabled or already merged."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        return [] if self.merged else self._active_subnets()
+
     def _active_subnets(self) -> list[str]:
         names = [a for a in self.active_adapters if a in self.subnet_values]
         waiting = [a for a in names if a in self._awaiting_masks]
@@ -135,13 +143,7 @@ class Linear(nn.Module, SubnetLayer):
         self.update_layer(adapter_name, indices, init_weights=init_weights, seed=seed)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        names = self._active_subnets()
+        names = self._subnets_to_apply()
         if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
@@ -168,13 +170,7 @@ class Embedding(nn.Module, SubnetLayer):
         self.update_layer(adapter_name, indices, init_weights=init_weights, seed=seed)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        names = self._active_subnets()
+        names = self._subnets_to_apply()
         if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
