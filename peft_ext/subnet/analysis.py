@@ -183,6 +183,7 @@ def plot_sparsity(tensors: list[TensorDiff], path: str, title: str = "update spa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     per = defaultdict(dict)
     for t in tensors:
@@ -197,6 +198,7 @@ def plot_sparsity(tensors: list[TensorDiff], path: str, title: str = "update spa
         xs = sorted(layers)
         ax1.plot(xs, [100 * layers[x][1] / layers[x][0] for x in xs], marker="o", label=kind)
     ax1.set_xlabel("layer")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_ylabel("% of entries updated")
     ax1.set_title(f"{title}: per layer")
     if per:
