@@ -308,13 +308,14 @@ def test_push_to_hub_uploads_adapter_and_model_card(monkeypatch, tmp_path):
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     model = toy_peft_model(r=2, task_type="CAUSAL_LM")
-    assert model.push_to_hub("me/toy-mora", tags=["mora"]) == "commit"
-    assert uploaded["created"] == uploaded["repo_id"] == "me/toy-mora"
+    repo_id = "me/toy-mora"  # never reached: the client is patched above
+    assert model.push_to_hub(repo_id, tags=["mora"]) == "commit"
+    assert uploaded["created"] == uploaded["repo_id"] == repo_id
     files = uploaded["files"]
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files)
     card = files["README.md"].decode()
     assert "pip install peft-trl-ext" in card and "import peft_ext" in card
-    assert 'AutoPeftModelForCausalLM.from_pretrained("me/toy-mora")' in card
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{repo_id}")' in card
     assert "- mora" in card and "library_name: peft" in card
 
 
