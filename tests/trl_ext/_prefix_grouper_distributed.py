@@ -42,3 +42,7 @@ for grouped in (False, True):
 
 if world == 1 or dist.get_rank() == 0:
     save_file(results, out)
+# Tear the process group down before exit: a gloo thread alive at interpreter exit can abort the process.
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()

@@ -35,3 +35,7 @@ if rank == 0:
     state = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
     state["loss"] = torch.tensor([trainer.state.log_history[0]["loss"]])
     save_file(state, out)
+# Tear the process group down before exit: a gloo thread alive at interpreter exit can abort the process.
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()

@@ -27,3 +27,7 @@ if not dist.is_initialized() or dist.get_rank() == 0:
     state = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
     state["loss"] = torch.tensor([trainer.state.log_history[0]["loss"]])
     save_file(state, out)
+# Tear the process group down before exit: a gloo thread alive at interpreter exit can abort the process.
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
