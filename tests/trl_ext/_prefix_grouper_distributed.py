@@ -13,6 +13,8 @@ import torch.distributed as dist
 from prefix_grouper_helpers import make_batch, make_trainer
 from safetensors.torch import save_file
 
+from trl_ext.toy.distributed import shutdown
+
 out, expected_world = sys.argv[1], int(sys.argv[2])
 world = int(os.environ.get("WORLD_SIZE", "1"))
 assert world == expected_world, f"expected {expected_world} processes, got {world}"
@@ -42,7 +44,4 @@ for grouped in (False, True):
 
 if world == 1 or dist.get_rank() == 0:
     save_file(results, out)
-# Tear the process group down before exit: a gloo thread alive at interpreter exit can abort the process.
-if dist.is_initialized():
-    dist.barrier()
-    dist.destroy_process_group()
+shutdown()

@@ -7,12 +7,11 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from trl_ext import QTuningConfig, QTuningSFTTrainer
 from trl_ext.toy import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
+from trl_ext.toy.distributed import save_trained_state, shutdown
 
 out, expected_world, scoring = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -31,11 +30,5 @@ rank = dist.get_rank() if dist.is_initialized() else 0
 records = [{"ppl": r.ppl.tolist(), "quadrant": r.quadrant.tolist()} for r in trainer.eu_records]
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump({"records": records, "log": trainer.state.log_history[0]}, f)
-if rank == 0:
-    state = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
-    state["loss"] = torch.tensor([trainer.state.log_history[0]["loss"]])
-    save_file(state, out)
-# Tear the process group down before exit: a gloo thread alive at interpreter exit can abort the process.
-if dist.is_initialized():
-    dist.barrier()
-    dist.destroy_process_group()
+save_trained_state(trainer, out)
+shutdown()

@@ -3,12 +3,9 @@
 import os
 import sys
 
-import torch
-import torch.distributed as dist
-from safetensors.torch import save_file
-
 from trl_ext import REDIConfig, REDITrainer
 from trl_ext.toy import make_reasoning_preferences, pretrained_toy_model_path, toy_args
+from trl_ext.toy.distributed import save_trained_state, shutdown
 
 out, expected_world = sys.argv[1], int(sys.argv[2])
 world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -23,11 +20,5 @@ trainer = REDITrainer(
 )
 assert trainer.accelerator.num_processes == world
 trainer.train()
-if not dist.is_initialized() or dist.get_rank() == 0:
-    state = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
-    state["loss"] = torch.tensor([trainer.state.log_history[0]["loss"]])
-    save_file(state, out)
-# Tear the process group down before exit: a gloo thread alive at interpreter exit can abort the process.
-if dist.is_initialized():
-    dist.barrier()
-    dist.destroy_process_group()
+save_trained_state(trainer, out)
+shutdown()

@@ -31,3 +31,25 @@ def run_distributed(script: str, *args: str, nproc: int = 2, timeout: float = 60
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def save_trained_state(trainer, path: str) -> None:
+    """On the main process, save ``trainer``'s parameters and its first logged loss (for 1-vs-N comparisons)."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    state = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
+    state["loss"] = torch.tensor([trainer.state.log_history[0]["loss"]])
+    save_file(state, path)
+
+
+def shutdown() -> None:
+    """Tear the process group down before exit: a gloo thread alive at interpreter exit can abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
