@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
+from trl_ext.prefix_grouper.layout import attention_allowed
 from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args, toy_model_path
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
@@ -136,3 +137,14 @@ def assert_close(actual, expected, rtol=1e-5, what=""):
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = expected.abs().max().item() if expected.numel() else 0.0
     assert err <= rtol * scale + 1e-10, f"{what}: max abs error {err:.3e} exceeds {rtol} x max |value| {scale:.3e}"
+
+
+def dense_reference_mask(packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive ``(N, 1, L, L)`` mask (0 allowed, -inf hidden) of the packed layout.
+
+    Passing it as ``attention_mask`` (with the packed ``position_ids``) to a model using stock ``sdpa`` or ``eager``
+    reproduces the grouped forward densely, computing every masked sibling pair. It is additive on purpose: ``eager``
+    adds the mask to the scores, so a boolean 4D mask would be added as 0/1 and silently give wrong results.
+    """
+    allowed = attention_allowed(packed.segment_ids)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from prefix_grouper_helpers import make_batch, model_path, sharpen_
+from prefix_grouper_helpers import dense_reference_mask, make_batch, model_path, sharpen_
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
@@ -10,9 +10,9 @@ from trl_ext.prefix_grouper import (
     GroupedAttentionLayout,
     attention_allowed,
     chunk_groups,
-    dense_reference_mask,
     find_groups,
     install_grouped_attention,
+    materialized_split_attention,
     pack_groups,
     split_attention,
     split_groups,
@@ -178,18 +178,44 @@ def dense_attention(query, key, value, allowed, scaling):
     return (scores.softmax(-1) @ value).transpose(1, 2)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_split_attention_matches_dense_masked_attention(heads, kv_heads):
-    batch = make_batch(seed=3, rows="aabacbcb")
-    packed = pack_groups(
+def packed_with_short_prompts(seed: int, one_token_prompt: bool):
+    """Groups with prompts of different lengths (so the prefix area is padded); optionally one prompt of a single
+    token, whose group has an empty prefix."""
+    batch = make_batch(seed=seed, rows="aabacbcb")
+    if one_token_prompt:
+        rows = [0, 1, 3]  # group "a"
+        batch["prompt_mask"][rows] = 0
+        batch["prompt_mask"][rows, -1] = 1
+    return pack_groups(
         batch["prompt_ids"],
         batch["prompt_mask"],
         batch["completion_ids"],
         batch["completion_mask"],
         find_groups(batch["prompt_ids"], batch["prompt_mask"]),
     )
+
+
+ATTENTIONS = {
+    "merged": lambda q, k, v, layout, **kw: split_attention(q, k, v, _with(layout, "merged"), **kw),
+    "lower_right": lambda q, k, v, layout, **kw: split_attention(q, k, v, _with(layout, "lower_right"), **kw),
+    "materialized": materialized_split_attention,
+}
+
+
+def _with(layout, kernel):
+    layout.kernel = kernel
+    return layout
+
+
+@pytest.mark.parametrize("one_token_prompt", [False, True])
+@pytest.mark.parametrize("attention", list(ATTENTIONS))
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_split_attention_matches_dense_masked_attention(heads, kv_heads, attention, one_token_prompt):
+    packed = packed_with_short_prompts(3, one_token_prompt)
     layout = GroupedAttentionLayout.from_packed(packed)
     assert layout.prefix_key_padding is not None  # prompts of different lengths share the prefix area
+    if one_token_prompt:
+        assert packed.prefix_lengths.min() == 0
     gen = torch.Generator().manual_seed(0)
     n, length, dim = packed.num_rows, packed.seq_len, 8
     q = torch.randn(n, heads, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -198,13 +224,67 @@ def test_split_attention_matches_dense_masked_attention(heads, kv_heads):
     real = (packed.segment_ids != -1)[:, :, None, None]  # padding queries are never read
     grad_out = torch.randn(n, length, heads, dim, generator=gen, dtype=torch.float64) * real
 
-    out = split_attention(q, k, v, layout, scaling=0.3)
+    out = ATTENTIONS[attention](q, k, v, layout, scaling=0.3)
     expected = dense_attention(q, k, v, attention_allowed(packed.segment_ids), 0.3)
     torch.testing.assert_close(out * real, expected * real, rtol=1e-10, atol=1e-10)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["merged", "lower_right"])
+def test_split_attention_without_padding_or_prefix(kernel):
+    # Equal prompt lengths (no prefix padding), then prompts of one token each (no prefix area at all)
+    for prompt_len in (3, 1):  # make_batch gives group "a" a 3-token prompt
+        batch = make_batch(seed=8, rows="aaaa")
+        batch["prompt_ids"], batch["prompt_mask"] = (
+            batch["prompt_ids"][:, -prompt_len:],
+            batch["prompt_mask"][:, -prompt_len:],
+        )
+        packed = pack_groups(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                             batch["completion_mask"], [[0, 1, 2, 3]])  # fmt: skip
+        layout = GroupedAttentionLayout.from_packed(packed)
+        layout.kernel = kernel
+        assert layout.prefix_key_padding is None and layout.prefix_width == prompt_len - 1
+        gen = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(1, 4, packed.seq_len, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+                   for _ in range(3))  # fmt: skip
+        real = (packed.segment_ids != -1)[:, :, None, None]
+        out = split_attention(q, k, v, layout)
+        expected = dense_attention(q, k, v, attention_allowed(packed.segment_ids), 8**-0.5)
+        torch.testing.assert_close(out * real, expected * real, rtol=1e-10, atol=1e-10)
+        grads = torch.autograd.grad((out * real).sum(), (q, k, v))
+        for got, want in zip(grads, torch.autograd.grad((expected * real).sum(), (q, k, v))):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_split_attention_never_materialises_scores():
+    """Peak memory of the fused path stays O(tokens x width): far below one (G*R x P) score tensor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prefix, block, blocks, heads, dim = 1024, 257, 8, 4, 16
+    packed_len = prefix + blocks * block
+    layout = GroupedAttentionLayout(prefix_width=prefix, block_width=block, num_blocks=blocks)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, packed_len, dim, generator=gen, requires_grad=True) for _ in range(3))
+    score_bytes = heads * blocks * block * prefix * 4  # one fp32 score tensor of block queries x prefix keys
+
+    def peak(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn().sum().backward()
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())  # fmt: skip
+        live = top = 0
+        for event in events:
+            live += event.nbytes()
+            top = max(top, live)
+        return top
+
+    fused = peak(lambda: split_attention(q, k, v, layout))
+    materialized = peak(lambda: materialized_split_attention(q, k, v, layout))
+    assert materialized > score_bytes  # the reference does form the scores: the measurement can see them
+    assert fused < score_bytes / 4, (fused, score_bytes)
 
 
 def grouped_model(arch, attn):

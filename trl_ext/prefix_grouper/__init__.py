@@ -14,7 +14,13 @@ Example:
     ```
 """
 
-from .attention import GroupedAttentionLayout, dense_reference_mask, install_grouped_attention, split_attention
+from .attention import (
+    GroupedAttentionLayout,
+    install_grouped_attention,
+    materialized_split_attention,
+    register_grouped_attention,
+    split_attention,
+)
 from .config import PrefixGrouperGRPOConfig
 from .layout import PackedGroups, attention_allowed, chunk_groups, find_groups, pack_groups, split_groups, ungroup
 from .trainer import PrefixGrouperGRPOTrainer
@@ -26,10 +32,11 @@ __all__ = [
     "PrefixGrouperGRPOTrainer",
     "attention_allowed",
     "chunk_groups",
-    "dense_reference_mask",
     "find_groups",
     "install_grouped_attention",
+    "materialized_split_attention",
     "pack_groups",
+    "register_grouped_attention",
     "split_attention",
     "split_groups",
     "ungroup",
