@@ -1,115 +1,217 @@
 """Forward+backward time and peak memory of GRPO's log-prob computation: Prefix Grouper vs the stock trainer.
 
 Both sides run the trainers' own ``_get_per_token_logps_and_entropies`` (TRL's fused LM head, entropies on) on one
-group: a ``P``-token prompt and ``G`` completions of ``R`` tokens, then backpropagate the summed log-probs. The model
-is a random toy Llama (fp32, sdpa) of width 256 and 4 layers by default.
+group, a ``P``-token prompt and ``G`` completions of ``R`` tokens, then backpropagate the summed log-probs. The model
+is one random Llama decoder layer (fp32, ``sdpa``) of hidden size 1024 and MLP 4096 with the attention shape under
+test (heads, head_dim and KV heads set independently through ``head_dim``), and the toy vocabulary.
 
-The ideal ratio comes from the cost model of the method (per group, attention counted causally):
-stock ``G*(P+R)`` token rows and ``G*(P+R)^2/2`` attention pairs, grouped ``P + G*R`` rows and
-``P^2/2 + G*R*(P + R/2)`` pairs, turned into FLOPs with the model's per-token linear cost (projections, MLP,
-LM head) and ``4*d`` per attention pair.
+Every (shape, method) runs in a fresh worker process, so peak memory is the growth of the worker's peak resident
+set over its baseline after the model and inputs are built (weights and inputs excluded; activations, saved tensors,
+gradients and temporaries included). Times are process CPU time (robust to other load on the machine), the fastest
+of ``--repeats`` runs after a warm-up at a small shape; wall time is reported beside them.
 
-Peak memory is measured with the PyTorch profiler (``profile_memory=True``): the running sum of the CPU tensor
-allocations and frees recorded during one forward+backward, maximised over time. It counts every tensor
-allocated inside the measured region (activations, saved tensors, gradients, temporaries) and nothing allocated
-before it (weights, inputs). Times are the fastest of ``--repeats`` runs after one warm-up (the least disturbed by other load), measured
-without the
-profiler.
+The ideal ratio is :func:`trl_ext.prefix_grouper.cost.ideal_speedup` (stock / grouped FLOPs, counting the G repeated
+last prompt tokens of the layout). Points whose estimated stock activation memory exceeds ``--max-gb`` are skipped.
 
 Usage:
-    python benchmarks/prefix_grouper_logps.py --quick     # P=1024, R=64, G=8 only
-    python benchmarks/prefix_grouper_logps.py             # P in {512,1024,2048} x R in {64,256} x G in {4,8,16}
+    python benchmarks/prefix_grouper_logps.py --sweep quick     # the two headline points
+    python benchmarks/prefix_grouper_logps.py --sweep lengths   # P x R x G at 16 heads x 64, 4 KV heads
+    python benchmarks/prefix_grouper_logps.py --sweep shapes    # heads x head_dim x KV heads at P=2048, R=1024, G=8
+    python benchmarks/prefix_grouper_logps.py --sweep all
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
-from trl_ext.prefix_grouper.timing import logprob_step, make_trainer, one_group, spec_ideal_speedup
-from trl_ext.toy import ToyModelSpec
-
 RESULTS = Path(__file__).parent / "results"
+HIDDEN, INTERMEDIATE = 1024, 4096
+BASE_SHAPE = (16, 64, 4)  # heads, head_dim, KV heads
+SHAPES = [(16, 64, 4), (16, 64, 16), (16, 128, 4), (32, 64, 8), (32, 128, 8)]
+SWEEPS = {
+    "quick": [(BASE_SHAPE, (2048, 2048, 8)), (BASE_SHAPE, (4096, 512, 8))],
+    "lengths": [(BASE_SHAPE, plg) for plg in itertools.product([512, 2048, 4096], [256, 1024, 2048], [4, 8, 16])],
+    "shapes": [(shape, (2048, 1024, 8)) for shape in SHAPES],
+}
+SWEEPS["all"] = SWEEPS["lengths"] + [point for point in SWEEPS["shapes"] if point[0] != BASE_SHAPE]
 
 
-def peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+def estimated_stock_gb(heads: int, head_dim: int, kv_heads: int, prompt_len: int, completion_len: int, group: int):
+    """Rough fp32 activation memory of the stock forward+backward (10 hidden, 4 MLP and 4 attention widths a row)."""
+    per_token = 4 * (10 * HIDDEN + 4 * INTERMEDIATE + 4 * heads * head_dim + 2 * kv_heads * head_dim)
+    return group * (prompt_len + completion_len) * per_token / 2**30
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only P=1024, R=64, G=8")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=None, help="results file (default benchmarks/results/...)")
-    cli = parser.parse_args()
-    torch.set_num_threads(cli.threads)
+def build_trainer(grouped: bool, heads: int, head_dim: int, kv_heads: int, max_len: int, output_dir: str):
+    """A stock or grouped GRPO trainer around one random Llama decoder layer (fp32, sdpa), in train mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from trl import GRPOConfig, GRPOTrainer
 
-    sweep = [(1024, 64, 8)] if cli.quick else list(itertools.product([512, 1024, 2048], [64, 256], [4, 8, 16]))
-    spec = ToyModelSpec(
-        arch="llama", hidden_size=cli.hidden_size, num_hidden_layers=cli.layers, num_attention_heads=4,
-        max_position_embeddings=4096,
+    from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
+    from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
+
+    tokenizer = build_toy_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa",
     )  # fmt: skip
-    out_dir = tempfile.mkdtemp()
-    trainers = {name: make_trainer(name == "grouped", spec, out_dir) for name in ("stock", "grouped")}
-    tokenizer = trainers["stock"].processing_class
-    vocab = trainers["stock"].model.config.vocab_size
-
-    header = (
-        f"{'P':>5} {'R':>4} {'G':>3} | {'stock cpu s':>11} {'grouped cpu s':>13} {'speedup':>7} {'ideal':>6} "
-        f"{'meas/ideal':>10} {'wall speedup':>12} | {'stock MiB':>9} {'grouped MiB':>11} {'mem ratio':>9}"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config_cls, trainer_cls = (
+        (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
     )
-    lines = [
-        f"Prefix Grouper log-prob fwd+bwd, toy Llama d={spec.hidden_size} L={spec.num_hidden_layers} "
-        f"heads={spec.num_attention_heads} vocab={vocab}, fp32 sdpa, {cli.threads} CPU thread(s), one group per batch; "
-        "speedup and ideal are stock/grouped",
-        header,
-        "-" * len(header),
-    ]
-    print("\n".join(lines), flush=True)
-    for prompt_len, completion_len, group in sweep:
-        input_ids, mask = one_group(prompt_len, completion_len, group, vocab, tokenizer.eos_token_id)
-        cpu, wall, peaks = {}, {}, {}
-        for name, trainer in trainers.items():
-            run = functools.partial(logprob_step, trainer, input_ids, mask, completion_len)
-            run()  # warm-up
-            cpu[name] = wall[name] = float("inf")
-            for _ in range(cli.repeats):
-                start_wall, start_cpu = time.perf_counter(), time.process_time()
-                run()
-                cpu[name] = min(cpu[name], time.process_time() - start_cpu)
-                wall[name] = min(wall[name], time.perf_counter() - start_wall)
-            peaks[name] = peak_bytes(run) / 2**20
-        speedup = cpu["stock"] / cpu["grouped"]
-        ideal = spec_ideal_speedup(spec, vocab, prompt_len, completion_len, group)
-        line = (
-            f"{prompt_len:>5} {completion_len:>4} {group:>3} | {cpu['stock']:>11.3f} {cpu['grouped']:>13.3f} "
-            f"{speedup:>6.2f}x {ideal:>5.2f}x {speedup / ideal:>10.2f} {wall['stock'] / wall['grouped']:>11.2f}x | "
-            f"{peaks['stock']:>9.1f} {peaks['grouped']:>11.1f} {peaks['stock'] / peaks['grouped']:>8.2f}x"
-        )
-        lines.append(line)
-        print(line, flush=True)
+    args = toy_args(config_cls, output_dir, per_device_train_batch_size=4, num_generations=4, disable_dropout=True)
+    trainer = trainer_cls(model=model, reward_funcs=arithmetic_reward, args=args,
+                          train_dataset=make_arithmetic_dataset(8), processing_class=tokenizer)  # fmt: skip
+    trainer.model.train()
+    return trainer
 
-    RESULTS.mkdir(exist_ok=True)
-    output = Path(cli.output) if cli.output else RESULTS / f"prefix_grouper_logps{'_quick' if cli.quick else ''}.txt"
+
+def one_group(prompt_len: int, completion_len: int, group: int, vocab: int, eos: int):
+    """Input ids and attention mask of one synthetic group: a shared prompt and G completions ending in EOS."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, vocab, (1, prompt_len), generator=gen).expand(group, -1)
+    completions = torch.randint(10, vocab, (group, completion_len), generator=gen)
+    completions[:, -1] = eos
+    input_ids = torch.cat([prompt, completions], dim=1)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def logprob_step(trainer, input_ids, attention_mask, completion_len: int) -> None:
+    """One log-prob forward (with entropies) and backward through ``trainer``'s own hook."""
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention_mask, completion_len, compute_entropy=True
+    )
+    logps.sum().backward()
+    trainer.model.zero_grad(set_to_none=True)
+
+
+def worker(job: dict) -> dict:
+    """Measure one (method, shape, P, R, G) point in this process; return times and peak memory growth."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    heads, head_dim, kv_heads = job["shape"]
+    prompt_len, completion_len, group = job["plg"]
+    trainer = build_trainer(job["grouped"], heads, head_dim, kv_heads, prompt_len + completion_len + 8,
+                            tempfile.mkdtemp())  # fmt: skip
+    vocab, eos = trainer.model.config.vocab_size, trainer.processing_class.eos_token_id
+    logprob_step(trainer, *one_group(64, 16, 2, vocab, eos), 16)  # warm-up at a small shape
+    input_ids, mask = one_group(prompt_len, completion_len, group, vocab, eos)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cpu = wall = float("inf")
+    for _ in range(job["repeats"]):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        logprob_step(trainer, input_ids, mask, completion_len)
+        cpu = min(cpu, time.process_time() - start_cpu)
+        wall = min(wall, time.perf_counter() - start_wall)
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024  # ru_maxrss is in KiB
+    return {"cpu_s": cpu, "wall_s": wall, "peak_mb": peak_mb, "vocab": vocab}
+
+
+def run_worker(job: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"worker {job} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def header(cli, argv) -> list[str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return [
+        f"# command: python benchmarks/prefix_grouper_logps.py {' '.join(argv)}",
+        f"# commit: {commit.stdout.strip() or 'unknown'}",
+        f"# versions: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+        f"peft {peft.__version__}, python {platform.python_version()}",
+        f"# cpu: {cpu}, {os.cpu_count()} logical cores; threads per worker: {cli.threads}",
+        f"# model: one Llama decoder layer, hidden {HIDDEN}, MLP {INTERMEDIATE}, fp32, sdpa; toy vocabulary; "
+        f"one group per batch; times are process CPU seconds, best of {cli.repeats}",
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default="quick")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-gb", type=float, default=20.0, help="skip points whose stock run needs more memory")
+    parser.add_argument("--output", default=None, help="results file (default benchmarks/results/...)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    cli = parser.parse_args(argv)
+    if cli.worker:
+        print(json.dumps(worker(json.loads(cli.worker))))
+        return
+
+    from trl_ext.prefix_grouper.cost import ideal_speedup
+
+    output = Path(cli.output) if cli.output else RESULTS / f"prefix_grouper_logps_{cli.sweep}.txt"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    columns = (
+        f"{'heads':>5} {'dim':>4} {'kv':>3} {'P':>5} {'R':>5} {'G':>3} | {'stock s':>8} {'grouped s':>9} "
+        f"{'speedup':>7} {'ideal':>6} {'meas/ideal':>10} {'wall x':>6} | {'stock MB':>8} {'grouped MB':>10} "
+        f"{'mem ratio':>9}"
+    )
+    lines = header(cli, argv) + [columns, "-" * len(columns)]
+    print("\n".join(lines), flush=True)
+    for shape, plg in SWEEPS[cli.sweep]:
+        heads, head_dim, kv_heads = shape
+        prefix = f"{heads:>5} {head_dim:>4} {kv_heads:>3} {plg[0]:>5} {plg[1]:>5} {plg[2]:>3} | "
+        if estimated_stock_gb(*shape, *plg) > cli.max_gb:
+            lines.append(prefix + f"skipped: stock needs about {estimated_stock_gb(*shape, *plg):.0f} GB")
+        else:
+            res = {
+                name: run_worker(
+                    {
+                        "grouped": name == "grouped",
+                        "shape": shape,
+                        "plg": plg,
+                        "threads": cli.threads,
+                        "repeats": cli.repeats,
+                    }
+                )  # fmt: skip
+                for name in ("stock", "grouped")
+            }
+            speedup = res["stock"]["cpu_s"] / res["grouped"]["cpu_s"]
+            ideal = ideal_speedup(*plg, hidden_size=HIDDEN, num_layers=1, intermediate_size=INTERMEDIATE,
+                                  kv_size=kv_heads * head_dim, vocab_size=res["stock"]["vocab"],
+                                  attention_size=heads * head_dim)  # fmt: skip
+            lines.append(
+                prefix + f"{res['stock']['cpu_s']:>8.2f} {res['grouped']['cpu_s']:>9.2f} {speedup:>6.2f}x "
+                f"{ideal:>5.2f}x {speedup / ideal:>10.2f} {res['stock']['wall_s'] / res['grouped']['wall_s']:>5.2f}x | "
+                f"{res['stock']['peak_mb']:>8.0f} {res['grouped']['peak_mb']:>10.0f} "
+                f"{res['grouped']['peak_mb'] / res['stock']['peak_mb']:>9.2f}"
+            )
+        print(lines[-1], flush=True)
+        output.write_text("\n".join(lines) + "\n")  # after every point, so a long sweep keeps what it measured
+    lines.append("mem ratio = grouped / stock peak memory; speedup, ideal and wall x = stock / grouped")
     output.write_text("\n".join(lines) + "\n")
     print(f"saved to {output}")
 
