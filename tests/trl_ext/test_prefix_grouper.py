@@ -12,15 +12,16 @@ from prefix_grouper_helpers import (
     loss_and_grads,
     make_batch,
     make_trainer,
+    model_path,
     ref_logps_of,
     sharpen_,
 )
-from transformers import AutoModelForCausalLM, Qwen2Config
-from trl import GRPOConfig
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3MoeConfig
+from trl import GRPOConfig, GRPOTrainer
 
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 from trl_ext.prefix_grouper import install_grouped_attention
-from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
+from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args, toy_model_path
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
@@ -174,11 +175,54 @@ def test_training_steps_match_stock(tmp_path):
             assert grouped_log[key] == pytest.approx(stock_log[key], rel=1e-4, abs=1e-6), key
 
 
-def test_rejects_unsupported_attention_implementation(tmp_path):
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
+def test_rejects_unsupported_attention_implementation(implementation, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="qwen2", hidden_size=32, num_hidden_layers=1))
-    model.set_attn_implementation("flex_attention")
-    with pytest.raises(ValueError, match=r"model_type='qwen2'.*flex_attention.*stock `trl.GRPOTrainer`"):
+    model.config._attn_implementation = implementation  # as loading with it on a GPU machine would set
+    with pytest.raises(ValueError, match=rf"model_type='qwen2'.*{implementation}.*stock `trl.GRPOTrainer`"):
         install_grouped_attention(model)
+    # and through the trainer, at construction
+    args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(ValueError, match=rf"model_type='qwen2'.*{implementation}.*stock `trl.GRPOTrainer`"):
+        PrefixGrouperGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args,
+                                 train_dataset=make_arithmetic_dataset(8))  # fmt: skip
+
+
+def tiny_moe(router_aux_loss_coef):
+    config = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        router_aux_loss_coef=router_aux_loss_coef, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return sharpen_(AutoModelForCausalLM.from_config(config))
+
+
+def test_rejects_moe_load_balancing_loss_at_construction(tmp_path):
+    args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(
+        ValueError, match=r"model_type='qwen3_moe'.*router_aux_loss_coef=0.01.*stock `trl.GRPOTrainer`"
+    ):
+        PrefixGrouperGRPOTrainer(model=tiny_moe(0.01), reward_funcs=arithmetic_reward, args=args,
+                                 train_dataset=make_arithmetic_dataset(8),
+                                 processing_class=build_toy_tokenizer())  # fmt: skip
+
+
+def test_moe_without_load_balancing_loss_matches_stock(tmp_path):
+    # Routing is per token, so the packed forward routes every token as the stock forward does
+    trainers = []
+    for grouped in (False, True):
+        config_cls, trainer_cls = (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (
+            GRPOConfig, GRPOTrainer)  # fmt: skip
+        args = toy_args(config_cls, tmp_path / str(grouped), per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=7, disable_dropout=True, router_aux_loss_coef=0.0)  # fmt: skip
+        trainer = trainer_cls(model=tiny_moe(0.01), reward_funcs=arithmetic_reward, args=args,
+                              train_dataset=make_arithmetic_dataset(8), processing_class=build_toy_tokenizer())  # fmt: skip
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+        trainers.append(trainer)
+    assert not trainers[1].aux_loss_enabled
+    compare(*trainers, make_batch(seed=9))
 
 
 def test_rejects_sliding_window_layers():
@@ -198,13 +242,47 @@ def test_rejects_sliding_window_layers():
         install_grouped_attention(model)
 
 
-def test_rejects_attention_layers_that_drop_the_layout(tmp_path):
-    grouped = make_trainer(True, tmp_path)
-    attn = grouped.model.model.layers[0].self_attn
+def drop_layout_kwarg(model):
+    attn = model.model.layers[0].self_attn
     forward = attn.forward
     attn.forward = lambda *a, prefix_grouper_layout=None, **kw: forward(*a, **kw)  # a model that drops kwargs
+    return model
+
+
+def test_rejects_attention_layers_that_drop_the_layout_at_construction(tmp_path):
+    model = drop_layout_kwarg(sharpen_(AutoModelForCausalLM.from_pretrained(model_path("llama"))))
+    args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(ValueError, match=r"model_type='llama'.*keyword arguments.*stock `trl.GRPOTrainer`"):
+        PrefixGrouperGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args,
+                                 train_dataset=make_arithmetic_dataset(8))  # fmt: skip
+
+
+def test_rejects_attention_layers_that_drop_the_layout_later(tmp_path):
+    grouped = make_trainer(True, tmp_path)
+    drop_layout_kwarg(grouped.model)
     with pytest.raises(ValueError, match=r"model_type='llama'.*keyword arguments.*stock `trl.GRPOTrainer`"):
         logps_of(grouped, grouped.model, make_batch())
+
+
+def test_bf16_drift_is_no_worse_than_stock(tmp_path):
+    """Under bf16 autocast, the grouped gradient is within 2x the stock bf16 gradient's distance from fp32."""
+    batch = make_batch(seed=12)
+
+    def gradient(trainer):
+        trainer.model.zero_grad(set_to_none=True)
+        with trainer.accelerator.autocast():
+            loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return torch.cat([p.grad.flatten().double() for p in trainer.model.parameters() if p.requires_grad])
+
+    reference = gradient(make_trainer(False, tmp_path / "fp32"))
+    drift = {}
+    for grouped in (False, True):
+        trainer = make_trainer(grouped, tmp_path / f"bf16-{grouped}", bf16=True, use_cpu=True)
+        assert trainer.accelerator.mixed_precision == "bf16"
+        drift[grouped] = ((gradient(trainer) - reference).norm() / reference.norm()).item()
+    assert drift[False] > 1e-4  # autocast really ran in bf16: the stock update moved
+    assert drift[True] <= 2 * drift[False], drift
 
 
 def test_rejects_multimodal_inputs(tmp_path):

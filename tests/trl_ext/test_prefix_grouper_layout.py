@@ -346,3 +346,18 @@ def test_attending_to_siblings_would_be_detected():
     mask = torch.zeros(leaky.shape).masked_fill(~leaky, float("-inf"))[:, None]
     diff = (scored(model, packed, mask) - scored(model, packed, dense_reference_mask(packed))).abs().max()
     assert diff > 1e-2
+
+
+def test_attention_dropout_takes_the_materialized_path(monkeypatch):
+    import trl_ext.prefix_grouper.attention as attention
+
+    calls = []
+    real = attention.materialized_split_attention
+    monkeypatch.setattr(attention, "materialized_split_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    packed = packed_with_short_prompts(3, False)
+    layout = GroupedAttentionLayout.from_packed(packed)
+    q = k = v = torch.randn(packed.num_rows, 2, packed.seq_len, 8)
+    split_attention(q, k, v, layout)
+    assert calls == []
+    out = split_attention(q, k, v, layout, dropout=0.5)
+    assert len(calls) == 1 and calls[0]["dropout"] == 0.5 and out.shape == (packed.num_rows, packed.seq_len, 2, 8)

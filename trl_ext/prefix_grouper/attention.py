@@ -127,6 +127,12 @@ def split_attention(
         `torch.Tensor` of shape `(N, L, H, D)`, the layout transformers' attention functions return.
     """
     _check_shapes(query, layout)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # What SDPA does under autocast: run the kernels in the autocast dtype (rotary embeddings may have left
+        # the queries and keys in fp32 while the values are already in bf16)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if dropout:
         _warn_dropout_once()
         return materialized_split_attention(query, key, value, layout, scaling=scaling, dropout=dropout)

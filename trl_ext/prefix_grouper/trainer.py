@@ -10,6 +10,44 @@ from .attention import FALLBACK_HINT, LAYOUT_KWARG, GroupedAttentionLayout, inst
 from .layout import chunk_groups, find_groups, pack_groups, split_groups, ungroup
 
 
+def _check_calls(layout: GroupedAttentionLayout, model) -> None:
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    num_layers = config.get_text_config().num_hidden_layers
+    if layout.calls < num_layers:
+        raise ValueError(
+            f"Prefix grouping cannot run model_type={config.model_type!r}: only {layout.calls} of its {num_layers} "
+            f"layers used the grouped attention. Instead, {FALLBACK_HINT}."
+        )
+
+
+def check_grouped_forward(model) -> None:
+    """Run a tiny packed forward (two completions of a three-token prompt) and check every layer took the grouped path.
+
+    Catches at construction what would otherwise fail at the first training step: attention layers that do not
+    receive the forward's keyword arguments, or that bypass the attention registry. Skipped for models whose weights
+    are not materialised yet (meta tensors or partitioned parameters); those are checked at every forward.
+
+    Raises:
+        ValueError: naming the model type and the stock-trainer fallback.
+    """
+    params = list(model.parameters())
+    if not params or any(p.device.type == "meta" or p.numel() == 0 for p in params):
+        return
+    device = params[0].device
+    ones = torch.ones(2, 3, dtype=torch.long, device=device)
+    ids = torch.arange(1, 4, device=device).expand(2, -1)
+    packed = pack_groups(ids, ones, ids.flip(-1), ones, [[0, 1]])
+    layout = GroupedAttentionLayout.from_packed(packed)
+    with torch.no_grad():
+        model(
+            input_ids=packed.input_ids,
+            attention_mask=packed.segment_ids[:, None, None, :],
+            position_ids=packed.position_ids,
+            **{LAYOUT_KWARG: layout},
+        )
+    _check_calls(layout, model)
+
+
 class PrefixGrouperGRPOTrainer(GRPOTrainer):
     """[`~trl.GRPOTrainer`] whose per-token log-probs come from the shared-prefix forward of Prefix Grouper.
 
@@ -22,8 +60,9 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
 
     Args:
         Same as [`~trl.GRPOTrainer`]; `args` may be a [`PrefixGrouperGRPOConfig`] or a plain [`~trl.GRPOConfig`].
-        The model must be a text-only decoder using `attn_implementation="sdpa"` or `"eager"`; construction raises
-        a `ValueError` naming the model type otherwise.
+        The model must be a text-only decoder using `attn_implementation="sdpa"` or `"eager"`, without an MoE
+        load-balancing loss (`router_aux_loss_coef=0`); construction raises a `ValueError` naming the model type and
+        the stock-trainer fallback otherwise (a tiny packed forward checks that every layer takes the grouped path).
 
     Example:
         ```py
@@ -42,9 +81,18 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
         self.prefix_grouper = getattr(self.args, "prefix_grouper", True)
         self.prefix_grouper_max_completions = getattr(self.args, "prefix_grouper_max_completions", None)
         if self.prefix_grouper:
+            if self.aux_loss_enabled:
+                model_type = self.accelerator.unwrap_model(self.model).config.model_type
+                raise ValueError(
+                    f"Prefix grouping cannot run model_type={model_type!r} with router_aux_loss_coef="
+                    f"{self.router_aux_loss_coef}: the MoE load-balancing loss is not reproduced (the prompt is routed "
+                    f"once, not once per completion). Set router_aux_loss_coef=0.0 in the config, or {FALLBACK_HINT}."
+                )
             for model in (self.model, self.ref_model):
                 if model is not None:
-                    install_grouped_attention(self.accelerator.unwrap_model(model))
+                    unwrapped = self.accelerator.unwrap_model(model)
+                    install_grouped_attention(unwrapped)
+                    check_grouped_forward(unwrapped)
 
     @profiling_decorator
     def _get_per_token_logps_and_entropies(
@@ -84,7 +132,6 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
         group_size = min(self.prefix_grouper_max_completions or max_rows, max_rows)
         groups = split_groups(find_groups(prompt_ids, prompt_mask), group_size)
         pad_token_id = self._tokenizer.pad_token_id or 0
-        num_layers = self.accelerator.unwrap_model(model).config.get_text_config().num_hidden_layers
 
         logps, entropies = [], []
         for chunk in chunk_groups(groups, max_rows):
@@ -101,12 +148,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
                     fused_lm_head=True,
                     **{LAYOUT_KWARG: layout},
                 )
-            if layout.calls < num_layers:
-                model_type = self.accelerator.unwrap_model(model).config.model_type
-                raise ValueError(
-                    f"Prefix grouping cannot run model_type={model_type!r}: only {layout.calls} of its "
-                    f"{num_layers} layers used the grouped attention. Instead, {FALLBACK_HINT}."
-                )
+            _check_calls(layout, self.accelerator.unwrap_model(model))
             logps.append(ungroup(outputs.log_probs, packed))
             if compute_entropy:
                 entropies.append(ungroup(outputs.entropy, packed))
