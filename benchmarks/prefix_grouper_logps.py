@@ -35,6 +35,13 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _tokens(plg: tuple[int, int, int]) -> int:
+    prompt_len, completion_len, group = plg
+    return group * (prompt_len + completion_len)
+
+
 HIDDEN, INTERMEDIATE = 1024, 4096
 BASE_SHAPE = (16, 64, 4)  # heads, head_dim, KV heads
 SHAPES = [(16, 64, 4), (16, 64, 16), (16, 128, 4), (32, 64, 8), (32, 128, 8)]
@@ -43,7 +50,13 @@ SWEEPS = {
     "lengths": [(BASE_SHAPE, plg) for plg in itertools.product([512, 2048, 4096], [256, 1024, 2048], [4, 8, 16])],
     "shapes": [(shape, (2048, 1024, 8)) for shape in SHAPES],
 }
-SWEEPS["all"] = SWEEPS["lengths"] + [point for point in SWEEPS["shapes"] if point[0] != BASE_SHAPE]
+# Cheapest first within each part, so that a sweep cut short has measured as many points as possible
+SWEEPS["all"] = SWEEPS["quick"] + [
+    point
+    for point in SWEEPS["shapes"] + sorted(SWEEPS["lengths"], key=lambda point: _tokens(point[1]))
+    if point not in SWEEPS["quick"]
+]
+SWEEPS["all"] = list(dict.fromkeys(SWEEPS["all"]))
 
 
 def estimated_stock_gb(heads: int, head_dim: int, kv_heads: int, prompt_len: int, completion_len: int, group: int):
@@ -156,6 +169,26 @@ def header(cli, argv) -> list[str]:
     ]
 
 
+def markdown_table(results: Path) -> str:
+    """The measured rows of a results file as a markdown table (skipped points listed as such)."""
+    rows = [
+        "| heads × dim (KV) | P | R | G | stock s | grouped s | speedup | ideal | measured / ideal | memory grouped / stock |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for line in results.read_text().splitlines():
+        fields = line.replace("|", " ").split()
+        if len(fields) < 7 or not fields[0].isdigit():
+            continue
+        heads, dim, kv, p, r, g = fields[:6]
+        shape = f"{heads} × {dim} ({kv})"
+        if fields[6] == "skipped:":
+            rows.append(f"| {shape} | {p} | {r} | {g} | {' '.join(fields[6:])} | | | | | |")
+            continue
+        stock, grouped, speedup, ideal, ratio, _wall, _stock_mb, _grouped_mb, memory = fields[6:15]
+        rows.append(f"| {shape} | {p} | {r} | {g} | {stock} | {grouped} | {speedup} | {ideal} | {ratio} | {memory} |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default="quick")
@@ -163,11 +196,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-gb", type=float, default=20.0, help="skip points whose stock run needs more memory")
     parser.add_argument("--output", default=None, help="results file (default benchmarks/results/...)")
+    parser.add_argument("--resume", action="store_true", help="keep the points already measured in the results file")
+    parser.add_argument("--markdown", metavar="RESULTS", help="print a results file as the README's markdown table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     cli = parser.parse_args(argv)
     if cli.worker:
         print(json.dumps(worker(json.loads(cli.worker))))
+        return
+    if cli.markdown:
+        print(markdown_table(Path(cli.markdown)))
         return
 
     from trl_ext.prefix_grouper.cost import ideal_speedup
@@ -180,11 +218,19 @@ def main(argv=None):
         f"{'mem ratio':>9}"
     )
     lines = header(cli, argv) + [columns, "-" * len(columns)]
+    done = {}
+    if cli.resume and output.exists():
+        for line in output.read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 7 and fields[0].isdigit():
+                done[tuple(int(f) for f in fields[:6])] = line
     print("\n".join(lines), flush=True)
     for shape, plg in SWEEPS[cli.sweep]:
         heads, head_dim, kv_heads = shape
         prefix = f"{heads:>5} {head_dim:>4} {kv_heads:>3} {plg[0]:>5} {plg[1]:>5} {plg[2]:>3} | "
-        if estimated_stock_gb(*shape, *plg) > cli.max_gb:
+        if (*shape, *plg) in done:
+            lines.append(done[(*shape, *plg)])
+        elif estimated_stock_gb(*shape, *plg) > cli.max_gb:
             lines.append(prefix + f"skipped: stock needs about {estimated_stock_gb(*shape, *plg):.0f} GB")
         else:
             res = {
