@@ -33,9 +33,17 @@ class SubnetLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
-        weight = self.get_base_layer().weight
+        base = self.get_base_layer()
+        weight = base.weight
         self.weight_shape = tuple(weight.shape)
         self.weight_numel = weight.numel()
+        # PEFT's convention for every tuner layer (upstream tests read these).
+        if isinstance(base, nn.Embedding):
+            self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        elif isinstance(base, Conv1D):  # weight is (in_features, out_features)
+            self.in_features, self.out_features = self.weight_shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(
         self,
@@ -110,8 +118,12 @@ class SubnetLayer(BaseTunerLayer):
             if name in self._awaiting_masks:
                 raise RuntimeError(f"adapter {name!r} has no masks loaded yet; nothing to merge.")
             values = self.subnet_values[name].detach()
-            if safe_merge and not torch.isfinite(values).all():
-                raise ValueError(f"NaNs or infs in adapter {name!r}; it seems broken, not merging.")
+            if safe_merge:
+                # Check the merged entries, not only v: an overflow of W0[I] + v in fp16 is just as broken.
+                indices = self.subnet_indices[name]
+                merged = (weight.detach().reshape(-1)[indices].to(values.dtype) + values).to(weight.dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             with torch.no_grad():
                 self._merge_backup[name] = ops.merge_subnet_(weight.data, self.subnet_indices[name], values)
             self.merged_adapters.append(name)
