@@ -108,8 +108,8 @@ class MoraLayer(BaseTunerLayer):
             delta = self.get_delta_weight(name)
             if safe_merge:
                 merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"Merging adapter {name!r} gives non-finite weights; its M contains NaN or inf.")
+                if not torch.isfinite(merged).all():  # PEFT's wording: M may be finite and the sum overflow
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 weight.data = merged
             else:
                 weight.data += delta
