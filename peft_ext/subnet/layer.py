@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._sharding import check_full_weight
 from . import ops
 
 
@@ -112,6 +113,8 @@ class SubnetLayer(BaseTunerLayer):
         """Write ``W0[I] + v`` into the base weight; the overwritten entries are kept so unmerge is exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
+        if adapter_names:
+            check_full_weight(weight, "merging a SUBNET adapter")
         for name in adapter_names:
             if name not in self.subnet_values:
                 continue
@@ -159,6 +162,7 @@ class Linear(nn.Module, SubnetLayer):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        check_full_weight(base.weight, "the SUBNET forward (it adds the values into the weight in place)")
         return ops.subnet_linear(
             x,
             base.weight,
@@ -186,6 +190,7 @@ class Embedding(nn.Module, SubnetLayer):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        check_full_weight(base.weight, "the SUBNET forward (it adds the values into the weight in place)")
         # F.embedding's backward needs only the token ids, so the rebuilt weight is freed after forward.
         weight = ops.subnet_weight(base.weight, [(self.subnet_indices[n], self.subnet_values[n]) for n in names])
         return F.embedding(
