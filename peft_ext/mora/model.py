@@ -138,8 +138,10 @@ def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mism
                 "with different layer sizes; load it onto the base model named by base_model_name_or_path in its "
                 "adapter_config.json, or pass ignore_mismatched_sizes=True to skip these weights."
             )
-        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{key} has dtype {tensor.dtype}; M is floating point. The file is corrupt.")
+        if not bool(torch.isfinite(tensor).all()):
             raise ValueError(
-                f"{key} holds NaN or inf values (or is not floating point: {tensor.dtype}); the adapter is broken. "
-                "Load an earlier checkpoint, or retrain with a lower learning rate or in float32."
+                f"{key} holds NaN or inf values; the adapter is broken. Load an earlier checkpoint, or retrain with a "
+                "lower learning rate or in float32."
             )

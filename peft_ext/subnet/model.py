@@ -318,10 +318,14 @@ def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mism
                 f"{values_key} has shape {tuple(values.shape)} but its mask selects {indices.numel()} entries; "
                 "the adapter file is corrupt."
             )
-        if not values.is_floating_point() or not bool(torch.isfinite(values).all()):
+        if not values.is_floating_point():
             raise ValueError(
-                f"{values_key} holds NaN or inf values (or is not floating point: {values.dtype}); the adapter is "
-                "broken. Load an earlier checkpoint, or retrain with a lower learning rate or in float32."
+                f"{values_key} has dtype {values.dtype}; trained values are floating point. The file is corrupt."
+            )
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(
+                f"{values_key} holds NaN or inf values; the adapter is broken. Load an earlier checkpoint, or retrain "
+                "with a lower learning rate or in float32."
             )
         plan.append((module, indices))
         for attr in ("subnet_shape", *_ENCODED_KEYS.values()):
