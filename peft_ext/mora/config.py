@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._loading import mark_loaded_config
 from .ops import MORA_TYPE_ALIASES, MORA_TYPES, resolve_mora_type
 
 
@@ -133,3 +134,10 @@ class MoraConfig(PeftConfig):
                 f"layers_pattern={self.layers_pattern!r} only has an effect together with layers_to_transform; "
                 "set layers_to_transform or drop layers_pattern."
             )
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """Build a config read from disk; marks it so that a failed first load removes its adapter again."""
+        config = super().from_peft_type(**kwargs)
+        mark_loaded_config(config)
+        return config

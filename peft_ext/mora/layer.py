@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._sharding import check_full_weight
 from .config import MoraConfig
 from .ops import mora_delta_weight, mora_delta_y, mora_rank, num_chunks, resolve_mora_type, rope_cos_sin
 
@@ -105,11 +106,12 @@ class MoraLayer(BaseTunerLayer):
             if name not in self.mora_M:
                 continue
             weight = self.get_base_layer().weight
+            check_full_weight(weight, "merging a MoRA adapter")
             delta = self.get_delta_weight(name)
             if safe_merge:
                 merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"Merging adapter {name!r} gives non-finite weights; its M contains NaN or inf.")
+                if not torch.isfinite(merged).all():  # PEFT's wording: M may be finite and the sum overflow
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 weight.data = merged
             else:
                 weight.data += delta

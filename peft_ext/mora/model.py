@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from .._loading import discard_new_adapter, load_option, take_pending_mark
 from .config import MoraConfig
 from .layer import SUPPORTED_LAYERS, MoraLayer, MoraLinear
 from .ops import resolve_mora_type
@@ -90,3 +92,56 @@ class MoraModel(BaseTuner):
                 module.merge_and_reset(adapter_name, mora_type)
         if mora_type is not None:
             self.peft_config[adapter_name].mora_type = resolve_mora_type(mora_type)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check every saved M before anything is loaded, so a bad file leaves the model as it was.
+
+        An adapter that this failed load had just added is removed again. Under
+        ``ignore_mismatched_sizes=True``, M of another shape is left to PEFT, which skips it with a warning.
+        """
+        fresh = take_pending_mark(config)
+        try:
+            _check_saved_adapter(model, adapter_name, state_dict, load_option("ignore_mismatched_sizes"))
+        except Exception:
+            if fresh:
+                discard_new_adapter(model, adapter_name)
+            raise
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mismatched_sizes: bool = False) -> None:
+    """Raise ``ValueError`` naming the key for a saved M of a module the model lacks, of the wrong shape
+    (unless ``ignore_mismatched_sizes``) or holding NaN or inf; changes nothing."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoraLayer) and adapter_name in module.mora_M:
+            layers[name] = module
+            layers.setdefault(f"base_model.model.{name}", module)
+    for key, tensor in state_dict.items():
+        stem, _, attr = key.rpartition(".")
+        if attr != "mora_M":
+            continue
+        module = layers.get(stem)
+        if module is None:
+            raise ValueError(
+                f"The saved adapter has {key!r}, but this model has no module {stem.removeprefix('base_model.model.')!r} "
+                f"with a MoRA adapter {adapter_name!r}. The adapter was made for another base model (or other "
+                "target_modules); load it onto the base model named by base_model_name_or_path in adapter_config.json."
+            )
+        expected = tuple(module.mora_M[adapter_name].shape)
+        if tuple(tensor.shape) != expected and not ignore_mismatched_sizes:
+            raise ValueError(
+                f"Cannot load MoRA weight {key!r}: the checkpoint has M of shape {tuple(tensor.shape)}, but this "
+                f"{module.in_features}->{module.out_features} layer with r={module.r[adapter_name]}, "
+                f"mora_type={module.mora_type[adapter_name]!r} needs {expected}. The adapter was trained on a base model "
+                "with different layer sizes; load it onto the base model named by base_model_name_or_path in its "
+                "adapter_config.json, or pass ignore_mismatched_sizes=True to skip these weights."
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{key} has dtype {tensor.dtype}; M is floating point. The file is corrupt.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{key} holds NaN or inf values; the adapter is broken. Load an earlier checkpoint, or retrain with a "
+                "lower learning rate or in float32."
+            )

@@ -8,6 +8,8 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._loading import mark_loaded_config
+
 BUILTIN_SOURCES = ("random", "magnitude", "adapter")
 
 
@@ -34,8 +36,10 @@ class SubnetConfig(PeftConfig):
             Where the masks come from: ``"random"`` (uniform, seeded), ``"magnitude"`` (largest
             ``|W0|``), a path to a masks ``.safetensors`` file written by the selectors
             (``python -m peft_ext.subnet diff ...``, :func:`~peft_ext.subnet.save_masks`), or a dict
-            ``{parameter name: bool tensor}`` as returned by the selectors. ``"adapter"`` is what a
-            saved adapter records: the masks are read from the adapter weights when loading.
+            ``{parameter name: bool tensor}`` as returned by the selectors. A saved config keeps
+            ``"random"`` and ``"magnitude"`` (so it recreates the same masks on the same base model) and
+            records a file or dict as ``"adapter"``: the masks are read from the adapter weights when
+            loading, and a path in a loaded config is never opened.
         seed (`int`, defaults to 0):
             Seed of the ``"random"`` masks (and of ``init_weights=False``); each weight draws from
             a generator seeded by ``(seed, module name)``.
@@ -156,9 +160,33 @@ class SubnetConfig(PeftConfig):
         return asdict(self)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save the config with ``mask_source="adapter"``: the saved adapter weights hold the masks."""
+        """Save the config so that it recreates the adapter's masks on its own where it can.
+
+        ``"random"`` and ``"magnitude"`` are kept: with the same base model, ``density`` and ``seed``
+        they give the same masks again. A masks file or dict is recorded as ``mask_source="adapter"``
+        (the masks live in the saved adapter weights, and a path may not exist elsewhere) with the
+        origin in ``mask_origin``; such a config needs its adapter weights
+        (``PeftModel.from_pretrained``), and used alone it raises at the first forward.
+        """
         saved = copy.copy(self)
-        if self.mask_source != "adapter":
+        if self.mask_source not in ("random", "magnitude", "adapter"):
             saved.mask_origin = self.describe_mask_source()
-        saved.mask_source = "adapter"
+            saved.mask_source = "adapter"
+        elif self.mask_source != "adapter":
+            saved.mask_origin = self.describe_mask_source()
         super(SubnetConfig, saved).save_pretrained(save_directory, **kwargs)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """Build a config read from disk (``from_pretrained``, ``PeftModel.load_adapter``).
+
+        A ``mask_source`` path in a saved config is never opened: loading takes the masks from the adapter
+        weights (``mask_source="adapter"``), and the path is kept as ``mask_origin``.
+        """
+        source = kwargs.get("mask_source")
+        if isinstance(source, str) and source not in BUILTIN_SOURCES:
+            kwargs["mask_origin"] = kwargs.get("mask_origin") or source
+            kwargs["mask_source"] = "adapter"
+        config = super().from_peft_type(**kwargs)
+        mark_loaded_config(config)
+        return config

@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._sharding import check_full_weight
 from . import ops
 
 
@@ -33,9 +34,17 @@ class SubnetLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
-        weight = self.get_base_layer().weight
+        base = self.get_base_layer()
+        weight = base.weight
         self.weight_shape = tuple(weight.shape)
         self.weight_numel = weight.numel()
+        # PEFT's convention for every tuner layer (upstream tests read these).
+        if isinstance(base, nn.Embedding):
+            self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        elif isinstance(base, Conv1D):  # weight is (in_features, out_features)
+            self.in_features, self.out_features = self.weight_shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(
         self,
@@ -104,14 +113,20 @@ class SubnetLayer(BaseTunerLayer):
         """Write ``W0[I] + v`` into the base weight; the overwritten entries are kept so unmerge is exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
+        if adapter_names:
+            check_full_weight(weight, "merging a SUBNET adapter")
         for name in adapter_names:
             if name not in self.subnet_values:
                 continue
             if name in self._awaiting_masks:
                 raise RuntimeError(f"adapter {name!r} has no masks loaded yet; nothing to merge.")
             values = self.subnet_values[name].detach()
-            if safe_merge and not torch.isfinite(values).all():
-                raise ValueError(f"NaNs or infs in adapter {name!r}; it seems broken, not merging.")
+            if safe_merge:
+                # Check the merged entries, not only v: an overflow of W0[I] + v in fp16 is just as broken.
+                indices = self.subnet_indices[name]
+                merged = (weight.detach().reshape(-1)[indices].to(values.dtype) + values).to(weight.dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             with torch.no_grad():
                 self._merge_backup[name] = ops.merge_subnet_(weight.data, self.subnet_indices[name], values)
             self.merged_adapters.append(name)
@@ -147,6 +162,7 @@ class Linear(nn.Module, SubnetLayer):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        check_full_weight(base.weight, "the SUBNET forward (it adds the values into the weight in place)")
         return ops.subnet_linear(
             x,
             base.weight,
@@ -174,6 +190,7 @@ class Embedding(nn.Module, SubnetLayer):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        check_full_weight(base.weight, "the SUBNET forward (it adds the values into the weight in place)")
         # F.embedding's backward needs only the token ids, so the rebuilt weight is freed after forward.
         weight = ops.subnet_weight(base.weight, [(self.subnet_indices[n], self.subnet_values[n]) for n in names])
         return F.embedding(

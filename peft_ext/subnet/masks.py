@@ -30,10 +30,18 @@ _DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
@@ -169,10 +177,63 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
 
 
 def _read_header(file: Path) -> tuple[int, dict]:
+    """Parse and validate a safetensors header against the file: ``(data start, {name: entry})``.
+
+    Every entry must have a known dtype, a shape of non-negative integers and data offsets inside
+    the file whose length is exactly ``numel * itemsize``, so later reads never go past the data
+    or allocate from a forged shape.
+    """
+    file_size = file.stat().st_size
     with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(
+                f"{file} is not a safetensors file: it is {file_size} bytes, shorter than the header size."
+            )
+        size = int.from_bytes(prefix, "little")
+        if size > file_size - 8:
+            raise ValueError(
+                f"{file}: the header claims {size} bytes but the file has {file_size - 8} after the size field; "
+                "the file is truncated or not a safetensors file."
+            )
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file}: the safetensors header is not valid JSON ({err}).") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the safetensors header is not a JSON object.")
     header.pop("__metadata__", None)
+    data_size = file_size - 8 - size
+    for name, entry in header.items():
+        where = f"{file}:{name}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise ValueError(f"{where}: header entry {entry!r} lacks dtype, shape or data_offsets.")
+        if entry["dtype"] not in _DTYPES:
+            raise ValueError(
+                f"{where} has dtype {entry['dtype']!r}, which this reader does not support (supported: {sorted(_DTYPES)})."
+            )
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers.")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise ValueError(
+                f"{where}: data_offsets {offsets!r} lie outside the {data_size} data bytes of the file; "
+                "the file is truncated or corrupt."
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * _DTYPES[entry["dtype"]].itemsize
+        if nbytes != offsets[1] - offsets[0]:
+            raise ValueError(
+                f"{where}: shape {shape} of {entry['dtype']} needs {nbytes} bytes but data_offsets {offsets} "
+                f"hold {offsets[1] - offsets[0]}; the header is corrupt."
+            )
     return 8 + size, header
 
 
@@ -193,8 +254,6 @@ class CheckpointReader:
         for file in self.files:
             offset, header = _read_header(file)
             for name, entry in header.items():
-                if entry["dtype"] not in _DTYPES:
-                    raise ValueError(f"{file}:{name} has dtype {entry['dtype']}, which this reader does not support.")
                 self._where[name] = (file, offset, entry)
 
     def names(self) -> list[str]:
@@ -225,7 +284,11 @@ class CheckpointReader:
         buffer = bytearray((stop - start) * itemsize)
         with open(file, "rb") as f:
             f.seek(offset + entry["data_offsets"][0] + start * itemsize)
-            f.readinto(buffer)
+            read = f.readinto(buffer)
+        if read != len(buffer):
+            raise ValueError(
+                f"{file}:{name}: expected {len(buffer)} bytes, read {read}; the file changed or is truncated."
+            )
         if not buffer:
             return torch.empty(0, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype)
@@ -240,7 +303,12 @@ class CheckpointReader:
             raise ValueError(f"{name} is {entry['dtype']}, buffer is {out.dtype}.")
         with open(file, "rb") as f:
             f.seek(offset + entry["data_offsets"][0] + start * out.element_size())
-            f.readinto(memoryview(out.view(torch.uint8).numpy()))
+            read = f.readinto(memoryview(out.view(torch.uint8).numpy()))
+        if read != out.numel() * out.element_size():
+            raise ValueError(
+                f"{file}:{name}: expected {out.numel() * out.element_size()} bytes, read {read}; the file "
+                "changed or is truncated."
+            )
         return out
 
     def tensor(self, name: str) -> torch.Tensor:

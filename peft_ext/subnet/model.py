@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
 from . import ops
 from .config import SubnetConfig
 from .layer import SubnetLayer, subnet_layer_class
@@ -10,6 +11,7 @@ from .masks import MaskFile, find_mask_name
 
 _WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
 _ENCODED_KEYS = {"indices": "subnet_indices", "bitmap": "subnet_bitmap"}
+_SAVED_ATTRS = ("subnet_values", "subnet_indices", "subnet_bitmap", "subnet_shape")
 
 
 def _strip_wrappers(name: str) -> str:
@@ -70,8 +72,7 @@ class SubnetModel(BaseTuner):
             return peft_config
         source = peft_config.mask_source
         if isinstance(source, dict) or source not in ("random", "magnitude", "adapter"):
-            masks = self._mask_source(peft_config)
-            targets = {_strip_wrappers(n).removesuffix(".weight") for n in masks.names() if len(masks.shape(n)) == 2}
+            targets = set(self._masked_modules(peft_config, self.model))
             if targets:
                 peft_config.target_modules = targets
                 return peft_config
@@ -79,6 +80,51 @@ class SubnetModel(BaseTuner):
             "SubnetConfig(target_modules=None) needs masks that name the modules to adapt; set target_modules, "
             "e.g. ['q_proj', 'v_proj', 'up_proj'] or 'all-linear'."
         )
+
+    def _masked_modules(self, config: SubnetConfig, model, check_shapes: bool = True) -> dict[str, str]:
+        """``{module name: mask name}`` of the masks that belong to weights the tuner can adapt.
+
+        Every mask must name a parameter of ``model``: a mask for a weight the model lacks (a typo, or
+        masks from another model) raises instead of being dropped. A mask for a weight of a supported
+        layer must have that weight's shape (``check_shapes``). Masks of other parameters (norms, biases, as a checkpoint
+        diff writes them) are not targets and are skipped.
+        """
+        masks = self._mask_source(config)
+        modules = dict(model.named_modules())
+        params = {}
+        for module_name, module in modules.items():
+            for param_name, _ in module.named_parameters(recurse=False):
+                params[f"{module_name}.{param_name}" if module_name else param_name] = (module_name, param_name)
+        targets, unknown = {}, []
+        for mask_name in masks.names():
+            stem = _strip_wrappers(mask_name)
+            hits = [p for p in (stem, f"{stem}.weight") if p in params]
+            if not hits:
+                hits = [p for p in params if p.endswith("." + stem) or p.endswith(f".{stem}.weight")]
+            if not hits:
+                unknown.append(mask_name)
+                continue
+            module_name, param_name = params[hits[0]]
+            module = modules[module_name]
+            if isinstance(module, BaseTunerLayer):  # an adapted layer: its base layer holds the weight
+                module = module.get_base_layer()
+            if param_name != "weight" or subnet_layer_class(module) is None:
+                continue
+            shape, expected = masks.shape(mask_name), tuple(module.weight.shape)
+            if check_shapes and shape != expected:
+                raise ValueError(
+                    f"mask {mask_name!r} has shape {shape} but the weight of {module_name!r} has shape {expected}; "
+                    f"a mask must have the weight's shape as stored, {expected} here (Conv1D weights are (in, out)). "
+                    "Build it from this model's weights, e.g. with peft_ext.subnet selectors."
+                )
+            targets[module_name] = mask_name
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} mask(s) name weights this model does not have, e.g. {unknown[:3]}; masks are keyed by "
+                "parameter names such as 'model.layers.0.self_attn.q_proj.weight'. Remove them or fix their names "
+                "(masks from another model do not fit this one)."
+            )
+        return targets
 
     def _mask_source(self, config: SubnetConfig):
         cache = self.__dict__.setdefault("_subnet_mask_sources", {})
@@ -88,9 +134,15 @@ class SubnetModel(BaseTuner):
             cache[key] = _DictMasks(source) if isinstance(source, dict) else MaskFile(source)
         return cache[key]
 
-    def inject_adapter(self, *args, **kwargs) -> None:
+    def inject_adapter(self, model, adapter_name: str, *args, **kwargs) -> None:
         try:
-            super().inject_adapter(*args, **kwargs)
+            config = self.peft_config[adapter_name]
+            source = config.mask_source
+            if isinstance(source, dict) or source not in ("random", "magnitude", "adapter"):
+                # refuse masks of weights the model lacks before changing anything; with target_modules set,
+                # only the targets' masks must fit (checked per module in _resolve_indices)
+                self._masked_modules(config, model, check_shapes=config.target_modules is None)
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:  # masks are copied into the layers; do not keep a large mask source alive
             self.__dict__.pop("_subnet_mask_sources", None)
 
@@ -170,32 +222,113 @@ class SubnetModel(BaseTuner):
                 module.subnet_indices[adapter_name].cpu(), module.weight_numel, storage
             )
             to_return[f"{name}.{_ENCODED_KEYS[encoding]}.{adapter_name}"] = tensor
+            # The weight's shape, so a load onto a base of another shape fails instead of scattering wrongly.
+            to_return[f"{name}.subnet_shape.{adapter_name}"] = torch.tensor(module.weight_shape, dtype=torch.int64)
         return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Decode and validate the saved masks (before any scatter), install them, then remap the values."""
-        state_dict = dict(state_dict)
-        for name, module in model.named_modules():
-            if not isinstance(module, SubnetLayer) or adapter_name not in module.subnet_values:
-                continue
-            found = []
-            for encoding, attr in _ENCODED_KEYS.items():
-                for key in (f"{name}.{attr}", f"base_model.model.{name}.{attr}"):
-                    if key in state_dict:
-                        found.append((encoding, key, state_dict.pop(key)))
-            if not found:
-                continue
-            if len(found) > 1:
-                raise ValueError(f"{name}: the adapter stores several masks ({[k for _, k, _ in found]}); keep one.")
-            encoding, key, tensor = found[0]
-            indices = ops.decode_indices(encoding, tensor, module.weight_numel, where=f"saved adapter {key}")
-            values_key = key.rsplit(".", 1)[0] + ".subnet_values"
-            values = state_dict.get(values_key)
-            if values is not None and values.numel() != indices.numel():
-                raise ValueError(
-                    f"{values_key} has {values.numel()} values but its mask selects {indices.numel()} entries; "
-                    "the adapter file is corrupt."
-                )
+        """Validate every saved mask, shape and value first, then install the masks and remap the values.
+
+        Nothing in the model changes until the whole file has passed, so a bad adapter raises with the
+        model as it was; an adapter that this failed load had just added is removed again.
+        """
+        fresh = take_pending_mark(config)
+        try:
+            state_dict, plan, skipped = _check_saved_adapter(
+                model, adapter_name, dict(state_dict), ignore_mismatched_sizes=load_option("ignore_mismatched_sizes")
+            )
+        except Exception:
+            if fresh:
+                discard_new_adapter(model, adapter_name)
+            raise
+        warn_skipped(skipped)
+        for module, indices in plan:
             module.load_mask(adapter_name, indices.to(module.get_base_layer().weight.device))
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mismatched_sizes: bool = False):
+    """Decode and check a saved SUBNET adapter against ``model`` without changing the model.
+
+    Returns the state dict without the mask entries, the ``(layer, indices)`` pairs to install and
+    the modules skipped under ``ignore_mismatched_sizes``. Raises ``ValueError`` naming the key for
+    entries of modules the model lacks, missing masks or values, a weight shape other than the
+    saved one, corrupt masks, and NaN or inf values.
+    """
+    layers, stems = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, SubnetLayer) and adapter_name in module.subnet_values:
+            layers[name] = module
+            stems[name] = name
+            stems.setdefault(f"base_model.model.{name}", name)
+    entries: dict[str, dict[str, tuple[str, torch.Tensor]]] = {name: {} for name in layers}
+    for key, tensor in state_dict.items():
+        stem, _, attr = key.rpartition(".")
+        if attr not in _SAVED_ATTRS:
+            continue
+        if stem not in stems:
+            raise ValueError(
+                f"The saved adapter has {key!r}, but this model has no module {stem.removeprefix('base_model.model.')!r} "
+                f"with a SUBNET adapter {adapter_name!r}. The adapter was made for another base model (or other "
+                "target_modules); load it onto the base model named by base_model_name_or_path in adapter_config.json."
+            )
+        entries[stems[stem]][attr] = (key, tensor)
+
+    plan, skipped = [], []
+    for name, module in layers.items():
+        found = entries[name]
+        stem = next(k for k, _ in found.values()).rpartition(".")[0] if found else name
+        if "subnet_values" not in found:
+            raise ValueError(
+                f"The saved adapter has no {stem}.subnet_values (the trained values of {name!r}); the file is "
+                "incomplete or belongs to an adapter with other target_modules."
+            )
+        masks = [(enc, *found[attr]) for enc, attr in _ENCODED_KEYS.items() if attr in found]
+        if not masks:
+            raise ValueError(
+                f"The saved adapter has no mask for {name!r}: expected {stem}.subnet_indices or {stem}.subnet_bitmap "
+                "next to its subnet_values. Re-save the adapter with peft_ext (save_pretrained writes the masks)."
+            )
+        if len(masks) > 1:
+            raise ValueError(f"{name}: the adapter stores several masks ({[k for _, k, _ in masks]}); keep one.")
+        encoding, mask_key, mask_tensor = masks[0]
+        if "subnet_shape" in found:
+            shape_key, shape = found["subnet_shape"]
+            if shape.dim() != 1 or shape.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"{shape_key} must be a 1-D integer tensor, got {shape.dtype} {tuple(shape.shape)}.")
+            saved_shape = tuple(int(d) for d in shape)
+            if saved_shape != module.weight_shape:
+                if ignore_mismatched_sizes:
+                    skipped.append(f"{name}: saved for shape {saved_shape}, weight has {module.weight_shape}")
+                    for key, _ in found.values():
+                        state_dict.pop(key)
+                    if adapter_name in module._awaiting_masks:  # nothing loaded here: an empty mask, no update
+                        plan.append((module, torch.zeros(0, dtype=torch.int64)))
+                    continue
+                raise ValueError(
+                    f"{shape_key}: the adapter was trained on a weight of shape {saved_shape}, but {name!r} has shape "
+                    f"{module.weight_shape}. Load it onto the base model it was trained on (base_model_name_or_path "
+                    "in adapter_config.json), or pass ignore_mismatched_sizes=True to skip these modules."
+                )
+        indices = ops.decode_indices(encoding, mask_tensor, module.weight_numel, where=f"saved adapter {mask_key}")
+        values_key, values = found["subnet_values"]
+        if values.dim() != 1 or values.numel() != indices.numel():
+            raise ValueError(
+                f"{values_key} has shape {tuple(values.shape)} but its mask selects {indices.numel()} entries; "
+                "the adapter file is corrupt."
+            )
+        if not values.is_floating_point():
+            raise ValueError(
+                f"{values_key} has dtype {values.dtype}; trained values are floating point. The file is corrupt."
+            )
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(
+                f"{values_key} holds NaN or inf values; the adapter is broken. Load an earlier checkpoint, or retrain "
+                "with a lower learning rate or in float32."
+            )
+        plan.append((module, indices))
+        for attr in ("subnet_shape", *_ENCODED_KEYS.values()):
+            if attr in found:
+                state_dict.pop(found[attr][0])
+    return state_dict, plan, skipped

@@ -178,7 +178,7 @@ def test_saved_adapter_stores_the_smaller_encoding(tmp_path, density, expected):
         total_values += k
     assert total_index_bytes <= 4 * total_values  # never more than 4 bytes of index per fp32 value
     config = json.loads((path / "adapter_config.json").read_text())
-    assert config["mask_source"] == "adapter" and config["mask_origin"].startswith("random")
+    assert config["mask_source"] == "random" and config["mask_origin"].startswith("random")
 
 
 def test_fresh_process_reproduces_outputs(tmp_path):

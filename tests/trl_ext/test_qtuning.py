@@ -199,8 +199,8 @@ def test_config_errors_name_the_value_and_the_fix(tmp_path, overrides, match):
 
 
 def test_trainer_errors(tmp_path):
-    with pytest.raises(TypeError, match="needs a trl_ext.QTuningConfig"):
-        QTuningSFTTrainer(model=pretrained_toy_model_path(), args=toy_args(SFTConfig, tmp_path))
+    with pytest.raises(TypeError, match="takes a QTuningConfig"):
+        QTuningSFTTrainer(model=pretrained_toy_model_path(), args={"output_dir": str(tmp_path)})
     args = toy_args(QTuningConfig, tmp_path, scoring="reuse", label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="scoring='separate'"):
         QTuningSFTTrainer(model=pretrained_toy_model_path(), args=args, train_dataset=make_mixed_quality_sft(8))

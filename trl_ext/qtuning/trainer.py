@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from trl import SFTTrainer
 
+from .._args import convert_args
 from .batch import prune_labels, sample_ids_from_batch, select_samples
 from .config import QTuningConfig
 from .plot import EUPlaneRecord, plot_eu_plane
@@ -40,8 +41,13 @@ class QTuningSFTTrainer(SFTTrainer):
 
     Selection is per process and per gradient-accumulation micro-batch: each process scores its own slice
     of the global batch (no communication), so ``N`` processes with ``per_device_train_batch_size=B`` select
-    like one process running ``N`` micro-batches of ``B`` with ``gradient_accumulation_steps=N``. Each
-    micro-batch's loss is its own kept-token mean; gradient accumulation and DDP average those means.
+    like one process running ``N`` micro-batches of ``B`` with ``gradient_accumulation_steps=N``. The loss of
+    an optimizer step is normalised as SFTTrainer normalises it (``num_items_in_batch``), counting kept
+    tokens: the sum of the kept tokens' NLL over the accumulation window and all processes, divided by
+    the number of kept tokens there. Kept tokens are known only after each micro-batch is scored, so each
+    micro-batch is first divided by the window's response-token count, and the accumulated gradient is
+    rescaled by ``response tokens / kept tokens`` before clipping and the optimizer step. At
+    ``sample_keep_ratio=token_keep_ratio=1.0`` that factor is 1 and training is SFTTrainer's.
 
     With ``scoring="separate"`` (the default), the batch is scored by a forward pass without gradient, and
     forward and backward run on the kept samples only. With ``scoring="reuse"``, the training forward's
@@ -72,18 +78,13 @@ class QTuningSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "q-tuning", "peft-trl-ext"]
     _name = "Q-Tuning"
-    # The loss is a per-micro-batch mean over kept tokens; Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
 
     def __init__(self, model, args: QTuningConfig | None = None, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = QTuningConfig(f"{str(name).rstrip('/').split('/')[-1]}-QTuning")
-        elif not isinstance(args, QTuningConfig):
-            raise TypeError(
-                f"args is a {type(args).__name__}; QTuningSFTTrainer needs a trl_ext.QTuningConfig (it carries "
-                "sample_keep_ratio, token_keep_ratio, neighbor_lambda and scoring). Build one with the same fields."
-            )
+        else:  # a plain SFTConfig/TrainingArguments converts, with Q-Tuning's options at their defaults
+            args = convert_args(args, QTuningConfig, "QTuningSFTTrainer")
         if args.scoring == "reuse" and (kwargs.get("compute_loss_func") is not None or args.label_smoothing_factor):
             raise ValueError(
                 "scoring='reuse' computes the masked loss from the fused LM head's per-token log-probabilities, so it "
@@ -92,12 +93,16 @@ class QTuningSFTTrainer(SFTTrainer):
             )
         super().__init__(model=model, args=args, **kwargs)
         self.eu_records: deque[EUPlaneRecord] = deque(maxlen=args.eu_record_steps)
+        self._window_kept = 0  # kept tokens of this process in the current accumulation window
+        self._window_loss = 0.0  # losses returned so far in the window (for the logged loss)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Q-Tuning loss on training batches; SFTTrainer's loss otherwise (evaluation, ``return_outputs``).
 
-        ``num_items_in_batch`` is ignored while training: the kept tokens are only known after scoring,
-        so each micro-batch's loss is the mean over its own kept tokens.
+        While training, the kept tokens' NLL is summed and divided by ``num_items_in_batch`` (the window's
+        response tokens), as SFTTrainer divides; :meth:`training_step` turns that into the kept-token
+        normalisation at the end of the window. Without ``num_items_in_batch`` (a model that takes no loss
+        kwargs), each micro-batch is its own kept-token mean, which Trainer averages over accumulation steps.
         """
         if not self.model.training or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -106,12 +111,39 @@ class QTuningSFTTrainer(SFTTrainer):
                 outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
             selection = self.select(inputs, outputs.log_probs, outputs.entropy)
             if selection is None:  # no response token anywhere: nothing to select
-                return super().compute_loss(model, inputs)
+                return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            self._window_kept += int(selection.token_keep.sum())
             labels = prune_labels(inputs["labels"], selection.token_keep)
-            return super().compute_loss(model, select_samples(inputs, selection.keep_docs, labels))
-        return self._reuse_loss(model, inputs)
+            sub_batch = select_samples(inputs, selection.keep_docs, labels)
+            return super().compute_loss(model, sub_batch, num_items_in_batch=num_items_in_batch)
+        return self._reuse_loss(model, inputs, num_items_in_batch)
 
-    def _reuse_loss(self, model, inputs):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """SFTTrainer's step; at the end of an accumulation window, renormalise from response to kept tokens."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:
+            self._window_kept, self._window_loss = 0, 0.0
+            return loss
+        self._window_loss = self._window_loss + loss
+        if not self.accelerator.sync_gradients:
+            return loss
+        kept = torch.tensor(float(self._window_kept), device=self.accelerator.device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:  # as num_items_in_batch is counted
+            kept = self.accelerator.gather(kept.reshape(1)).sum()
+        kept = kept / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+        scale = float(torch.as_tensor(num_items_in_batch).float().sum()) / max(float(kept), 1.0)
+        window_loss = self._window_loss
+        self._window_kept, self._window_loss = 0, 0.0
+        if scale == 1.0:  # nothing pruned: exactly SFTTrainer's step
+            return loss
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        # The logged loss is the sum of the window's returned losses; make it the kept-token mean too.
+        return scale * window_loss - (window_loss - loss)
+
+    def _reuse_loss(self, model, inputs, num_items_in_batch=None):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
@@ -121,9 +153,15 @@ class QTuningSFTTrainer(SFTTrainer):
         per_token_loss = -outputs.log_probs
         if self.args.loss_type == "dft":
             per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
-        loss = (per_token_loss * keep).sum() / keep.sum().clamp(min=1)
+        self._window_kept += int(keep.sum())
+        # Normalised as SFTTrainer.compute_loss normalises (see training_step for the kept-token correction).
+        num_tokens = keep.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = (per_token_loss * keep).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
 
         # SFTTrainer's metrics, over the tokens that carry loss.
         gather = self.accelerator.gather

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -12,12 +13,16 @@ from trl import DPOConfig
 class REDIConfig(DPOConfig):
     r"""Configuration for [`REDITrainer`], a subclass of TRL's [`~trl.DPOConfig`].
 
-    All DPO arguments are accepted. REDI replaces the DPO loss with
+    All DPO arguments are accepted except those of DPO's loss and reference model. REDI replaces
+    the DPO loss with
 
     $$L = -\frac{\log\pi(y_w|x)}{|y_w|} + \alpha\,\frac{\log\pi(y_l|x)}{|y_l|}$$
 
-    so the reference-model arguments (``beta``, ``loss_type``, ``precompute_ref_log_probs``,
-    ``sync_ref_model``, ``ld_alpha``, ``f_divergence_type``, ``use_weighting``) are not used.
+    so the DPO-only arguments (``beta``, ``loss_type``, ``loss_weights``, ``label_smoothing``,
+    ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``sync_ref_model``,
+    ``ref_model_mixup_alpha``, ``ref_model_sync_steps``, ``ld_alpha``, ``f_divergence_type``,
+    ``f_alpha_divergence_coef``, ``discopop_tau``, ``use_weighting``) are not used; setting one of
+    them to anything but its default raises a ``ValueError`` naming it.
 
     Parameters:
         redi_alpha (`float`, *optional*, defaults to `0.8`):
@@ -39,6 +44,10 @@ class REDIConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        if isinstance(self.redi_alpha, bool):
+            raise ValueError(
+                f"redi_alpha={self.redi_alpha!r} is a bool, not a weight; pass a number in [0, 1], e.g. redi_alpha=0.8."
+            )
         if not isinstance(self.redi_alpha, (int, float)) or not 0.0 <= self.redi_alpha <= 1.0:
             raise ValueError(
                 f"redi_alpha={self.redi_alpha!r} is outside [0, 1]. Use 0.8 (the paper's setting); 0 is plain SFT on "
@@ -52,3 +61,37 @@ class REDIConfig(DPOConfig):
                 stacklevel=3,
             )
         super().__post_init__()
+        changed = [name for name in DPO_ONLY_OPTIONS if getattr(self, name) != _dpo_default(name)]
+        if changed:
+            shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
+            raise ValueError(
+                f"REDIConfig got {shown}, but REDI has no reference model, no beta and its own loss, so "
+                f"{'this DPO option' if len(changed) == 1 else 'these DPO options'} would be silently ignored. Remove "
+                f"{', '.join(changed)} (REDI's only loss knob is redi_alpha), or use trl.DPOTrainer for DPO."
+            )
+
+
+# DPO options that REDI's loss and its missing reference model leave unused.
+DPO_ONLY_OPTIONS = (
+    "beta",
+    "loss_type",
+    "loss_weights",
+    "label_smoothing",
+    "precompute_ref_log_probs",
+    "precompute_ref_batch_size",
+    "sync_ref_model",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "discopop_tau",
+    "use_weighting",
+)
+
+
+def _dpo_default(name: str):
+    """DPOConfig's default of ``name``, normalised as DPOConfig.__post_init__ normalises it."""
+    spec = next(f for f in dataclasses.fields(DPOConfig) if f.name == name)
+    value = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    return [value] if name == "loss_type" and isinstance(value, str) else value

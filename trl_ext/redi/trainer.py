@@ -8,6 +8,7 @@ import torch
 import trl.trainer.dpo_trainer as dpo_module
 from trl import DPOTrainer
 
+from .._args import convert_args
 from .config import REDIConfig
 from .loss import redi_loss, sequence_logps
 
@@ -63,7 +64,8 @@ class REDITrainer(DPOTrainer):
     Logged metrics: ``logps/chosen`` and ``logps/rejected`` (summed, as DPO logs them),
     ``logps_norm/chosen``, ``logps_norm/rejected`` and ``logps_norm/margin`` (the quantities
     REDI optimises), ``rewards/accuracies`` (share of pairs with chosen_norm > rejected_norm),
-    ``entropy``, ``mean_token_accuracy``, ``logits/chosen``, ``logits/rejected``, ``num_tokens``.
+    ``entropy``, ``mean_token_accuracy``, ``logits/chosen``, ``logits/rejected``, ``num_tokens``, and
+    ``aux_loss`` on Mixture-of-Experts models (as DPO logs it).
     """
 
     _tag_names = ["trl", "redi", "peft-trl-ext"]
@@ -79,11 +81,8 @@ class REDITrainer(DPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = REDIConfig(f"{str(name).rstrip('/').split('/')[-1]}-REDI")
-        elif not isinstance(args, REDIConfig):
-            raise TypeError(
-                f"args is a {type(args).__name__}; REDITrainer needs a trl_ext.REDIConfig (it carries redi_alpha). "
-                "Build one with the same fields, e.g. REDIConfig(output_dir=..., redi_alpha=0.8)."
-            )
+        else:  # a plain DPOConfig/TrainingArguments converts, with redi_alpha at its default
+            args = convert_args(args, REDIConfig, "REDITrainer")
         _check_preference_columns(train_dataset, "train_dataset")
         _check_preference_columns(kwargs.get("eval_dataset"), "eval_dataset")
         with _without_reference_model(policy_from_path=isinstance(model, str)):
@@ -114,8 +113,9 @@ class REDITrainer(DPOTrainer):
         loss, chosen_norm, rejected_norm = redi_loss(
             chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, alpha=self.args.redi_alpha
         )
-        if self.aux_loss_enabled:
+        if self.aux_loss_enabled:  # as DPOTrainer adds and logs the MoE load-balancing loss
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
         self._log_redi_metrics(mode, inputs, outputs, shift_mask, logps, chosen_norm, rejected_norm)
         if return_outputs:

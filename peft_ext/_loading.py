@@ -1,0 +1,68 @@
+"""Helpers shared by the tuners' adapter loading: all-or-nothing loads and PEFT's load options.
+
+PEFT loads an adapter in two steps: ``PeftModel.load_adapter`` first adds the adapter (for a new
+name), then ``set_peft_model_state_dict`` calls the tuner's ``_remap_adapter_state_dict_for_load``
+and ``load_state_dict``. Our tuners validate every saved tensor inside the remap hook, before any
+module is touched, so a bad file raises with the model unchanged. When the adapter was added by
+that same load, it is removed again so no half-registered adapter stays behind.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+_PENDING = "_peft_ext_pending_load"
+
+
+def mark_loaded_config(config) -> None:
+    """Mark a config read from disk: its adapter is about to be added and filled by a load."""
+    config.__dict__[_PENDING] = True
+
+
+def take_pending_mark(config) -> bool:
+    """Whether ``config`` came from disk and has not been loaded into yet; clears the mark."""
+    return bool(config.__dict__.pop(_PENDING, False))
+
+
+def load_option(name: str, default=False):
+    """The value of a ``set_peft_model_state_dict`` argument (e.g. ``ignore_mismatched_sizes``).
+
+    PEFT applies ``ignore_mismatched_sizes`` only after the remap hook and does not pass it to the
+    hook, yet the hook must know it to tell a skippable size mismatch from an error. It is read from
+    the caller's frame; outside that call the default applies.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "set_peft_model_state_dict":
+            return frame.f_locals.get(name, default)
+        frame = frame.f_back
+    return default
+
+
+def warn_skipped(skipped: list[str]) -> None:
+    """PEFT's warning for weights left out under ``ignore_mismatched_sizes=True``."""
+    if skipped:
+        warnings.warn(
+            "Some adapter weights were not loaded because their shapes do not match the model and "
+            f"ignore_mismatched_sizes=True was passed: {skipped}. These modules keep their current adapter state.",
+            stacklevel=3,
+        )
+
+
+def discard_new_adapter(model, adapter_name: str) -> None:
+    """Remove an adapter that a failed load had just added, restoring the model as it was before the load.
+
+    ``model`` is what ``set_peft_model_state_dict`` received: a ``PeftModel`` (or a model with
+    injected layers, which is left alone). When the adapter is the only one, the tuner layers are
+    unloaded, so the base model's modules are back in place.
+    """
+    peft_config = getattr(model, "peft_config", None)
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(peft_config, dict) or adapter_name not in peft_config or not hasattr(tuner, "unload"):
+        return
+    if len(peft_config) == 1:
+        tuner.unload()
+        peft_config.clear()
+    else:
+        model.delete_adapter(adapter_name)

@@ -1,0 +1,29 @@
+"""Turning a plain TRL/transformers config into a method's config, as TRL's trainers do."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transformers import TrainingArguments
+
+
+def convert_args(args, config_cls, trainer_name: str):
+    """``args`` as an instance of ``config_cls`` (a subclass of ``args``' class, e.g. ``SFTConfig`` -> ``QTuningConfig``).
+
+    Every value of ``args`` is carried over, as ``SFTTrainer`` does with a plain ``TrainingArguments``;
+    the fields ``config_cls`` adds keep their defaults (the method's defaults, e.g. ``redi_alpha=0.8``).
+    Anything that is not a ``TrainingArguments`` is refused with a ``TypeError``.
+    """
+    if isinstance(args, config_cls):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"args is a {type(args).__name__}; {trainer_name} takes a {config_cls.__name__} (or a TRL/transformers "
+            "config, which it converts), e.g. args=" + f"{config_cls.__name__}(output_dir=...)."
+        )
+    init_fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    values = {k: v for k, v in args.to_dict().items() if k in init_fields}
+    for key, value in values.items():  # to_dict masks every *_token field (hub_token, but also SFT's eos_token)
+        if key.endswith("_token") and value == f"<{key.upper()}>":
+            values[key] = getattr(args, key)
+    return config_cls(**values)
