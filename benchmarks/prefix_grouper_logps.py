@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from timing import logprob_step, make_trainer, one_group, spec_ideal_speedup
 from torch.profiler import ProfilerActivity, profile
 
-from trl_ext.prefix_grouper.timing import logprob_step, make_trainer, one_group, spec_ideal_speedup
 from trl_ext.toy import ToyModelSpec
 
 RESULTS = Path(__file__).parent / "results"

@@ -29,7 +29,7 @@ VARIANTS = [
 
 
 def run_epoch(variant, path, data, a) -> tuple[float, float]:
-    from trl_ext.qtuning.timing import epoch_time
+    from timing import epoch_time
 
     _, scoring, r_s, r_t = variant
     return epoch_time(path, data, scoring=scoring, sample_keep_ratio=r_s or 1.0, token_keep_ratio=r_t or 1.0,

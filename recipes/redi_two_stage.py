@@ -20,8 +20,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from recipes.common import finish
-from trl_ext.redi import REDIConfig, REDITrainer, build_redi_pairs, label_traces, positives
-from trl_ext.toy import generation_accuracy, make_reasoning_traces, pretrained_toy_model_path, reasoning_reward
+from trl_ext.redi import REDIConfig, REDITrainer, build_redi_pairs, label_traces, math_verify_checker, positives
+from trl_ext.toy import (
+    check_reasoning_answer,
+    generation_accuracy,
+    make_reasoning_traces,
+    pretrained_toy_model_path,
+    reasoning_reward,
+)
 
 
 @dataclass
@@ -36,7 +42,13 @@ class REDIRecipeArguments:
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name to use."})
     num_toy_prompts: int = field(default=512, metadata={"help": "Prompts in the default toy trace set."})
-    verifier: str = field(default="auto", metadata={"help": "Trace verifier when there is no `correct` column."})
+    verifier: str = field(
+        default="math",
+        metadata={
+            "help": "Trace verifier when there is no `correct` column: 'math' (math-verify, boxed answers) or "
+            "'toy' (the toy task's `Answer: N` checker)."
+        },
+    )
     max_trace_length: int | None = field(default=None, metadata={"help": "Drop traces longer than this (tokens)."})
     sft_learning_rate: float = field(default=3e-3, metadata={"help": "Stage-1 (SFT) learning rate."})
     sft_max_steps: int = field(default=800, metadata={"help": "Stage-1 (SFT) optimisation steps."})
@@ -51,7 +63,10 @@ def load_traces(recipe: REDIRecipeArguments, seed: int = 0) -> Dataset:
         return make_reasoning_traces(recipe.num_toy_prompts, seed=seed)
     traces = load_dataset(recipe.dataset_name, split=recipe.dataset_split)
     if "correct" not in traces.column_names:
-        traces = label_traces(traces, verifier=recipe.verifier)
+        verifiers = {"math": math_verify_checker, "toy": check_reasoning_answer}
+        if recipe.verifier not in verifiers:
+            raise ValueError(f"verifier={recipe.verifier!r} is unknown; use one of {sorted(verifiers)}.")
+        traces = label_traces(traces, verifier=verifiers[recipe.verifier])
     return traces
 
 
