@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+from harness import write_results
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VARIANTS = [
@@ -84,8 +86,7 @@ def main():
     lines.append(f"total benchmark wall time {time.perf_counter() - start:.0f}s")
     text = "\n".join(lines)
     print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text + "\n")
+    write_results(a.out, text)
 
 
 if __name__ == "__main__":
