@@ -101,14 +101,14 @@ def sft_stage(model_path: str, train: Dataset, args: REDIConfig, recipe: REDIRec
     return sft_args.output_dir
 
 
-def redi_stage(model_path: str, pairs: Dataset, args: REDIConfig) -> REDITrainer:
+def redi_stage(model_path: str, pairs: Dataset, args: REDIConfig, callbacks=None) -> REDITrainer:
     """Stage 2: REDI on preference pairs, starting from ``model_path``. Returns the trained trainer."""
-    trainer = REDITrainer(model=model_path, args=args, train_dataset=pairs)
+    trainer = REDITrainer(model=model_path, args=args, train_dataset=pairs, callbacks=callbacks)
     trainer.train()
     return trainer
 
 
-def main(recipe: REDIRecipeArguments, args: REDIConfig) -> dict:
+def main(recipe: REDIRecipeArguments, args: REDIConfig, callbacks=None) -> dict:
     model_path = recipe.model_name_or_path or pretrained_toy_model_path()
     traces = load_traces(recipe, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -123,7 +123,7 @@ def main(recipe: REDIRecipeArguments, args: REDIConfig) -> dict:
         held_out = make_reasoning_traces(recipe.num_eval_prompts, seed=10_000 + args.seed, traces_per_prompt=1)
         model = AutoModelForCausalLM.from_pretrained(model_path)
         results["accuracy_after_sft"] = generation_accuracy(model, tokenizer, held_out, reasoning_reward, 48)
-    trainer = redi_stage(model_path, pairs, args)
+    trainer = redi_stage(model_path, pairs, args, callbacks)
     if held_out is not None:
         results["accuracy_after_redi"] = generation_accuracy(trainer.model, tokenizer, held_out, reasoning_reward, 48)
     finish(trainer, recipe, results)
