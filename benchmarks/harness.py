@@ -76,8 +76,16 @@ def thread_count() -> str:
     return f"{torch.get_num_threads()} (OMP_NUM_THREADS={'unset' if env is None else env})"
 
 
+def load_average() -> str:
+    """The OS load averages over 1, 5 and 15 minutes: above the core count, timings are inflated by other work."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def results_header(argv: list[str] | None = None) -> str:
-    """``#`` lines naming the command, git commit, library versions, CPU, thread count and date."""
+    """``#`` lines naming the command, git commit, library versions, CPU, thread count, machine load and date."""
     argv = sys.argv if argv is None else argv
     script = argv[0]
     try:
@@ -92,6 +100,7 @@ def results_header(argv: list[str] | None = None) -> str:
             f"# versions: {versions()}",
             f"# cpu: {cpu_name()}",
             f"# threads: {thread_count()}",
+            f"# load average (1, 5, 15 min) when written: {load_average()}",
             f"# date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         ]
     )
