@@ -72,8 +72,8 @@ def thread_count() -> str:
     """torch's intra-op thread count and where it came from."""
     import torch
 
-    env = os.environ.get("OMP_NUM_THREADS")
-    return f"{torch.get_num_threads()} (OMP_NUM_THREADS={'unset' if env is None else env})"
+    env = {name: os.environ.get(name, "unset") for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    return f"{torch.get_num_threads()} (" + ", ".join(f"{k}={v}" for k, v in env.items()) + ")"
 
 
 def load_average() -> str:
