@@ -100,17 +100,19 @@ def results_header(argv: list[str] | None = None) -> str:
             f"# versions: {versions()}",
             f"# cpu: {cpu_name()}",
             f"# threads: {thread_count()}",
-            f"# load average (1, 5, 15 min) when written: {load_average()}",
+            f"# load average (1, 5, 15 min): {load_average()}",
             f"# date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         ]
     )
 
 
-def write_results(path: str | os.PathLike, text: str, argv: list[str] | None = None) -> Path:
-    """Write ``text`` to ``path`` under :func:`results_header`; return the path."""
+def write_results(
+    path: str | os.PathLike, text: str, argv: list[str] | None = None, header: str | None = None
+) -> Path:
+    """Write ``text`` to ``path`` under ``header`` (default: :func:`results_header` now); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(results_header(argv) + "\n\n" + text.rstrip("\n") + "\n")
+    path.write_text((header or results_header(argv)) + "\n\n" + text.rstrip("\n") + "\n")
     return path
 
 
@@ -141,10 +143,11 @@ def recording(path: str | os.PathLike, argv: list[str] | None = None):
         ...     main()
         ```
     """
+    header = results_header(argv)  # taken at the start: the commit and load the run began with
     tee = _Tee(sys.stdout)
     sys.stdout = tee
     try:
         yield tee
     finally:
         sys.stdout = tee.stream
-    print(f"saved to {write_results(path, ''.join(tee.parts), argv)}")
+    print(f"saved to {write_results(path, ''.join(tee.parts), header=header)}")
