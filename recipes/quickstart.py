@@ -58,7 +58,7 @@ def _toy(out: Path) -> tuple[list, dict]:
     spec = m["config"]["model"]
     row = ["toy testbed", f"Llama {spec['hidden_size']}d x {spec['num_hidden_layers']}L from scratch", "held-out acc",
            f"{m['heldout_accuracy_before']:.1%} (untrained)", f"{m['heldout_accuracy']:.1%}",
-           f"pretrained in {m['train_seconds']:.0f} s ({m['config']['steps']} steps, {m['threads']} threads)"]  # fmt: skip
+           f"pretrained in {m['train_seconds']:.0f} s ({m['config']['steps']} steps, {m['threads']} thread(s))"]  # fmt: skip
     return row, {"path": path, **m}
 
 
@@ -164,7 +164,7 @@ def _redi(out: Path) -> tuple[list, dict]:
     row = ["REDI (alpha 0.8)", f"SFT then REDI on {r['pairs']} pairs", "held-out acc",
            f"{r['accuracy_after_sft']:.1%} (SFT)", f"REDI {r['accuracy_after_redi']:.1%}, DPO {r['accuracy_dpo']:.1%}",
            f"step time {ratio:.2f}x DPO's (no reference model)"]  # fmt: skip
-    r["curves"] = {"REDI (alpha 0.8)": _unzip(redi_curve.points), "DPO (beta 0.1)": _unzip(dpo_curve.points)}
+    r["curves"] = {"DPO (beta 0.1)": _unzip(dpo_curve.points), "REDI (alpha 0.8)": _unzip(redi_curve.points)}
     return row, r
 
 
@@ -213,7 +213,7 @@ def _qtuning(out: Path) -> tuple[list, dict]:
     row = ["Q-Tuning (25% x 50%)", "SFT on mixed-quality data", "held-out acc", f"{r['accuracy_before']:.1%}",
            f"Q-Tuning {r['accuracy_after']:.1%}, full-data SFT {r['accuracy_full_sft']:.1%}",
            f"epoch time {r['time_ratio']:.2f}x stock SFT (256-wide model)"]  # fmt: skip
-    r["curves"] = {"Q-Tuning (25% x 50%)": _unzip(q_curve.points), "full-data SFT": _unzip(full_curve.points)}
+    r["curves"] = {"full-data SFT": _unzip(full_curve.points), "Q-Tuning (25% x 50%)": _unzip(q_curve.points)}
     return row, r
 
 
@@ -243,11 +243,17 @@ def _plot_curves(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n in PANELS if results.get(n, {}).get("curves")]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.remove()
+    # The baseline comes first and is drawn solid; the method dashed on top, so identical curves stay visible.
+    styles = [dict(linestyle="-", marker="o", linewidth=2.5, alpha=0.6), dict(linestyle="--", marker="x")]
+    for ax, name in zip(axes.flat, names):
         title, xlabel, ylabel = PANELS[name]
-        for label, (x, y) in results[name]["curves"].items():
-            ax.plot(x, y, marker="o", markersize=3, label=label)
+        for style, (label, (x, y)) in zip(styles * 2, results[name]["curves"].items()):
+            ax.plot(x, y, markersize=4, label=label, **style)
         if name == "REDI":
             ax.axhline(results[name]["accuracy_after_sft"], color="grey", linestyle=":", label="SFT checkpoint")
         ax.set_title(title, fontsize=10)
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     measured = findings(results)
     print("\n" + "\n".join(table))
     print("\nMeasured in this run:\n" + "\n".join(f"- {line}" for line in measured))
-    print(f"\ntotal {total:.0f} s with {torch.get_num_threads()} torch threads; plots: {out / 'training_curves.png'}, "
+    print(f"\ntotal {total:.0f} s with {torch.get_num_threads()} torch thread(s); plots: {out / 'training_curves.png'}, "
           f"{out / 'qtuning' / 'eu_plane.png'}, {out / 'subnet_sparsity.png'}")  # fmt: skip
     drop = ("log_history", "full_log_history")
     summary = {n: {k: v for k, v in r.items() if k not in drop} for n, r in results.items()}
