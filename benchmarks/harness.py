@@ -84,6 +84,10 @@ def load_average() -> str:
         return "unknown"
 
 
+# What the run started with: the header describes the code and machine load at the start, not at the end.
+_AT_START = {"commit": git_commit(), "load": load_average()}
+
+
 def results_header(argv: list[str] | None = None) -> str:
     """``#`` lines naming the command, git commit, library versions, CPU, thread count, machine load and date."""
     argv = sys.argv if argv is None else argv
@@ -96,11 +100,11 @@ def results_header(argv: list[str] | None = None) -> str:
     return "\n".join(
         [
             f"# command: {command}",
-            f"# git commit: {git_commit()}",
+            f"# git commit: {_AT_START['commit']}",
             f"# versions: {versions()}",
             f"# cpu: {cpu_name()}",
             f"# threads: {thread_count()}",
-            f"# load average (1, 5, 15 min): {load_average()}",
+            f"# load average (1, 5, 15 min) at start: {_AT_START['load']}",
             f"# date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         ]
     )
@@ -143,7 +147,7 @@ def recording(path: str | os.PathLike, argv: list[str] | None = None):
         ...     main()
         ```
     """
-    header = results_header(argv)  # taken at the start: the commit and load the run began with
+    header = results_header(argv)
     tee = _Tee(sys.stdout)
     sys.stdout = tee
     try:
