@@ -95,7 +95,9 @@ def _assert_same(a, b, what):
     assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5), what
     assert grads_a.keys() == grads_b.keys() and grads_a, what
     for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=f"{what}: {name}")
+        # Rounding only: differences far below the gradient's own scale, whatever the float path.
+        atol = 1e-5 * grads_b[name].abs().max().item()
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=atol, msg=f"{what}: {name}")
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])

@@ -70,7 +70,9 @@ def test_alpha_zero_gradient_is_length_normalised_sft(tmp_path):
     sft.backward()
     assert redi_grads
     for name, p in model.named_parameters():
-        torch.testing.assert_close(redi_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+        # Rounding only: differences far below the gradient's own scale, whatever the float path.
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(redi_grads[name], p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_redi_loss_function_closed_form():
@@ -131,6 +133,7 @@ def test_conversational_preferences_work(tmp_path):
     )
     trainer = _trainer(tmp_path, dataset=conv)
     batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()  # metrics are logged under the mode the model is in
     with torch.no_grad():
         trainer.compute_loss(trainer.model, batch)
         logps, lengths = _closed_form_parts(trainer.model, batch)
@@ -249,5 +252,10 @@ def test_two_processes_match_one_process(tmp_path):
     run_distributed(script, str(tmp_path / "two" / "w.safetensors"), "2", nproc=2)
     one, two = load_file(tmp_path / "one" / "w.safetensors"), load_file(tmp_path / "two" / "w.safetensors")
     assert one["loss"].item() == pytest.approx(two["loss"].item(), rel=1e-5)
-    for name in one:
-        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Compare the updates, at their own scale: two processes sum the gradient in another order.
+    base = dict(AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path()).named_parameters())
+    assert one.keys() - {"loss"} == base.keys()
+    for name, w0 in base.items():
+        update_one, update_two = one[name] - w0.detach(), two[name] - w0.detach()
+        atol = 1e-5 * update_one.abs().max().item() + 1e-6
+        torch.testing.assert_close(update_two, update_one, rtol=1e-4, atol=atol, msg=name)
