@@ -27,6 +27,7 @@ import statistics
 import time
 
 import torch
+from harness import RESULTS, recording
 from peft import LoraConfig, get_peft_model
 
 from peft_ext import MoraConfig  # importing peft_ext registers the MORA type
@@ -120,4 +121,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with recording(RESULTS / "mora_speed.txt"):
+        main()

@@ -25,6 +25,7 @@ import copy
 import time
 
 import torch
+from harness import RESULTS, recording
 from peft import LoraConfig, get_peft_model
 
 from peft_ext import MoraConfig  # importing peft_ext registers the MORA type
@@ -134,4 +135,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with recording(RESULTS / "mora_uuid.txt"):
+        main()

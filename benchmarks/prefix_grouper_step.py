@@ -18,17 +18,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from harness import RESULTS, write_results
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 from trl_ext.toy import ToyModelSpec, arithmetic_reward, toy_args, toy_model_path
 from trl_ext.toy import make_arithmetic_dataset as arithmetic
-
-RESULTS = Path(__file__).parent / "results"
 
 
 class StepTimer(TrainerCallback):
@@ -109,9 +107,7 @@ def main():
         f"{'speedup':>8} | {cpu['stock'] / cpu['grouped']:>9.2f}x {wall['stock'] / wall['grouped']:>10.2f}x",
     ]
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    output = RESULTS / f"prefix_grouper_step{'_quick' if cli.quick else ''}.txt"
-    output.write_text("\n".join(lines) + "\n")
+    output = write_results(RESULTS / f"prefix_grouper_step{'_quick' if cli.quick else ''}.txt", "\n".join(lines))
     print(f"saved to {output}")
 
 

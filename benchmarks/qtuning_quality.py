@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from harness import write_results
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 QUALITIES = ("clean", "noise", "easy", "hard")
@@ -203,8 +205,7 @@ def main():
     lines.append(f"total benchmark wall time {time.perf_counter() - start:.0f}s")
     text = "\n".join(lines)
     print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text + "\n")
+    write_results(a.out, text)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+from harness import write_results
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VARIANTS = [
@@ -29,7 +31,7 @@ VARIANTS = [
 
 
 def run_epoch(variant, path, data, a) -> tuple[float, float]:
-    from trl_ext.qtuning.timing import epoch_time
+    from timing import epoch_time
 
     _, scoring, r_s, r_t = variant
     return epoch_time(path, data, scoring=scoring, sample_keep_ratio=r_s or 1.0, token_keep_ratio=r_t or 1.0,
@@ -84,8 +86,7 @@ def main():
     lines.append(f"total benchmark wall time {time.perf_counter() - start:.0f}s")
     text = "\n".join(lines)
     print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text + "\n")
+    write_results(a.out, text)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from harness import RESULTS, recording  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
@@ -97,4 +98,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with recording(RESULTS / "redi_quality.txt"):
+        main()

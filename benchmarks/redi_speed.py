@@ -18,6 +18,8 @@ import resource
 import subprocess
 import sys
 
+from harness import RESULTS, recording
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -27,10 +29,10 @@ def rss_mb() -> float:
 
 
 def worker(kind: str, a: argparse.Namespace) -> dict:
+    from timing import mean_step_time
     from trl import DPOConfig, DPOTrainer
 
     from trl_ext.redi import REDIConfig, REDITrainer
-    from trl_ext.redi.timing import mean_step_time
     from trl_ext.toy import toy_model_path
 
     path = toy_model_path(arch="llama", hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=8)
@@ -72,4 +74,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if "--worker" in sys.argv:
+        main()
+    else:
+        with recording(RESULTS / "redi_speed.txt"):
+            main()

@@ -30,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from harness import write_results  # noqa: E402
 from peft import LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -321,8 +322,7 @@ def main() -> None:
     bench_storage(args)
     if not args.skip_diff:
         bench_diff(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "subnet_speed.txt").write_text("\n".join(LINES) + "\n")
+    write_results(RESULTS / "subnet_speed.txt", "\n".join(LINES))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from harness import write_results  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
@@ -246,8 +247,7 @@ def main() -> None:
         log(analysis.format_table(["masks (I1 vs I2)", "o1 %", "o2 %", "jaccard %", "random o1 %"], rows))
     log("")
     log(f"total time {time.perf_counter() - start:.0f}s")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / args.out).write_text("\n".join(LINES) + "\n")
+    write_results(RESULTS / args.out, "\n".join(LINES))
 
 
 def _overlap(m1, m2):

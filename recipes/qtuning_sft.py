@@ -28,7 +28,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Default: the embedded toy model."})
 
 
-def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: QTuningConfig) -> dict:
+def main(
+    script_args: ScriptArguments, model_args: ModelArguments, training_args: QTuningConfig, callbacks=None
+) -> dict:
     model_path = resolve_model(model_args.model_name_or_path)
     toy = is_toy_run(script_args, model_args.model_name_or_path)
     train = resolve_dataset(script_args, make_mixed_quality_sft(1024, seed=training_args.seed) if toy else None)
@@ -38,7 +40,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     held_out = make_arithmetic_dataset(200, seed=1, exclude=make_arithmetic_dataset(800, seed=0)) if toy else None
     if toy:
         results["accuracy_before"] = arithmetic_accuracy(model, tokenizer, held_out)
-    trainer = QTuningSFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
+    trainer = QTuningSFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+                                callbacks=callbacks)  # fmt: skip
     trainer.train()
     if toy:
         results["accuracy_after"] = arithmetic_accuracy(trainer.model, tokenizer, held_out)

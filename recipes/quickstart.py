@@ -1,9 +1,11 @@
 """The main job on the embedded default: ``python -m recipes.quickstart [--output-dir DIR]``.
 
 Runs all five methods on the offline toy testbed (a tiny Llama pretrained on addition,
-cached on disk) through their recipes, prints one results table and writes PNG plots:
-training curves, the Q-Tuning EU plane and the subnetwork's update sparsity by layer.
-About 3-5 minutes on 2 CPU cores, the first run included (it pretrains the toy model).
+cached on disk) through their recipes, each beside its baseline, and prints one results
+table in which every figure is measured in this run, then what those figures show. Writes
+``training_curves.png`` (each method against its baseline on the same axes), the Q-Tuning EU
+plane, the subnetwork's update sparsity by layer and ``results.json``. It prints its own
+duration; the README gives the one measured on a quiet machine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,48 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The toy held-out arithmetic set of the recipes: the pretraining run's held-out problems.
+HELD_OUT = dict(n=200, seed=1)
+CURVE_POINTS = 5  # held-out evaluations per training run in the curves figure
+
+
+def _callback_cls():
+    from transformers import TrainerCallback
+
+    class HeldOutCurve(TrainerCallback):
+        """Held-out accuracy of the model being trained, at step 0 and every ``every`` steps."""
+
+        def __init__(self, evaluate, every: int):
+            self.evaluate, self.every, self.points = evaluate, max(1, every), []
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.points.append((0, self.evaluate(model)))
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+                self.points.append((state.global_step, self.evaluate(model)))
+
+    return HeldOutCurve
+
+
+def _arithmetic_held_out():
+    from trl_ext.toy import make_arithmetic_dataset
+
+    return make_arithmetic_dataset(HELD_OUT["n"], seed=HELD_OUT["seed"], exclude=make_arithmetic_dataset(800, seed=0))
+
+
+def _toy(out: Path) -> tuple[list, dict]:
+    from trl_ext.toy import pretrain_metrics, pretrained_toy_model_path
+
+    print("[quickstart] toy testbed: tiny Llama pretrained on a+b (cached after the first run)")
+    path = pretrained_toy_model_path()
+    m = pretrain_metrics(path)
+    spec = m["config"]["model"]
+    row = ["toy testbed", f"Llama {spec['hidden_size']}d x {spec['num_hidden_layers']}L from scratch", "held-out acc",
+           f"{m['heldout_accuracy_before']:.1%} (untrained)", f"{m['heldout_accuracy']:.1%}",
+           f"pretrained in {m['train_seconds']:.0f} s ({m['config']['steps']} steps, {m['threads']} thread(s))"]  # fmt: skip
+    return row, {"path": path, **m}
+
 
 def _mora(out: Path) -> tuple[list, dict]:
     from trl import ScriptArguments, SFTConfig
@@ -29,7 +73,9 @@ def _mora(out: Path) -> tuple[list, dict]:
     r = main(ScriptArguments(), MoraArguments(mora_r=8, mora_type="rotation"), args)
     row = ["MoRA (rotation, r=8)", f"SFT, {r['trainable_params']:,} params", "held-out acc",
            f"{r['accuracy_before']:.1%}", f"{r['accuracy_after']:.1%}",
-           f"update rank {r['update_rank']} vs LoRA {r['lora_rank_same_params']} at equal params"]  # fmt: skip
+           f"update rank {r['update_rank']}; LoRA r={r['lora_rank_same_params']} at equal params has rank <= "
+           f"{r['lora_rank_same_params']}"]  # fmt: skip
+    r["curves"] = {"MoRA SFT": _logged(r["log_history"], "loss")}
     return row, r
 
 
@@ -42,68 +88,95 @@ def _subnet(out: Path) -> tuple[list, dict]:
     args = toy_args(GRPOConfig, out / "subnet", max_steps=30, per_device_train_batch_size=32, num_generations=8,
                     max_completion_length=6, learning_rate=1e-5, beta=0.0, logging_steps=5)  # fmt: skip
     r = main(SubnetRecipeArguments(plot=str(out / "subnet_sparsity.png")), args)
-    row = ["RL subnetwork", f"GRPO on {r['density']:.1%} of weights", "train reward",
+    row = ["RL subnetwork", f"GRPO on {r['density']:.1%} of weights", "train reward (last 10 steps)",
            f"full {r['full_reward']:.3f}", f"subnet {r['subnet_reward']:.3f}",
            f"{r['identical']:.1%} weights identical to full run; adapter {r['adapter_ratio']:.2f}x dense bytes"]  # fmt: skip
+    r["curves"] = {"full GRPO": _logged(r["full_log_history"], "reward"),
+                   "subnetwork only": _logged(r["log_history"], "reward")}  # fmt: skip
     return row, r
 
 
 def _prefix_grouper(out: Path) -> tuple[list, dict]:
-    from trl import ScriptArguments
+    from trl import GRPOConfig, GRPOTrainer, ScriptArguments
 
+    from benchmarks.timing import logprob_speedup
     from recipes.prefix_grouper_grpo import GRPORecipeArguments, main
     from trl_ext import PrefixGrouperGRPOConfig
-    from trl_ext.prefix_grouper.timing import logprob_speedup
-    from trl_ext.toy import toy_args
+    from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset, pretrained_toy_model_path, toy_args
 
-    args = toy_args(PrefixGrouperGRPOConfig, out / "prefix_grouper", max_steps=60, per_device_train_batch_size=32,
-                    num_generations=8, max_completion_length=6, learning_rate=1e-4, beta=0.0,
-                    logging_steps=10)  # fmt: skip
-    r = main(ScriptArguments(), GRPORecipeArguments(), args)
+    common = dict(max_steps=40, per_device_train_batch_size=32, num_generations=8, max_completion_length=6,
+                  learning_rate=1e-4, beta=0.0, logging_steps=5)  # fmt: skip
+    r = main(
+        ScriptArguments(), GRPORecipeArguments(), toy_args(PrefixGrouperGRPOConfig, out / "prefix_grouper", **common)
+    )
+    # The stock trainer on the same model, data and settings.
+    train = make_arithmetic_dataset(1000, seed=3, exclude=_arithmetic_held_out())
+    stock = GRPOTrainer(model=pretrained_toy_model_path(), reward_funcs=arithmetic_reward, train_dataset=train,
+                        args=toy_args(GRPOConfig, out / "grpo_stock", **common))  # fmt: skip
+    stock.train()
+    stock_rewards = _logged(stock.state.log_history, "reward")
     speed = logprob_speedup(prompt_len=512, completion_len=32, group=8)
-    r["speedup"] = speed
-    row = ["Prefix Grouper GRPO", "full model, G=8", "sampled reward", f"{r['reward_first']:.3f}",
-           f"{r['reward_last']:.3f}",
+    r.update(speedup=speed, stock_reward_first=stock_rewards[1][0], stock_reward_last=stock_rewards[1][-1])
+    row = ["Prefix Grouper GRPO", "full model, G=8", "sampled reward (first -> last log)",
+           f"stock {r['stock_reward_first']:.3f} -> {r['stock_reward_last']:.3f}",
+           f"grouped {r['reward_first']:.3f} -> {r['reward_last']:.3f}",
            f"log-prob fwd+bwd {speed['speedup']:.2f}x faster (ideal {speed['ideal']:.2f}x) at P=512 R=32 G=8"]  # fmt: skip
+    r["curves"] = {"stock GRPOTrainer": stock_rewards, "PrefixGrouperGRPOTrainer": _logged(r["log_history"], "reward")}
     return row, r
 
 
 def _redi(out: Path) -> tuple[list, dict]:
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from benchmarks.timing import step_time_ratio_vs_dpo
     from recipes.redi_two_stage import REDIRecipeArguments, main
     from trl_ext import REDIConfig
     from trl_ext.redi import build_redi_pairs
-    from trl_ext.redi.timing import step_time_ratio_vs_dpo
-    from trl_ext.toy import generation_accuracy, make_reasoning_traces, reasoning_reward, toy_args
+    from trl_ext.toy import (
+        generation_accuracy,
+        make_reasoning_traces,
+        pretrained_toy_model_path,
+        reasoning_reward,
+        toy_args,
+    )
 
     stage2 = dict(max_steps=100, per_device_train_batch_size=16, learning_rate=6e-5, logging_steps=10)
-    args = toy_args(REDIConfig, out / "redi", **stage2)
     recipe = REDIRecipeArguments(num_toy_prompts=2048, sft_max_steps=800, num_eval_prompts=200)
-    r = main(recipe, args)
+    held_out = make_reasoning_traces(recipe.num_eval_prompts, seed=10_000, traces_per_prompt=1)
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_toy_model_path())
+    HeldOutCurve = _callback_cls()
+
+    def curve():
+        evaluate = lambda m: generation_accuracy(m, tokenizer, held_out, reasoning_reward, 48)  # noqa: E731
+        return HeldOutCurve(evaluate, stage2["max_steps"] // (CURVE_POINTS - 1))
+
+    redi_curve, dpo_curve = curve(), curve()
+    r = main(recipe, toy_args(REDIConfig, out / "redi", **stage2), callbacks=[redi_curve])
     # DPO from the same SFT checkpoint, pairs and settings, for comparison.
     sft_path = str(out / "redi" / "sft")
-    pairs, _ = build_redi_pairs(make_reasoning_traces(2048, seed=0))
-    dpo = DPOTrainer(model=sft_path, args=toy_args(DPOConfig, out / "dpo", **stage2), train_dataset=pairs)
+    pairs, _ = build_redi_pairs(make_reasoning_traces(recipe.num_toy_prompts, seed=0))
+    dpo = DPOTrainer(model=sft_path, args=toy_args(DPOConfig, out / "dpo", **stage2), train_dataset=pairs,
+                     callbacks=[dpo_curve])  # fmt: skip
     dpo.train()
-    held_out = make_reasoning_traces(200, seed=10_000, traces_per_prompt=1)
-    r["accuracy_dpo"] = generation_accuracy(dpo.model, dpo.processing_class, held_out, reasoning_reward, 48)
+    r["accuracy_dpo"] = dpo_curve.points[-1][1]
     ratio = r["step_time_vs_dpo"] = step_time_ratio_vs_dpo(sft_path, steps=4)
     row = ["REDI (alpha 0.8)", f"SFT then REDI on {r['pairs']} pairs", "held-out acc",
-           f"{r['accuracy_after_sft']:.1%} (SFT)", f"{r['accuracy_after_redi']:.1%} (DPO {r['accuracy_dpo']:.1%})",
+           f"{r['accuracy_after_sft']:.1%} (SFT)", f"REDI {r['accuracy_after_redi']:.1%}, DPO {r['accuracy_dpo']:.1%}",
            f"step time {ratio:.2f}x DPO's (no reference model)"]  # fmt: skip
+    r["curves"] = {"DPO (beta 0.1)": _unzip(dpo_curve.points), "REDI (alpha 0.8)": _unzip(redi_curve.points)}
     return row, r
 
 
 def _qtuning(out: Path) -> tuple[list, dict]:
+    from transformers import AutoTokenizer
     from trl import ScriptArguments, SFTConfig, SFTTrainer
 
+    from benchmarks.timing import epoch_time
     from recipes.qtuning_sft import ModelArguments, main
     from trl_ext import QTuningConfig
-    from trl_ext.qtuning.timing import epoch_time
     from trl_ext.toy import (
         arithmetic_accuracy,
-        make_arithmetic_dataset,
         make_mixed_quality_sft,
         make_reasoning_traces,
         pretrained_toy_model_path,
@@ -111,17 +184,26 @@ def _qtuning(out: Path) -> tuple[list, dict]:
         toy_model_path,
     )
 
+    held_out = _arithmetic_held_out()
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_toy_model_path())
+    HeldOutCurve = _callback_cls()
+    steps_per_epoch = 1024 // 32
+
+    def curve():
+        evaluate = lambda m: arithmetic_accuracy(m, tokenizer, held_out)  # noqa: E731
+        return HeldOutCurve(evaluate, steps_per_epoch // (CURVE_POINTS - 1))
+
+    q_curve, full_curve = curve(), curve()
     args = toy_args(QTuningConfig, out / "qtuning", num_train_epochs=1, per_device_train_batch_size=32,
                     learning_rate=3e-4, sample_keep_ratio=0.25, token_keep_ratio=0.5, logging_steps=4)  # fmt: skip
-    r = main(ScriptArguments(), ModelArguments(), args)
+    r = main(ScriptArguments(), ModelArguments(), args, callbacks=[q_curve])
     # The same epoch on all the data with the stock trainer, for comparison.
     stock_args = toy_args(SFTConfig, out / "sft_full", num_train_epochs=1, per_device_train_batch_size=32,
                           learning_rate=3e-4, logging_steps=4)  # fmt: skip
-    model_path = pretrained_toy_model_path()
-    full = SFTTrainer(model=model_path, args=stock_args, train_dataset=make_mixed_quality_sft(1024, seed=0))
+    full = SFTTrainer(model=pretrained_toy_model_path(), args=stock_args,
+                      train_dataset=make_mixed_quality_sft(1024, seed=0), callbacks=[full_curve])  # fmt: skip
     full.train()
-    held_out = make_arithmetic_dataset(200, seed=1, exclude=make_arithmetic_dataset(800, seed=0))
-    r["accuracy_full_sft"] = arithmetic_accuracy(full.model, full.processing_class, held_out)
+    r["accuracy_full_sft"] = full_curve.points[-1][1]
     # Compute saved, measured where compute dominates overheads: one epoch on a 256-wide, 4-layer toy Llama.
     path = toy_model_path(arch="llama", hidden_size=256, num_hidden_layers=4, num_attention_heads=8)
     data = make_reasoning_traces(64, seed=0).select_columns(["prompt", "completion"])
@@ -129,9 +211,29 @@ def _qtuning(out: Path) -> tuple[list, dict]:
     separate, _ = epoch_time(path, data, scoring="separate", sample_keep_ratio=0.25, token_keep_ratio=0.5)
     r["time_ratio"] = separate / stock
     row = ["Q-Tuning (25% x 50%)", "SFT on mixed-quality data", "held-out acc", f"{r['accuracy_before']:.1%}",
-           f"{r['accuracy_after']:.1%} (full-data SFT {r['accuracy_full_sft']:.1%})",
+           f"Q-Tuning {r['accuracy_after']:.1%}, full-data SFT {r['accuracy_full_sft']:.1%}",
            f"epoch time {r['time_ratio']:.2f}x stock SFT (256-wide model)"]  # fmt: skip
+    r["curves"] = {"full-data SFT": _unzip(full_curve.points), "Q-Tuning (25% x 50%)": _unzip(q_curve.points)}
     return row, r
+
+
+def _logged(log_history: list[dict], key: str) -> tuple[list, list]:
+    logs = [h for h in log_history if key in h and "step" in h and "train_runtime" not in h]
+    return [h["step"] for h in logs], [h[key] for h in logs]
+
+
+def _unzip(points: list[tuple]) -> tuple[list, list]:
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+# Per method: panel title, x label, y label.
+PANELS = {
+    "MoRA": ("MoRA SFT (rotation, r=8)", "optimizer step", "training loss (completion tokens)"),
+    "Subnetwork": ("Subnetwork vs full GRPO", "GRPO step", "mean reward of sampled completions"),
+    "Prefix Grouper": ("Prefix Grouper vs stock GRPO", "GRPO step", "mean reward of sampled completions"),
+    "REDI": ("REDI vs DPO, from one SFT checkpoint", "second-stage step", "held-out accuracy (greedy, exact answer)"),
+    "Q-Tuning": ("Q-Tuning vs full-data SFT", "optimizer step (1 epoch)", "held-out a+b accuracy (greedy)"),
+}
 
 
 def _plot_curves(results: dict, path: Path) -> None:
@@ -140,18 +242,67 @@ def _plot_curves(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in results if results[n].get("log_history")]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        logs = [h for h in results[name]["log_history"] if "loss" in h]
-        key = "reward" if any("reward" in h for h in logs) else "loss"
-        ax.plot([h["step"] for h in logs], [h[key] for h in logs], marker="o", markersize=3)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
+    names = [n for n in PANELS if results.get(n, {}).get("curves")]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.remove()
+    # The baseline comes first and is drawn solid; the method dashed on top, so identical curves stay visible.
+    styles = [dict(linestyle="-", marker="o", linewidth=2.5, alpha=0.6), dict(linestyle="--", marker="x")]
+    for ax, name in zip(axes.flat, names):
+        title, xlabel, ylabel = PANELS[name]
+        for style, (label, (x, y)) in zip(styles * 2, results[name]["curves"].items()):
+            ax.plot(x, y, markersize=4, label=label, **style)
+        if name == "REDI":
+            ax.axhline(results[name]["accuracy_after_sft"], color="grey", linestyle=":", label="SFT checkpoint")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _compare(a: float, b: float, tol: float = 0.005) -> str:
+    return "above" if a > b + tol else "below" if a < b - tol else "level with"
+
+
+def findings(results: dict) -> list[str]:
+    """Plain statements of what this run measured, each computed from its numbers."""
+    lines = []
+    if "toy" in results:
+        t = results["toy"]
+        lines.append(f"The toy model went from {t['heldout_accuracy_before']:.1%} to {t['heldout_accuracy']:.1%} "
+                     "held-out accuracy in pretraining.")  # fmt: skip
+    if "MoRA" in results:
+        r = results["MoRA"]
+        lines.append(f"MoRA's merged update has rank {r['update_rank']} with {r['trainable_params']:,} trainable "
+                     f"values; held-out accuracy {r['accuracy_before']:.1%} -> {r['accuracy_after']:.1%}.")  # fmt: skip
+    if "Subnetwork" in results:
+        r = results["Subnetwork"]
+        lines.append(f"Retraining only the {r['density']:.1%} of weights full GRPO changed gave a mean reward "
+                     f"{_compare(r['subnet_reward'], r['full_reward'], 0.02)} the full run's "
+                     f"({r['subnet_reward']:.3f} vs {r['full_reward']:.3f}, last 10 steps).")  # fmt: skip
+    if "Prefix Grouper" in results:
+        r = results["Prefix Grouper"]
+        lines.append(f"Prefix Grouper's log-prob pass took {1 / r['speedup']['speedup']:.2f}x the stock CPU time; "
+                     f"final logged rewards: grouped {r['reward_last']:.3f}, stock {r['stock_reward_last']:.3f}.")  # fmt: skip
+    if "REDI" in results:
+        r = results["REDI"]
+        lines.append(f"From the SFT checkpoint ({r['accuracy_after_sft']:.1%}), REDI ended "
+                     f"{_compare(r['accuracy_after_redi'], r['accuracy_after_sft'])} it ({r['accuracy_after_redi']:.1%}) "
+                     f"and DPO {_compare(r['accuracy_dpo'], r['accuracy_after_sft'])} it ({r['accuracy_dpo']:.1%}); "
+                     f"REDI ended {_compare(r['accuracy_after_redi'], r['accuracy_dpo'])} DPO, at "
+                     f"{r['step_time_vs_dpo']:.2f}x its step time.")  # fmt: skip
+    if "Q-Tuning" in results:
+        r = results["Q-Tuning"]
+        lines.append(f"Q-Tuning ended {_compare(r['accuracy_after'], r['accuracy_full_sft'])} full-data SFT "
+                     f"({r['accuracy_after']:.1%} vs {r['accuracy_full_sft']:.1%}) at {r['time_ratio']:.2f}x its "
+                     "epoch time.")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,21 +313,16 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     import datasets
+    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
-    from trl_ext.toy import pretrain_metrics, pretrained_toy_model_path
-
     start = time.perf_counter()
-    print("[quickstart] toy testbed: tiny Llama pretrained on a+b (cached after the first run)")
-    metrics = pretrain_metrics(pretrained_toy_model_path())
-    rows = [["toy testbed", "Llama 64d x 2L from scratch", "held-out acc", "0%",
-             f"{metrics['heldout_accuracy']:.1%}", f"pretrained in {metrics['train_seconds']:.0f} s"]]  # fmt: skip
-    results = {}
-    steps = (("MoRA", _mora), ("Subnetwork", _subnet), ("Prefix Grouper", _prefix_grouper), ("REDI", _redi),
-             ("Q-Tuning", _qtuning))  # fmt: skip
+    rows, results = [], {}
+    steps = (("toy", _toy), ("MoRA", _mora), ("Subnetwork", _subnet), ("Prefix Grouper", _prefix_grouper),
+             ("REDI", _redi), ("Q-Tuning", _qtuning))  # fmt: skip
     for name, run in steps:
         print(f"\n[quickstart] {name}")
         t0 = time.perf_counter()
@@ -185,17 +331,21 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
 
     _plot_curves(results, out / "training_curves.png")
-    header = ["method", "what it trained", "metric", "before", "after", "what it buys"]
+    header = ["method", "what it trained", "metric", "before / baseline", "after", "what it buys"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print()
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    table = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+             for row in [header, ["-" * w for w in widths], *rows]]  # fmt: skip
     total = time.perf_counter() - start
-    print(f"\ntotal {total:.0f} s; plots: {out / 'training_curves.png'}, {out / 'qtuning' / 'eu_plane.png'}, "
-          f"{out / 'subnet_sparsity.png'}")  # fmt: skip
-    summary = {n: {k: v for k, v in r.items() if k != "log_history"} for n, r in results.items()}
-    (out / "results.json").write_text(json.dumps({"rows": rows, "results": summary, "seconds": total}, indent=2,
-                                                 default=str))  # fmt: skip
+    measured = findings(results)
+    print("\n" + "\n".join(table))
+    print("\nMeasured in this run:\n" + "\n".join(f"- {line}" for line in measured))
+    print(f"\ntotal {total:.0f} s with {torch.get_num_threads()} torch thread(s); plots: {out / 'training_curves.png'}, "
+          f"{out / 'qtuning' / 'eu_plane.png'}, {out / 'subnet_sparsity.png'}")  # fmt: skip
+    drop = ("log_history", "full_log_history")
+    summary = {n: {k: v for k, v in r.items() if k not in drop} for n, r in results.items()}
+    (out / "results.json").write_text(json.dumps({"table": table, "findings": measured, "results": summary,
+                                                  "seconds": total, "threads": torch.get_num_threads()},
+                                                 indent=2, default=str))  # fmt: skip
     return summary
 
 

@@ -20,8 +20,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from recipes.common import finish
-from trl_ext.redi import REDIConfig, REDITrainer, build_redi_pairs, label_traces, positives
-from trl_ext.toy import generation_accuracy, make_reasoning_traces, pretrained_toy_model_path, reasoning_reward
+from trl_ext.redi import REDIConfig, REDITrainer, build_redi_pairs, label_traces, math_verify_checker, positives
+from trl_ext.toy import (
+    check_reasoning_answer,
+    generation_accuracy,
+    make_reasoning_traces,
+    pretrained_toy_model_path,
+    reasoning_reward,
+)
 
 
 @dataclass
@@ -36,7 +42,13 @@ class REDIRecipeArguments:
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name to use."})
     num_toy_prompts: int = field(default=512, metadata={"help": "Prompts in the default toy trace set."})
-    verifier: str = field(default="auto", metadata={"help": "Trace verifier when there is no `correct` column."})
+    verifier: str = field(
+        default="math",
+        metadata={
+            "help": "Trace verifier when there is no `correct` column: 'math' (math-verify, boxed answers) or "
+            "'toy' (the toy task's `Answer: N` checker)."
+        },
+    )
     max_trace_length: int | None = field(default=None, metadata={"help": "Drop traces longer than this (tokens)."})
     sft_learning_rate: float = field(default=3e-3, metadata={"help": "Stage-1 (SFT) learning rate."})
     sft_max_steps: int = field(default=800, metadata={"help": "Stage-1 (SFT) optimisation steps."})
@@ -51,7 +63,10 @@ def load_traces(recipe: REDIRecipeArguments, seed: int = 0) -> Dataset:
         return make_reasoning_traces(recipe.num_toy_prompts, seed=seed)
     traces = load_dataset(recipe.dataset_name, split=recipe.dataset_split)
     if "correct" not in traces.column_names:
-        traces = label_traces(traces, verifier=recipe.verifier)
+        verifiers = {"math": math_verify_checker, "toy": check_reasoning_answer}
+        if recipe.verifier not in verifiers:
+            raise ValueError(f"verifier={recipe.verifier!r} is unknown; use one of {sorted(verifiers)}.")
+        traces = label_traces(traces, verifier=verifiers[recipe.verifier])
     return traces
 
 
@@ -86,14 +101,14 @@ def sft_stage(model_path: str, train: Dataset, args: REDIConfig, recipe: REDIRec
     return sft_args.output_dir
 
 
-def redi_stage(model_path: str, pairs: Dataset, args: REDIConfig) -> REDITrainer:
+def redi_stage(model_path: str, pairs: Dataset, args: REDIConfig, callbacks=None) -> REDITrainer:
     """Stage 2: REDI on preference pairs, starting from ``model_path``. Returns the trained trainer."""
-    trainer = REDITrainer(model=model_path, args=args, train_dataset=pairs)
+    trainer = REDITrainer(model=model_path, args=args, train_dataset=pairs, callbacks=callbacks)
     trainer.train()
     return trainer
 
 
-def main(recipe: REDIRecipeArguments, args: REDIConfig) -> dict:
+def main(recipe: REDIRecipeArguments, args: REDIConfig, callbacks=None) -> dict:
     model_path = recipe.model_name_or_path or pretrained_toy_model_path()
     traces = load_traces(recipe, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -108,7 +123,7 @@ def main(recipe: REDIRecipeArguments, args: REDIConfig) -> dict:
         held_out = make_reasoning_traces(recipe.num_eval_prompts, seed=10_000 + args.seed, traces_per_prompt=1)
         model = AutoModelForCausalLM.from_pretrained(model_path)
         results["accuracy_after_sft"] = generation_accuracy(model, tokenizer, held_out, reasoning_reward, 48)
-    trainer = redi_stage(model_path, pairs, args)
+    trainer = redi_stage(model_path, pairs, args, callbacks)
     if held_out is not None:
         results["accuracy_after_redi"] = generation_accuracy(trainer.model, tokenizer, held_out, reasoning_reward, 48)
     finish(trainer, recipe, results)

@@ -125,6 +125,7 @@ def main(recipe: SubnetRecipeArguments, args: GRPOConfig) -> dict:
         "adapter_ratio": adapter_bytes / dense_bytes,
         "plot": plot,
         "log_history": sub.state.log_history,
+        "full_log_history": full.state.log_history,
     }
     print(f"[subnet] { {k: v for k, v in results.items() if k != 'log_history'} }")
     return results

@@ -30,13 +30,14 @@ class ReMoraCallback(TrainerCallback):
 
     Example:
         ```py
-        >>> from trl import SFTConfig, SFTTrainer
+        >>> from peft import get_peft_model
+        >>> from transformers import Trainer, TrainingArguments
         >>> from peft_ext import MoraConfig, ReMoraCallback
-        >>> trainer = SFTTrainer(
-        ...     model=model_path,
-        ...     args=SFTConfig(output_dir="out"),
-        ...     train_dataset=dataset,
-        ...     peft_config=MoraConfig(r=8, mora_type="sharing", target_modules="all-linear"),
+        >>> model = get_peft_model(model, MoraConfig(r=8, mora_type="sharing", target_modules="all-linear"))
+        >>> trainer = Trainer(
+        ...     model=model,
+        ...     args=TrainingArguments(output_dir="out"),
+        ...     train_dataset=tokenized_dataset,
         ...     callbacks=[ReMoraCallback(every_n_steps=100)],
         ... )  # doctest: +SKIP
         ```

@@ -46,8 +46,7 @@ class MoraConfig(PeftConfig):
         >>> from transformers import AutoModelForCausalLM
         >>> from peft import get_peft_model
         >>> from peft_ext import MoraConfig
-        >>> from trl_ext.toy.models import toy_model_path
-        >>> model = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="llama", hidden_size=64))
+        >>> model = AutoModelForCausalLM.from_pretrained("path/or/hub-id-of-a-llama-model")
         >>> config = MoraConfig(r=8, mora_type="rotation", target_modules=["q_proj", "v_proj"])
         >>> model = get_peft_model(model, config)
         >>> model.print_trainable_parameters()  # doctest: +SKIP

@@ -30,11 +30,10 @@ class MoraModel(BaseTuner):
 
     Example:
         ```py
-        >>> from transformers import AutoModelForCausalLM
+        >>> from transformers import AutoModelForCausalLM, GPT2Config
         >>> from peft import get_peft_model
         >>> from peft_ext import MoraConfig
-        >>> from trl_ext.toy.models import toy_model_path
-        >>> base = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="gpt2", hidden_size=64))
+        >>> base = AutoModelForCausalLM.from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128))
         >>> model = get_peft_model(base, MoraConfig(r=8, target_modules=["c_attn", "c_proj"]))
         >>> merged = model.merge_and_unload()  # a plain GPT-2 again, with the update folded in
         ```

@@ -57,10 +57,11 @@ class SubnetConfig(PeftConfig):
 
     Example:
         ```py
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig
         >>> from peft import get_peft_model
         >>> from peft_ext import SubnetConfig
-        >>> from trl_ext.toy.models import build_toy_model
-        >>> model = get_peft_model(build_toy_model(), SubnetConfig(target_modules=["q_proj", "up_proj"], density=0.05))
+        >>> base = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128))
+        >>> model = get_peft_model(base, SubnetConfig(target_modules=["q_proj", "up_proj"], density=0.05))
         >>> model.print_trainable_parameters()  # exactly the masked entries
         ```
     """

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_ext.toy import (
+    PretrainConfig,
     ToyModelSpec,
     arithmetic_reward,
     build_toy_tokenizer,
@@ -17,6 +18,7 @@ from trl_ext.toy import (
     make_reasoning_preferences,
     make_reasoning_traces,
     make_uuid_dataset,
+    pretrain_datasets,
     pretrain_metrics,
     pretrained_toy_model_path,
     reasoning_reward,
@@ -143,16 +145,18 @@ def _greedy_answers(model, tok, prompts, max_new_tokens=5):
 def test_pretraining_reaches_stated_heldout_accuracy():
     path = pretrained_toy_model_path(progress=False)
     metrics = pretrain_metrics(path)
-    assert metrics["heldout_accuracy"] >= 0.5, metrics
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    train = make_arithmetic_dataset(metrics["config"]["num_train"], seed=0)
-    held = make_arithmetic_dataset(metrics["config"]["num_eval"], seed=1, exclude=train)
+    train, held = pretrain_datasets(PretrainConfig())
+    assert len(held) == 200 and not set(train["prompt"]) & set(held["prompt"])
+    # Independent of the recorded metrics and of ``generate``: slow token-by-token greedy decoding.
     texts = _greedy_answers(model, tok, held["prompt"])
     accuracy = sum(arithmetic_reward(texts, held["answer"])) / len(held)
-    assert accuracy >= 0.5
+    # The README promises at least 90% held-out; it reaches that at 1 and 2 threads with margin.
+    assert accuracy >= 0.9, (accuracy, metrics)
     assert abs(accuracy - metrics["heldout_accuracy"]) <= 0.02
     # The same architecture untrained is at chance: the accuracy comes from training.
     random_model = AutoModelForCausalLM.from_pretrained(toy_model_path(ToyModelSpec())).eval()
     random_texts = _greedy_answers(random_model, tok, held["prompt"][:50])
     assert sum(arithmetic_reward(random_texts, held["answer"][:50])) <= 2
+    assert metrics["heldout_accuracy_before"] <= 0.05

@@ -10,10 +10,9 @@ import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
+from distributed_helpers import shutdown
 from prefix_grouper_helpers import make_batch, make_trainer
 from safetensors.torch import save_file
-
-from trl_ext.toy.distributed import shutdown
 
 out, expected_world = sys.argv[1], int(sys.argv[2])
 world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
+from peft_ext import MoraConfig
 from trl_ext import QTuningConfig, QTuningSFTTrainer
 from trl_ext.toy import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
 
@@ -94,7 +95,9 @@ def _assert_same(a, b, what):
     assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5), what
     assert grads_a.keys() == grads_b.keys() and grads_a, what
     for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=f"{what}: {name}")
+        # Rounding only: differences far below the gradient's own scale, whatever the float path.
+        atol = 1e-5 * grads_b[name].abs().max().item()
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=atol, msg=f"{what}: {name}")
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
@@ -128,10 +131,7 @@ def test_separate_matches_reuse_with_lora(tmp_path):
 @pytest.mark.parametrize("adapter", ["lora", "mora"])
 def test_trains_with_adapters(tmp_path, adapter):
     if adapter == "mora":
-        peft_ext = pytest.importorskip("peft_ext")
-        if not hasattr(peft_ext, "MoraConfig"):
-            pytest.skip("peft_ext.MoraConfig is not available")
-        config = peft_ext.MoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+        config = MoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     else:
         config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     trainer = _trainer(tmp_path, peft_config=config, max_steps=2, learning_rate=1e-2)

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
+from distributed_helpers import run_distributed
 from safetensors.torch import load_file
-
-from trl_ext.toy.distributed import run_distributed
 
 
 @pytest.mark.slow

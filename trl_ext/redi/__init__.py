@@ -1,7 +1,7 @@
 """REDI: reinforcement distillation from correct and incorrect teacher traces."""
 
 from .config import REDIConfig
-from .data import PairReport, build_redi_pairs, label_traces, positives, verify_trace
+from .data import PairReport, Verifier, build_redi_pairs, label_traces, math_verify_checker, positives
 from .loss import redi_loss, sequence_logps
 from .trainer import REDITrainer
 
@@ -11,8 +11,9 @@ __all__ = [
     "REDITrainer",
     "build_redi_pairs",
     "label_traces",
+    "math_verify_checker",
     "positives",
     "redi_loss",
     "sequence_logps",
-    "verify_trace",
+    "Verifier",
 ]

@@ -1,62 +1,71 @@
 """Data tooling for REDI: label teacher traces with a verifier, then build preference pairs.
 
-Each prompt contributes one pair: its first correct trace (chosen) and its first incorrect
-trace (rejected), after length filtering. Prompts that cannot form a pair are dropped and
-counted by reason.
+Traces are labelled by a verifier the caller passes (:func:`math_verify_checker`, or a task's
+own checker). Each prompt contributes one pair: its first correct trace (chosen) and its first
+incorrect trace (rejected), after length filtering. Prompts that cannot form a pair are dropped
+and counted by reason.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from datasets import Dataset
 
-from trl_ext.toy.data import check_reasoning_answer
+Verifier = Callable[[str, Any], Any]
+"""A trace checker: ``verifier(completion, answer)`` is truthy when the trace is correct."""
 
-BOXED_RE = re.compile(r"\\boxed\{")
 
+def math_verify_checker(completion: str, answer) -> bool:
+    """Is ``completion`` correct for ``answer`` by ``math-verify`` (boxed LaTeX answers, symbolic equality)?
 
-def _math_verify():
+    Pass it to :func:`label_traces` for real reasoning traces; needs ``pip install "peft-trl-ext[math]"``.
+
+    Example:
+        ```py
+        >>> math_verify_checker(r"so x = \\boxed{\\frac{1}{2}}", "0.5")
+        True
+        ```
+    """
     try:
         import math_verify
-    except ImportError:
-        return None
-    return math_verify
-
-
-def verify_trace(completion: str, answer, verifier: str = "auto") -> bool:
-    """Is ``completion`` correct for ``answer``?
-
-    ``verifier``: ``"math"`` uses ``math-verify`` (boxed LaTeX answers, symbolic equality);
-    ``"toy"`` uses the toy task's exact ``Answer: N`` checker; ``"auto"`` uses math-verify
-    when it is installed and the trace contains ``\\boxed{``, else the toy checker.
-    """
-    if verifier not in ("auto", "math", "toy"):
-        raise ValueError(f"verifier={verifier!r} is unknown; use 'auto', 'math' or 'toy'.")
-    math_verify = _math_verify()
-    use_math = verifier == "math" or (verifier == "auto" and math_verify is not None and BOXED_RE.search(completion))
-    if use_math:
-        if math_verify is None:
-            raise ImportError("verifier='math' needs math-verify: pip install 'peft-trl-ext[math]'.")
-        gold = math_verify.parse(str(answer) if "$" in str(answer) or "\\" in str(answer) else f"${answer}$")
-        return bool(math_verify.verify(gold, math_verify.parse(completion)))
-    return check_reasoning_answer(completion, answer) == 1.0
+    except ImportError as err:
+        raise ImportError("math_verify_checker needs math-verify: pip install 'peft-trl-ext[math]'.") from err
+    gold = math_verify.parse(str(answer) if "$" in str(answer) or "\\" in str(answer) else f"${answer}$")
+    return bool(math_verify.verify(gold, math_verify.parse(completion)))
 
 
 def label_traces(
     dataset: Dataset,
+    verifier: Verifier,
     completion_column: str = "completion",
     answer_column: str = "answer",
     label_column: str = "correct",
-    verifier: str = "auto",
 ) -> Dataset:
-    """Add a boolean ``label_column`` saying whether each trace verifies against its answer."""
+    """Add a boolean ``label_column`` saying whether ``verifier(completion, answer)`` accepts each trace.
+
+    ``verifier`` is any callable ``(completion, answer) -> bool``: :func:`math_verify_checker` for
+    boxed math answers, or a task's own checker (the toy task's is
+    ``trl_ext.toy.check_reasoning_answer``).
+
+    Example:
+        ```py
+        >>> from trl_ext.redi import label_traces, math_verify_checker
+        >>> labelled = label_traces(traces, verifier=math_verify_checker)
+        ```
+    """
+    if not callable(verifier):
+        raise TypeError(
+            f"verifier={verifier!r} is not callable; pass a function (completion, answer) -> bool, "
+            "e.g. trl_ext.redi.math_verify_checker."
+        )
     for col in (completion_column, answer_column):
         if col not in dataset.column_names:
             raise ValueError(f"Column {col!r} is missing; the dataset has {dataset.column_names}.")
-    labels = [verify_trace(c, a, verifier) for c, a in zip(dataset[completion_column], dataset[answer_column])]
+    labels = [bool(verifier(c, a)) for c, a in zip(dataset[completion_column], dataset[answer_column])]
     if label_column in dataset.column_names:
         dataset = dataset.remove_columns(label_column)
     return dataset.add_column(label_column, labels)

@@ -19,7 +19,7 @@ import uuid
 from datasets import Dataset
 
 ANSWER_RE = re.compile(r"-?\d+")
-DEFAULT_MAX_OPERAND = 50  # the pretrained toy model reaches ~65% held-out accuracy here
+DEFAULT_MAX_OPERAND = 50  # operands 0..50: 2,601 distinct problems
 
 
 def _text(completion) -> str:

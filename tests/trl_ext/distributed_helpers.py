@@ -1,4 +1,4 @@
-"""Launch a script on several CPU processes (gloo) for multi-process checks.
+"""Test helpers for multi-process checks: launch a script on several CPU processes (gloo), save, tear down.
 
 ``accelerate launch --cpu --num_processes 2`` can silently run a single process on some
 machines, so this uses ``torchrun`` and the launched script should assert the world size.

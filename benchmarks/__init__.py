@@ -1,0 +1,1 @@
+"""Benchmarks of the five methods; each script writes a results file under ``benchmarks/results/``."""

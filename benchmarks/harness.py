@@ -1,0 +1,157 @@
+"""What every benchmark's results file starts with: how it was produced and on what.
+
+:func:`results_header` gives the command line, git commit, library versions, CPU and thread
+count as ``#`` lines; :func:`write_results` writes a results file headed by them. Scripts run as
+``python benchmarks/<name>.py`` import this module as ``harness``; code run from the repository
+root imports ``benchmarks.harness``.
+
+Example:
+    ```py
+    >>> from harness import write_results
+    >>> write_results("benchmarks/results/my_benchmark.txt", "\\n".join(lines))
+    ```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
+
+
+def git_commit() -> str:
+    """The checked-out commit, with ``+uncommitted`` when tracked files differ from it."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return sha + (" +uncommitted changes" if dirty else "")
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS reports it, and the number of logical cores this process may use."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} logical cores available"
+
+
+def versions() -> str:
+    """Python and library versions, ``name version`` separated by commas."""
+    found = [f"python {platform.python_version()}"]
+    for name in LIBRARIES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def thread_count() -> str:
+    """torch's intra-op thread count and where it came from."""
+    import torch
+
+    env = {name: os.environ.get(name, "unset") for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    return f"{torch.get_num_threads()} (" + ", ".join(f"{k}={v}" for k, v in env.items()) + ")"
+
+
+def load_average() -> str:
+    """The OS load averages over 1, 5 and 15 minutes: above the core count, timings are inflated by other work."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+# What the run started with: the header describes the code and machine load at the start, not at the end.
+_AT_START = {"commit": git_commit(), "load": load_average()}
+
+
+def results_header(argv: list[str] | None = None) -> str:
+    """``#`` lines naming the command, git commit, library versions, CPU, thread count, machine load and date."""
+    argv = sys.argv if argv is None else argv
+    script = argv[0]
+    try:
+        script = str(Path(script).resolve().relative_to(ROOT))
+    except ValueError:
+        pass
+    command = " ".join(shlex.quote(a) for a in ["python", script, *argv[1:]])
+    return "\n".join(
+        [
+            f"# command: {command}",
+            f"# git commit: {_AT_START['commit']}",
+            f"# versions: {versions()}",
+            f"# cpu: {cpu_name()}",
+            f"# threads: {thread_count()}",
+            f"# load average (1, 5, 15 min) at start: {_AT_START['load']}",
+            f"# date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        ]
+    )
+
+
+def write_results(
+    path: str | os.PathLike, text: str, argv: list[str] | None = None, header: str | None = None
+) -> Path:
+    """Write ``text`` to ``path`` under ``header`` (default: :func:`results_header` now); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((header or results_header(argv)) + "\n\n" + text.rstrip("\n") + "\n")
+    return path
+
+
+class _Tee:
+    """A text stream that writes to the real stdout and keeps a copy."""
+
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, text):
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def recording(path: str | os.PathLike, argv: list[str] | None = None):
+    """Print as usual inside the block, and on success save everything printed to ``path`` under the header.
+
+    Example:
+        ```py
+        >>> with recording(RESULTS / "mora_speed.txt"):
+        ...     main()
+        ```
+    """
+    header = results_header(argv)
+    tee = _Tee(sys.stdout)
+    sys.stdout = tee
+    try:
+        yield tee
+    finally:
+        sys.stdout = tee.stream
+    print(f"saved to {write_results(path, ''.join(tee.parts), header=header)}")

@@ -1,0 +1,103 @@
+"""Dependencies point one way: peft_ext never needs TRL, the testbed is light, library code never imports it."""
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> dict:
+    """Run ``code`` in a new interpreter (repository root first on the path); parse the JSON it prints last."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+LOADED = 'sorted(m for m in sys.modules if m.split(".")[0] in ("trl", "trl_ext", "peft_ext"))'
+
+
+def test_peft_ext_imports_nothing_from_trl():
+    loaded = _run(f"import json, sys, peft_ext; print(json.dumps({LOADED}))")
+    assert [m for m in loaded if m.split(".")[0] in ("trl", "trl_ext")] == []
+
+
+def test_testbed_loads_no_trainer_and_registers_nothing():
+    probe = _run(
+        f"""
+import json, sys
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+def registries():
+    return [sorted(AttentionInterface._global_mapping), sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)]
+stock = registries()
+import trl_ext.toy
+print(json.dumps({{"modules": {LOADED}, "stock": stock, "after": registries()}}))
+"""
+    )
+    assert not [m for m in probe["modules"] if m == "trl" or m.startswith("trl.")]
+    assert all(m == "trl_ext" or m.startswith("trl_ext.toy") for m in probe["modules"]), probe["modules"]
+    assert probe["after"] == probe["stock"]
+
+
+def test_trl_ext_loads_trainers_on_first_use():
+    probe = _run(
+        f"""
+import json, sys
+import trl_ext
+bare = {LOADED}
+from trl_ext import REDITrainer
+print(json.dumps({{"bare": bare, "redi": {LOADED}}}))
+"""
+    )
+    assert probe["bare"] == ["trl_ext"]
+    assert "trl_ext.redi.trainer" in probe["redi"] and "trl_ext.qtuning.trainer" not in probe["redi"]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute names of the modules ``path`` imports in code (docstring examples excluded)."""
+    package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("package", ["peft_ext", "trl_ext"])
+def test_library_code_never_imports_the_testbed_recipes_or_benchmarks(package):
+    offenders = {}
+    for path in sorted((REPO_ROOT / package).rglob("*.py")):
+        if path.is_relative_to(REPO_ROOT / "trl_ext" / "toy"):
+            continue
+        bad = {
+            m
+            for m in _imported_modules(path)
+            if m.startswith(("trl_ext.toy", "recipes", "benchmarks", "tests"))
+            or (package == "peft_ext" and m.split(".")[0] in ("trl", "trl_ext"))
+        }
+        if bad:
+            offenders[str(path.relative_to(REPO_ROOT))] = sorted(bad)
+    assert offenders == {}
+
+
+def test_peft_ext_docstrings_do_not_use_trl():
+    hits = [
+        f"{path.relative_to(REPO_ROOT)}:{n}"
+        for path in sorted((REPO_ROOT / "peft_ext").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\b(from|import)\s+trl(_ext)?\b|\btrl_ext\.", line)
+    ]
+    assert hits == []
