@@ -6,7 +6,7 @@ import pytest
 from prefix_grouper_helpers import assert_close
 from safetensors.torch import load_file
 
-from trl_ext.toy.distributed import run_distributed
+from distributed_helpers import run_distributed
 
 SCRIPT = str(Path(__file__).with_name("_prefix_grouper_distributed.py"))
 
