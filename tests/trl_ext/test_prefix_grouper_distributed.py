@@ -3,10 +3,9 @@
 from pathlib import Path
 
 import pytest
+from distributed_helpers import run_distributed
 from prefix_grouper_helpers import assert_close
 from safetensors.torch import load_file
-
-from distributed_helpers import run_distributed
 
 SCRIPT = str(Path(__file__).with_name("_prefix_grouper_distributed.py"))
 
