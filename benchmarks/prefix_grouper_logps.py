@@ -92,30 +92,10 @@ def build_trainer(grouped: bool, heads: int, head_dim: int, kv_heads: int, max_l
     return trainer
 
 
-def one_group(prompt_len: int, completion_len: int, group: int, vocab: int, eos: int):
-    """Input ids and attention mask of one synthetic group: a shared prompt and G completions ending in EOS."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(10, vocab, (1, prompt_len), generator=gen).expand(group, -1)
-    completions = torch.randint(10, vocab, (group, completion_len), generator=gen)
-    completions[:, -1] = eos
-    input_ids = torch.cat([prompt, completions], dim=1)
-    return input_ids, torch.ones_like(input_ids)
-
-
-def logprob_step(trainer, input_ids, attention_mask, completion_len: int) -> None:
-    """One log-prob forward (with entropies) and backward through ``trainer``'s own hook."""
-    logps, _, _ = trainer._get_per_token_logps_and_entropies(
-        trainer.model, input_ids, attention_mask, completion_len, compute_entropy=True
-    )
-    logps.sum().backward()
-    trainer.model.zero_grad(set_to_none=True)
-
-
 def worker(job: dict) -> dict:
     """Measure one (method, shape, P, R, G) point in this process; return times and peak memory growth."""
     import torch
+    from timing import logprob_step, one_group  # benchmarks/timing.py, shared with the quickstart
 
     torch.set_num_threads(job["threads"])
     heads, head_dim, kv_heads = job["shape"]
