@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from trl import SFTConfig
 
 from recipes import mora_sft, prefix_grouper_grpo, qtuning_sft, redi_two_stage, subnet_grpo
 from trl_ext.toy import toy_model_path
@@ -136,8 +137,22 @@ def _documented_commands():
     return commands
 
 
-@pytest.mark.parametrize("name,flags", _documented_commands())
+DOCUMENTED = _documented_commands()
+
+
+@pytest.mark.parametrize("name,flags", DOCUMENTED, ids=[f"{name}-{i}" for i, (name, _) in enumerate(DOCUMENTED)])
 def test_documented_commands_parse(name, flags, monkeypatch):
     monkeypatch.chdir(ROOT)  # --config paths are relative to the repository root
     script_args, training_args, model_args = RECIPES[name].make_parser().parse_args_and_config(args=shlex.split(flags))
     assert training_args.output_dir
+
+
+def test_redi_stage_one_config_derives_from_the_parsed_redi_config(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--seed", "7", "--gradient_accumulation_steps", "3",
+            "--sft_learning_rate", "1e-3", "--sft_max_steps", "30", "--sft_batch_size", "5"]  # fmt: skip
+    script_args, training_args, _ = redi_two_stage.make_parser().parse_args_and_config(args=argv)
+    sft = redi_two_stage.sft_config(training_args, script_args)
+    assert (sft.use_cpu, sft.seed, sft.gradient_accumulation_steps, sft.bf16) == (True, 7, 3, training_args.bf16)
+    assert (sft.learning_rate, sft.max_steps, sft.per_device_train_batch_size) == (1e-3, 30, 5)
+    assert sft.output_dir == str(tmp_path / "sft")
+    assert sft.loss_type == SFTConfig(output_dir="x", bf16=False).loss_type  # SFT's own fields keep SFT's defaults
