@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments
-from trl import ModelConfig, ScriptArguments, TrlParser
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, TrainingArguments
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logger = logging.getLogger("recipes")
@@ -121,9 +121,18 @@ TARGET_MODULES = {
 }
 
 
-def default_target_modules(model: PreTrainedModel) -> list[str] | str:
-    """The attention and MLP projections of ``model``'s architecture, else ``"all-linear"``."""
-    return TARGET_MODULES.get(model.config.model_type, "all-linear")
+def default_target_modules(model: PreTrainedModel | PretrainedConfig) -> list[str] | str:
+    """The attention and MLP projections of ``model``'s architecture (a model or its config), else ``"all-linear"``."""
+    return TARGET_MODULES.get(getattr(model, "config", model).model_type, "all-linear")
+
+
+def lora_config(model_args: ModelConfig, model: PreTrainedModel | PretrainedConfig):
+    """TRL's ``get_peft_config`` (LoRA with ``--use_peft``), targeting the architecture's projections by default."""
+    config = get_peft_config(model_args)
+    if config is not None and model_args.lora_target_modules is None:
+        targets = default_target_modules(model)
+        config.target_modules = set(targets) if isinstance(targets, list) else targets
+    return config
 
 
 def _toy_rewards() -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 from recipes.common import (
     ToyScriptArguments,
@@ -25,6 +25,7 @@ from recipes.common import (
     get_reward_funcs,
     held_out_arithmetic,
     load_model,
+    lora_config,
     make_recipe_parser,
     resolve_dataset,
     toy_eval,
@@ -66,7 +67,7 @@ def main(
         results["accuracy_before"] = evaluate(model, tokenizer)
     trainer = PrefixGrouperGRPOTrainer(model=model, reward_funcs=rewards, args=training_args,
                                        train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks,
-                                       peft_config=get_peft_config(model_args))  # fmt: skip
+                                       peft_config=lora_config(model_args, model))  # fmt: skip
     train(trainer)
     if evaluate:
         results["accuracy_after"] = evaluate(trainer.model, tokenizer)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 from recipes.common import (
     ToyScriptArguments,
     cpu_guard,
     finish,
     load_model,
+    lora_config,
     make_recipe_parser,
     resolve_dataset,
     toy_eval,
@@ -49,7 +50,7 @@ def main(
         results["accuracy_before"] = evaluate(model, tokenizer)
     trainer = QTuningSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                 processing_class=tokenizer, callbacks=callbacks,
-                                peft_config=get_peft_config(model_args))  # fmt: skip
+                                peft_config=lora_config(model_args, model))  # fmt: skip
     train(trainer)
     if evaluate:
         results["accuracy_after"] = evaluate(trainer.model, tokenizer)

@@ -19,14 +19,15 @@ import os
 from dataclasses import dataclass, field
 
 from datasets import Dataset, load_dataset
-from transformers import AutoTokenizer, TrainingArguments
-from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+from transformers import AutoConfig, AutoTokenizer, TrainingArguments
+from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from recipes.common import (
     ToyScriptArguments,
     cpu_guard,
     finish,
     load_model,
+    lora_config,
     make_recipe_parser,
     model_init_kwargs,
     model_path,
@@ -124,7 +125,7 @@ def redi_stage(
     model_args = model_args or ModelConfig()
     args.model_init_kwargs = model_init_kwargs(model_args, args) | (args.model_init_kwargs or {})
     trainer = REDITrainer(model=model_path, args=args, train_dataset=pairs, callbacks=callbacks,
-                          peft_config=get_peft_config(model_args))  # fmt: skip
+                          peft_config=lora_config(model_args, AutoConfig.from_pretrained(model_path)))  # fmt: skip
     train(trainer)
     return trainer
 
