@@ -94,32 +94,37 @@ def test_recipe_on_gpt2(name, tmp_path):
     _check_outputs(name, tmp_path, results)
 
 
-def _resumed_adapter(tmp_path, tag: str, checkpoint, resume: str, tamper: bool = False) -> dict:
-    out = tmp_path / tag
-    shutil.copytree(checkpoint, out / checkpoint.name)
-    if tamper:
-        weights = load_file(out / checkpoint.name / "adapter_model.safetensors")
-        key = next(k for k in weights if "mora" in k.lower())
-        weights[key] = weights[key] + 0.05
-        save_file(weights, out / checkpoint.name / "adapter_model.safetensors")
-    resume = str(out / checkpoint.name) if resume == "path" else resume
-    _main("mora_sft", _argv("mora_sft", out, *RESUME, "--resume_from_checkpoint", resume))
-    return load_file(out / "adapter_model.safetensors")
-
-
 RESUME = ("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
           "--num_eval_prompts", "0")  # fmt: skip
+SAVED = {"mora_sft": "adapter_model.safetensors", "redi_two_stage": "model.safetensors"}
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
-    _main("mora_sft", _argv("mora_sft", tmp_path / "full", *RESUME))
-    full = load_file(tmp_path / "full" / "adapter_model.safetensors")
+def _resumed(name: str, tmp_path, tag: str, checkpoint, resume: str, tamper: bool = False) -> dict:
+    out = tmp_path / tag
+    shutil.copytree(checkpoint, out / checkpoint.name)
+    if name == "redi_two_stage":  # stage 1 is done: the resumed run reuses its saved model
+        shutil.copytree(checkpoint.parent / "sft", out / "sft")
+    if tamper:
+        path = out / checkpoint.name / SAVED[name]
+        weights = load_file(path)
+        key = next(k for k in weights if weights[k].is_floating_point() and weights[k].dim() == 2)
+        weights[key] = weights[key] + 0.05
+        save_file(weights, path)
+    resume = str(out / checkpoint.name) if resume == "path" else resume
+    _main(name, _argv(name, out, *RESUME, "--resume_from_checkpoint", resume))
+    return load_file(out / SAVED[name])
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_resume_continues_from_the_checkpoint(name, tmp_path):
+    _main(name, _argv(name, tmp_path / "full", *RESUME))
+    full = load_file(tmp_path / "full" / SAVED[name])
     checkpoint = tmp_path / "full" / "checkpoint-2"
-    resumed = _resumed_adapter(tmp_path, "resumed", checkpoint, "true")  # latest checkpoint in output_dir
-    tampered = _resumed_adapter(tmp_path, "tampered", checkpoint, "path", tamper=True)
+    resumed = _resumed(name, tmp_path, "resumed", checkpoint, "true")  # latest checkpoint in output_dir
+    tampered = _resumed(name, tmp_path, "tampered", checkpoint, "path", tamper=True)
     diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
     tampered_diff = max((full[k] - tampered[k]).abs().max().item() for k in full)
-    print(f"max |w_full - w_resumed| = {diff:.3g}; max |w_full - w_tampered| = {tampered_diff:.3g}")
+    print(f"{name}: max |w_full - w_resumed| = {diff:.3g}; max |w_full - w_tampered| = {tampered_diff:.3g}")
     assert diff <= 1e-6
     assert tampered_diff > 1e-2  # the resumed run used the checkpoint's weights
 
