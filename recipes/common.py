@@ -10,7 +10,6 @@ held-out toy evaluation (``ToyEval``) and the end of a run (``train``, ``finish`
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-logger = logging.getLogger("recipes")
 
 # The toy held-out sets: the recipes' training data never contains them.
 HELD_OUT_ARITHMETIC = dict(n=200, seed=1)
