@@ -64,23 +64,43 @@ def _check_outputs(name: str, output_dir, results: dict) -> None:
         assert (output_dir / "sft" / "config.json").exists() and (output_dir / "model.safetensors").exists()
 
 
+# One real subprocess runs every recipe as ``python -m recipes.<name> <flags>`` would (runpy with
+# ``run_name="__main__"``, as ``-m`` does), so the libraries are imported once rather than five times.
+RUN_AS_MAIN = """
+import runpy, sys, traceback
+for name, argv in RUNS:
+    print(f"=== {name} start", flush=True)
+    sys.argv = [name, *argv]
+    try:
+        runpy.run_module(f"recipes.{name}", run_name="__main__", alter_sys=True)
+        status = 0
+    except BaseException:
+        traceback.print_exc(file=sys.stdout)
+        status = 1
+    print(f"=== {name} exit {status}", flush=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def qwen2_cli_runs(tmp_path_factory):
-    """Every recipe as a real subprocess on a Qwen2 toy model with ``--dtype bfloat16``, all started at once."""
+    """Every recipe from its command line on a Qwen2 toy model with ``--dtype bfloat16``: name -> (dir, stdout)."""
     model = toy_model_path(arch="qwen2")
-    procs = {}
-    for name in RECIPES:
-        out = tmp_path_factory.mktemp(name)
-        cmd = [sys.executable, "-m", f"recipes.{name}", "--model_name_or_path", model, "--dtype", "bfloat16"]
-        procs[name] = out, subprocess.Popen(cmd + _argv(name, out), cwd=ROOT, text=True,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    return {name: (out, *proc.communicate(), proc.returncode) for name, (out, proc) in procs.items()}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in RECIPES}
+    runs = [
+        (name, ["--model_name_or_path", model, "--dtype", "bfloat16", *_argv(name, out)]) for name, out in dirs.items()
+    ]
+    proc = subprocess.run([sys.executable, "-c", f"RUNS = {runs!r}\n{RUN_AS_MAIN}"], cwd=ROOT, text=True,
+                          capture_output=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = re.findall(r"=== (\w+) start\n(.*?)=== \1 exit (\d)", proc.stdout, re.S)
+    return {name: (dirs[name], stdout, int(status)) for name, stdout, status in runs}
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_cli_on_qwen2_in_bfloat16(name, qwen2_cli_runs):
-    out, stdout, stderr, returncode = qwen2_cli_runs[name]
-    assert returncode == 0, stderr[-3000:]
+    out, stdout, status = qwen2_cli_runs[name]
+    assert status == 0, stdout[-3000:]
+    assert any(out.iterdir())  # saved what it trained
     assert "'dtype': 'torch.bfloat16'" in stdout  # --dtype reached the trained model
     assert stdout.count("no accelerator found") == (0 if torch.accelerator.is_available() else 1)
 
