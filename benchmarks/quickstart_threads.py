@@ -26,7 +26,7 @@ def run(threads: int, output_dir: Path) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PEFT_TRL_EXT_CACHE": cache}
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "recipes.quickstart", "--output-dir", str(output_dir)],
+            [sys.executable, "-m", "recipes.quickstart", "--output_dir", str(output_dir)],
             cwd=ROOT, env=env, capture_output=True, text=True,
         )  # fmt: skip
     if proc.returncode:
@@ -39,7 +39,7 @@ def run(threads: int, output_dir: Path) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--output-dir", default="outputs/quickstart_threads", help="per-run outputs (plots, json)")
+    p.add_argument("--output_dir", default="outputs/quickstart_threads", help="per-run outputs (plots, json)")
     a = p.parse_args()
     reports = {}
     for threads in a.threads:

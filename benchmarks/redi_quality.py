@@ -20,7 +20,7 @@ from harness import RESULTS, recording  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from recipes.redi_two_stage import REDIRecipeArguments, sft_stage  # noqa: E402
+from recipes.redi_two_stage import REDIScriptArguments, sft_stage  # noqa: E402
 from trl_ext.redi import REDIConfig, REDITrainer, build_redi_pairs, positives  # noqa: E402
 from trl_ext.toy import (  # noqa: E402
     generation_accuracy,
@@ -45,7 +45,7 @@ def run_seed(seed: int, a: argparse.Namespace) -> dict[str, float]:
     traces = make_reasoning_traces(a.prompts, seed=seed)
     held_out = make_reasoning_traces(a.eval_prompts, seed=10_000 + seed, traces_per_prompt=1)
     pairs, report = build_redi_pairs(traces)
-    recipe = REDIRecipeArguments(sft_learning_rate=a.sft_lr, sft_max_steps=a.sft_steps, sft_batch_size=32)
+    recipe = REDIScriptArguments(sft_learning_rate=a.sft_lr, sft_max_steps=a.sft_steps, sft_batch_size=32)
     base_args = toy_args(REDIConfig, f"/tmp/redi_bench/{seed}", seed=seed, disable_tqdm=True, logging_steps=50)
     sft_path = sft_stage(pretrained_toy_model_path(), positives(traces).select_columns(["prompt", "completion"]),
                          base_args, recipe)  # fmt: skip

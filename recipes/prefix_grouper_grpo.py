@@ -3,57 +3,74 @@
     python -m recipes.prefix_grouper_grpo --output_dir outputs/pg --max_steps 20
     python -m recipes.prefix_grouper_grpo --config recipes/configs/prefix_grouper_grpo.yaml
     python -m recipes.prefix_grouper_grpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
-        --dataset_name trl-lib/DeepMath-103K --num_generations 8 --bf16 true
+        --dataset_name trl-lib/DeepMath-103K --reward_funcs accuracy_reward --num_generations 8 --dtype bfloat16
 
 Defaults to the embedded pretrained toy model and toy arithmetic prompts with their exact-
-answer reward, and reports held-out accuracy before and after. With another dataset, pass a
-reward with ``--reward_funcs module.function`` (the dataset's columns reach it as keyword
-arguments, as in TRL).
+answer reward; on the toy data it reports held-out accuracy before and after
+(``--num_eval_prompts``). ``--reward_funcs`` takes registry names (``arithmetic_reward``,
+``reasoning_reward``, ``accuracy_reward``, ``think_format_reward``) or ``module:function``;
+the dataset's columns reach a reward as keyword arguments, as in TRL. ``--use_peft`` trains LoRA.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import ScriptArguments, TrlParser
+from trl import ModelConfig
 
-from recipes.common import finish, is_toy_run, resolve_dataset, resolve_model
+from recipes.common import (
+    ToyScriptArguments,
+    cpu_guard,
+    finish,
+    get_reward_funcs,
+    held_out_arithmetic,
+    load_model,
+    lora_config,
+    make_recipe_parser,
+    resolve_dataset,
+    toy_eval,
+    train,
+)
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-from trl_ext.toy import arithmetic_accuracy, arithmetic_reward, make_arithmetic_dataset
+from trl_ext.toy import make_arithmetic_dataset
 
 
 @dataclass
-class GRPORecipeArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Default: the embedded toy model."})
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["trl_ext.toy.data.arithmetic_reward"],
-        metadata={"help": "Reward functions as importable 'module.function' names."},
+class PrefixGrouperScriptArguments(ToyScriptArguments):
+    """Script arguments plus the rewards; Prefix Grouper's knobs are those of :class:`~trl_ext.PrefixGrouperGRPOConfig`."""
+
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Rewards: arithmetic_reward (default), reasoning_reward, accuracy_reward, "
+            "think_format_reward, or module:function."
+        },  # fmt: skip
     )
 
 
-def _import(name: str):
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
-def main(script_args: ScriptArguments, recipe: GRPORecipeArguments, training_args: PrefixGrouperGRPOConfig) -> dict:
-    model_path = resolve_model(recipe.model_name_or_path)
-    toy = is_toy_run(script_args, recipe.model_name_or_path)
-    held_out = make_arithmetic_dataset(200, seed=1, exclude=make_arithmetic_dataset(800, seed=0)) if toy else None
-    train = resolve_dataset(script_args, make_arithmetic_dataset(1000, seed=3, exclude=held_out) if toy else None)
-    rewards = [arithmetic_reward] if toy else [_import(name) for name in recipe.reward_funcs]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    results = {}
-    if toy:
-        results["accuracy_before"] = arithmetic_accuracy(AutoModelForCausalLM.from_pretrained(model_path), tokenizer,
-                                                         held_out)  # fmt: skip
-    trainer = PrefixGrouperGRPOTrainer(model=model_path, reward_funcs=rewards, args=training_args,
-                                       train_dataset=train, processing_class=tokenizer)  # fmt: skip
-    trainer.train()
-    if toy:
-        results["accuracy_after"] = arithmetic_accuracy(trainer.model, tokenizer, held_out)
+def main(
+    script_args: PrefixGrouperScriptArguments,
+    training_args: PrefixGrouperGRPOConfig,
+    model_args: ModelConfig,
+    callbacks=None,
+) -> dict:
+    cpu_guard(training_args)
+    model, tokenizer = load_model(model_args, training_args)
+    evaluate = toy_eval(script_args, "arithmetic")
+    exclude = held_out_arithmetic(max(script_args.num_eval_prompts, 200))
+    train_dataset = resolve_dataset(script_args, make_arithmetic_dataset(1000, seed=3, exclude=exclude))
+    rewards = get_reward_funcs(
+        script_args.reward_funcs, default=None if script_args.dataset_name else "arithmetic_reward"
+    )
+    results = {"dtype": str(model.dtype)}
+    if evaluate:
+        results["accuracy_before"] = evaluate(model, tokenizer)
+    trainer = PrefixGrouperGRPOTrainer(model=model, reward_funcs=rewards, args=training_args,
+                                       train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks,
+                                       peft_config=lora_config(model_args, model))  # fmt: skip
+    train(trainer)
+    if evaluate:
+        results["accuracy_after"] = evaluate(trainer.model, tokenizer)
     rewards_logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     if rewards_logged:
         results["reward_first"], results["reward_last"] = rewards_logged[0], rewards_logged[-1]
@@ -62,6 +79,10 @@ def main(script_args: ScriptArguments, recipe: GRPORecipeArguments, training_arg
     return results
 
 
+def make_parser():
+    """The recipe's ``TrlParser``: ``PrefixGrouperScriptArguments``, ``PrefixGrouperGRPOConfig`` and ``ModelConfig``."""
+    return make_recipe_parser(PrefixGrouperScriptArguments, PrefixGrouperGRPOConfig)
+
+
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, GRPORecipeArguments, PrefixGrouperGRPOConfig))
-    main(*parser.parse_args_and_config())
+    main(*make_parser().parse_args_and_config())

@@ -3,48 +3,57 @@
     python -m recipes.qtuning_sft --output_dir outputs/qtuning --num_train_epochs 1
     python -m recipes.qtuning_sft --config recipes/configs/qtuning_sft.yaml
     python -m recipes.qtuning_sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name TIGER-Lab/MathInstruct \\
-        --sample_keep_ratio 0.25 --token_keep_ratio 0.5 --bf16 true
+        --sample_keep_ratio 0.25 --token_keep_ratio 0.5 --dtype bfloat16
 
 Defaults to the embedded pretrained toy model and the toy mixed-quality SFT set (clean,
-wrong-label, trivially easy and hard examples), reports held-out accuracy before and after,
-and writes the EU-plane plot of the last recorded batches to ``<output_dir>/eu_plane.png``.
+wrong-label, trivially easy and hard examples); on the toy data it reports held-out accuracy
+before and after (``--num_eval_prompts``). Writes the EU-plane plot of the last recorded
+batches to ``<output_dir>/eu_plane.png``. ``--use_peft`` trains a LoRA adapter instead.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import ScriptArguments, TrlParser
+from trl import ModelConfig
 
-from recipes.common import finish, is_toy_run, resolve_dataset, resolve_model
+from recipes.common import (
+    ToyScriptArguments,
+    cpu_guard,
+    finish,
+    load_model,
+    lora_config,
+    make_recipe_parser,
+    resolve_dataset,
+    toy_eval,
+    train,
+)
 from trl_ext import QTuningConfig, QTuningSFTTrainer
-from trl_ext.toy import arithmetic_accuracy, make_arithmetic_dataset, make_mixed_quality_sft
+from trl_ext.toy import make_mixed_quality_sft
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Default: the embedded toy model."})
+class QTuningScriptArguments(ToyScriptArguments):
+    """Script arguments; Q-Tuning's own knobs are those of :class:`~trl_ext.QTuningConfig`."""
 
 
 def main(
-    script_args: ScriptArguments, model_args: ModelArguments, training_args: QTuningConfig, callbacks=None
+    script_args: QTuningScriptArguments, training_args: QTuningConfig, model_args: ModelConfig, callbacks=None
 ) -> dict:
-    model_path = resolve_model(model_args.model_name_or_path)
-    toy = is_toy_run(script_args, model_args.model_name_or_path)
-    train = resolve_dataset(script_args, make_mixed_quality_sft(1024, seed=training_args.seed) if toy else None)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    results = {}
-    held_out = make_arithmetic_dataset(200, seed=1, exclude=make_arithmetic_dataset(800, seed=0)) if toy else None
-    if toy:
-        results["accuracy_before"] = arithmetic_accuracy(model, tokenizer, held_out)
-    trainer = QTuningSFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                                callbacks=callbacks)  # fmt: skip
-    trainer.train()
-    if toy:
-        results["accuracy_after"] = arithmetic_accuracy(trainer.model, tokenizer, held_out)
+    cpu_guard(training_args)
+    model, tokenizer = load_model(model_args, training_args)
+    evaluate = toy_eval(script_args, "arithmetic")
+    train_dataset = resolve_dataset(script_args, make_mixed_quality_sft(1024, seed=training_args.seed))
+    results = {"dtype": str(model.dtype)}
+    if evaluate:
+        results["accuracy_before"] = evaluate(model, tokenizer)
+    trainer = QTuningSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                processing_class=tokenizer, callbacks=callbacks,
+                                peft_config=lora_config(model_args, model))  # fmt: skip
+    train(trainer)
+    if evaluate:
+        results["accuracy_after"] = evaluate(trainer.model, tokenizer)
     if trainer.eu_records:
         path = os.path.join(training_args.output_dir, "eu_plane.png")
         trainer.plot_eu_plane(path)
@@ -54,6 +63,10 @@ def main(
     return results
 
 
+def make_parser():
+    """The recipe's ``TrlParser``: ``QTuningScriptArguments``, ``QTuningConfig`` and ``ModelConfig``, with ``--config``."""
+    return make_recipe_parser(QTuningScriptArguments, QTuningConfig)
+
+
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, ModelArguments, QTuningConfig))
-    main(*parser.parse_args_and_config())
+    main(*make_parser().parse_args_and_config())

@@ -1,7 +1,7 @@
-"""The main job on the embedded default: ``python -m recipes.quickstart [--output-dir DIR]``.
+"""The main job on the embedded default: ``python -m recipes.quickstart [--output_dir DIR]``.
 
 Runs all five methods on the offline toy testbed (a tiny Llama pretrained on addition,
-cached on disk) through their recipes, each beside its baseline, and prints one results
+cached on disk) through their recipes' command lines, each beside its baseline, and prints one results
 table in which every figure is measured in this run, then what those figures show. Writes
 ``training_curves.png`` (each method against its baseline on the same axes), the Q-Tuning EU
 plane, the subnetwork's update sparsity by layer and ``results.json``. It prints its own
@@ -19,8 +19,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The toy held-out arithmetic set of the recipes: the pretraining run's held-out problems.
-HELD_OUT = dict(n=200, seed=1)
 CURVE_POINTS = 5  # held-out evaluations per training run in the curves figure
 
 
@@ -43,10 +41,19 @@ def _callback_cls():
     return HeldOutCurve
 
 
-def _arithmetic_held_out():
-    from trl_ext.toy import make_arithmetic_dataset
+def _argv(output_dir: Path, **flags) -> list[str]:
+    """A recipe's command line: the toy testbed's CPU defaults (``TOY_DEFAULTS``) plus ``flags``."""
+    from trl_ext.toy import TOY_DEFAULTS
 
-    return make_arithmetic_dataset(HELD_OUT["n"], seed=HELD_OUT["seed"], exclude=make_arithmetic_dataset(800, seed=0))
+    argv = ["--output_dir", str(output_dir)]
+    for name, value in {**TOY_DEFAULTS, **flags}.items():
+        argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def _run(recipe, argv: list[str], callbacks=None) -> dict:
+    """``recipe.main`` on the arguments its own parser makes of ``argv``."""
+    return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv), callbacks=callbacks)
 
 
 def _toy(out: Path) -> tuple[list, dict]:
@@ -63,14 +70,10 @@ def _toy(out: Path) -> tuple[list, dict]:
 
 
 def _mora(out: Path) -> tuple[list, dict]:
-    from trl import ScriptArguments, SFTConfig
+    from recipes import mora_sft
 
-    from recipes.mora_sft import MoraArguments, main
-    from trl_ext.toy import toy_args
-
-    args = toy_args(SFTConfig, out / "mora", max_steps=150, per_device_train_batch_size=32, learning_rate=3e-3,
-                    lr_scheduler_type="cosine", logging_steps=10)  # fmt: skip
-    r = main(ScriptArguments(), MoraArguments(mora_r=8, mora_type="rotation"), args)
+    r = _run(mora_sft, _argv(out / "mora", mora_r=8, mora_type="rotation", max_steps=150, per_device_train_batch_size=32,
+                             learning_rate=3e-3, lr_scheduler_type="cosine", logging_steps=10))  # fmt: skip
     row = ["MoRA (rotation, r=8)", f"SFT, {r['trainable_params']:,} params", "held-out acc",
            f"{r['accuracy_before']:.1%}", f"{r['accuracy_after']:.1%}",
            f"update rank {r['update_rank']}; LoRA r={r['lora_rank_same_params']} at equal params has rank <= "
@@ -80,14 +83,11 @@ def _mora(out: Path) -> tuple[list, dict]:
 
 
 def _subnet(out: Path) -> tuple[list, dict]:
-    from trl import GRPOConfig
+    from recipes import subnet_grpo
 
-    from recipes.subnet_grpo import SubnetRecipeArguments, main
-    from trl_ext.toy import toy_args
-
-    args = toy_args(GRPOConfig, out / "subnet", max_steps=30, per_device_train_batch_size=32, num_generations=8,
-                    max_completion_length=6, learning_rate=1e-5, beta=0.0, logging_steps=5)  # fmt: skip
-    r = main(SubnetRecipeArguments(plot=str(out / "subnet_sparsity.png")), args)
+    r = _run(subnet_grpo, _argv(out / "subnet", plot=out / "subnet_sparsity.png", num_eval_prompts=0, max_steps=30,
+                                per_device_train_batch_size=32, num_generations=8, max_completion_length=6,
+                                learning_rate=1e-5, beta=0.0, logging_steps=5))  # fmt: skip
     row = ["RL subnetwork", f"GRPO on {r['density']:.1%} of weights", "train reward (last 10 steps)",
            f"full {r['full_reward']:.3f}", f"subnet {r['subnet_reward']:.3f}",
            f"{r['identical']:.1%} weights identical to full run; adapter {r['adapter_ratio']:.2f}x dense bytes"]  # fmt: skip
@@ -97,20 +97,18 @@ def _subnet(out: Path) -> tuple[list, dict]:
 
 
 def _prefix_grouper(out: Path) -> tuple[list, dict]:
-    from trl import GRPOConfig, GRPOTrainer, ScriptArguments
+    from trl import GRPOConfig, GRPOTrainer
 
     from benchmarks.timing import logprob_speedup
-    from recipes.prefix_grouper_grpo import GRPORecipeArguments, main
-    from trl_ext import PrefixGrouperGRPOConfig
+    from recipes import prefix_grouper_grpo
+    from recipes.common import held_out_arithmetic
     from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset, pretrained_toy_model_path, toy_args
 
     common = dict(max_steps=40, per_device_train_batch_size=32, num_generations=8, max_completion_length=6,
                   learning_rate=1e-4, beta=0.0, logging_steps=5)  # fmt: skip
-    r = main(
-        ScriptArguments(), GRPORecipeArguments(), toy_args(PrefixGrouperGRPOConfig, out / "prefix_grouper", **common)
-    )
+    r = _run(prefix_grouper_grpo, _argv(out / "prefix_grouper", **common))
     # The stock trainer on the same model, data and settings.
-    train = make_arithmetic_dataset(1000, seed=3, exclude=_arithmetic_held_out())
+    train = make_arithmetic_dataset(1000, seed=3, exclude=held_out_arithmetic())
     stock = GRPOTrainer(model=pretrained_toy_model_path(), reward_funcs=arithmetic_reward, train_dataset=train,
                         args=toy_args(GRPOConfig, out / "grpo_stock", **common))  # fmt: skip
     stock.train()
@@ -130,32 +128,26 @@ def _redi(out: Path) -> tuple[list, dict]:
     from trl import DPOConfig, DPOTrainer
 
     from benchmarks.timing import step_time_ratio_vs_dpo
-    from recipes.redi_two_stage import REDIRecipeArguments, main
-    from trl_ext import REDIConfig
+    from recipes import redi_two_stage
+    from recipes.common import ToyEval
     from trl_ext.redi import build_redi_pairs
-    from trl_ext.toy import (
-        generation_accuracy,
-        make_reasoning_traces,
-        pretrained_toy_model_path,
-        reasoning_reward,
-        toy_args,
-    )
+    from trl_ext.toy import make_reasoning_traces, pretrained_toy_model_path, toy_args
 
     stage2 = dict(max_steps=100, per_device_train_batch_size=16, learning_rate=6e-5, logging_steps=10)
-    recipe = REDIRecipeArguments(num_toy_prompts=2048, sft_max_steps=800, num_eval_prompts=200)
-    held_out = make_reasoning_traces(recipe.num_eval_prompts, seed=10_000, traces_per_prompt=1)
+    num_toy_prompts = 2048
+    held_out = ToyEval("reasoning", num_prompts=200)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_toy_model_path())
     HeldOutCurve = _callback_cls()
 
     def curve():
-        evaluate = lambda m: generation_accuracy(m, tokenizer, held_out, reasoning_reward, 48)  # noqa: E731
-        return HeldOutCurve(evaluate, stage2["max_steps"] // (CURVE_POINTS - 1))
+        return HeldOutCurve(lambda m: held_out(m, tokenizer), stage2["max_steps"] // (CURVE_POINTS - 1))
 
     redi_curve, dpo_curve = curve(), curve()
-    r = main(recipe, toy_args(REDIConfig, out / "redi", **stage2), callbacks=[redi_curve])
+    argv = _argv(out / "redi", num_toy_prompts=num_toy_prompts, sft_max_steps=800, num_eval_prompts=200, **stage2)
+    r = _run(redi_two_stage, argv, callbacks=[redi_curve])
     # DPO from the same SFT checkpoint, pairs and settings, for comparison.
     sft_path = str(out / "redi" / "sft")
-    pairs, _ = build_redi_pairs(make_reasoning_traces(recipe.num_toy_prompts, seed=0))
+    pairs, _ = build_redi_pairs(make_reasoning_traces(num_toy_prompts, seed=0))
     dpo = DPOTrainer(model=sft_path, args=toy_args(DPOConfig, out / "dpo", **stage2), train_dataset=pairs,
                      callbacks=[dpo_curve])  # fmt: skip
     dpo.train()
@@ -170,13 +162,12 @@ def _redi(out: Path) -> tuple[list, dict]:
 
 def _qtuning(out: Path) -> tuple[list, dict]:
     from transformers import AutoTokenizer
-    from trl import ScriptArguments, SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
     from benchmarks.timing import epoch_time
-    from recipes.qtuning_sft import ModelArguments, main
-    from trl_ext import QTuningConfig
+    from recipes import qtuning_sft
+    from recipes.common import ToyEval
     from trl_ext.toy import (
-        arithmetic_accuracy,
         make_mixed_quality_sft,
         make_reasoning_traces,
         pretrained_toy_model_path,
@@ -184,19 +175,18 @@ def _qtuning(out: Path) -> tuple[list, dict]:
         toy_model_path,
     )
 
-    held_out = _arithmetic_held_out()
+    held_out = ToyEval("arithmetic", num_prompts=200)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_toy_model_path())
     HeldOutCurve = _callback_cls()
     steps_per_epoch = 1024 // 32
 
     def curve():
-        evaluate = lambda m: arithmetic_accuracy(m, tokenizer, held_out)  # noqa: E731
-        return HeldOutCurve(evaluate, steps_per_epoch // (CURVE_POINTS - 1))
+        return HeldOutCurve(lambda m: held_out(m, tokenizer), steps_per_epoch // (CURVE_POINTS - 1))
 
     q_curve, full_curve = curve(), curve()
-    args = toy_args(QTuningConfig, out / "qtuning", num_train_epochs=1, per_device_train_batch_size=32,
-                    learning_rate=3e-4, sample_keep_ratio=0.25, token_keep_ratio=0.5, logging_steps=4)  # fmt: skip
-    r = main(ScriptArguments(), ModelArguments(), args, callbacks=[q_curve])
+    argv = _argv(out / "qtuning", num_train_epochs=1, per_device_train_batch_size=32, learning_rate=3e-4,
+                 sample_keep_ratio=0.25, token_keep_ratio=0.5, logging_steps=4)  # fmt: skip
+    r = _run(qtuning_sft, argv, callbacks=[q_curve])
     # The same epoch on all the data with the stock trainer, for comparison.
     stock_args = toy_args(SFTConfig, out / "sft_full", num_train_epochs=1, per_device_train_batch_size=32,
                           learning_rate=3e-4, logging_steps=4)  # fmt: skip
@@ -307,7 +297,7 @@ def findings(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="outputs/quickstart", help="where results and plots are written")
+    parser.add_argument("--output_dir", default="outputs/quickstart", help="where results and plots are written")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,14 +7,17 @@ import dataclasses
 from transformers import TrainingArguments
 
 
-def convert_args(args, config_cls, trainer_name: str):
+def convert_args(args, config_cls, trainer_name: str, carry: type | None = None, **overrides):
     """``args`` as an instance of ``config_cls`` (a subclass of ``args``' class, e.g. ``SFTConfig`` -> ``QTuningConfig``).
 
     Every value of ``args`` is carried over, as ``SFTTrainer`` does with a plain ``TrainingArguments``;
     the fields ``config_cls`` adds keep their defaults (the method's defaults, e.g. ``redi_alpha=0.8``).
-    Anything that is not a ``TrainingArguments`` is refused with a ``TypeError``.
+    Anything that is not a ``TrainingArguments`` is refused with a ``TypeError``. ``carry`` limits what is
+    carried over to its fields: ``carry=TrainingArguments`` between sibling configs (``DPOConfig`` ->
+    ``SFTConfig``), whose same-named fields such as ``loss_type`` mean different things. ``overrides``
+    replace carried-over values before ``config_cls`` checks them (e.g. a derived stage's ``output_dir``).
     """
-    if isinstance(args, config_cls):
+    if isinstance(args, config_cls) and not overrides:
         return args
     if not isinstance(args, TrainingArguments):
         raise TypeError(
@@ -22,8 +25,10 @@ def convert_args(args, config_cls, trainer_name: str):
             "config, which it converts), e.g. args=" + f"{config_cls.__name__}(output_dir=...)."
         )
     init_fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    if carry is not None:
+        init_fields &= {f.name for f in dataclasses.fields(carry)}
     values = {k: v for k, v in args.to_dict().items() if k in init_fields}
     for key, value in values.items():  # to_dict masks every *_token field (hub_token, but also SFT's eos_token)
         if key.endswith("_token") and value == f"<{key.upper()}>":
             values[key] = getattr(args, key)
-    return config_cls(**values)
+    return config_cls(**{**values, **overrides})

@@ -1,47 +1,183 @@
-"""Each recipe runs end to end on the toy default for a few steps and saves what it trained."""
+"""Each recipe runs from its command line on Qwen2 and GPT-2 toy models without a dataset, honours
+``--dtype``, resumes from a checkpoint, and every documented command parses."""
 
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-from trl import ScriptArguments, SFTConfig
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 
-from recipes import mora_sft, prefix_grouper_grpo, qtuning_sft
-from trl_ext import PrefixGrouperGRPOConfig, QTuningConfig
-from trl_ext.toy import pretrained_toy_model_path, toy_args
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from trl import SFTConfig
+
+from recipes import mora_sft, prefix_grouper_grpo, qtuning_sft, redi_two_stage, subnet_grpo
+from trl_ext.toy import toy_model_path
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+RECIPES = {
+    "mora_sft": mora_sft,
+    "qtuning_sft": qtuning_sft,
+    "prefix_grouper_grpo": prefix_grouper_grpo,
+    "subnet_grpo": subnet_grpo,
+    "redi_two_stage": redi_two_stage,
+}
+COMMON = "--max_steps 2 --num_eval_prompts 8 --report_to none --disable_tqdm true --logging_steps 1"
+GRPO = "--per_device_train_batch_size 4 --num_generations 4 --max_completion_length 4"
+# Two smoke steps per recipe: tiny batches, 8 held-out prompts, 4-token completions.
+FLAGS = {
+    "mora_sft": "--per_device_train_batch_size 4 --mora_r 4",
+    "qtuning_sft": "--per_device_train_batch_size 8",
+    "prefix_grouper_grpo": GRPO,
+    # A random model's exact-answer reward is always 0; a reward that varies gives GRPO updates to select.
+    "subnet_grpo": f"{GRPO} --learning_rate 1e-4 --max_grad_norm 0 --reward_funcs tests.recipes.rewards:distinct_characters",
+    "redi_two_stage": "--per_device_train_batch_size 2 --sft_max_steps 2 --sft_batch_size 4 --num_toy_prompts 16",
+}
 
 
-def test_mora_sft_recipe(tmp_path):
-    args = toy_args(SFTConfig, tmp_path, max_steps=2, per_device_train_batch_size=8, disable_tqdm=True)
-    results = mora_sft.main(ScriptArguments(), mora_sft.MoraArguments(mora_r=4), args)
-    assert {"accuracy_before", "accuracy_after", "update_rank"} <= set(results)
-    assert results["update_rank"] > results["lora_rank_same_params"]  # the high-rank update MoRA exists for
-    import peft_ext  # noqa: F401  (registers MORA for loading)
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path()), tmp_path)
-    assert model.peft_config["default"].peft_type == "MORA"
+def _argv(name: str, output_dir, *extra: str) -> list[str]:
+    return ["--output_dir", str(output_dir), *shlex.split(f"{COMMON} {FLAGS[name]}"), *extra]
 
 
-def test_qtuning_recipe_writes_eu_plane(tmp_path):
-    args = toy_args(QTuningConfig, tmp_path, max_steps=2, per_device_train_batch_size=8, disable_tqdm=True)
-    results = qtuning_sft.main(ScriptArguments(), qtuning_sft.ModelArguments(), args)
-    assert (tmp_path / "eu_plane.png").stat().st_size > 1000
-    assert any("qtuning/kept_samples" in h for h in results["log_history"])
+def _main(name: str, argv: list[str]) -> dict:
+    recipe = RECIPES[name]
+    return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
 
 
-def test_prefix_grouper_recipe(tmp_path):
-    args = toy_args(PrefixGrouperGRPOConfig, tmp_path, max_steps=2, per_device_train_batch_size=8,
-                    num_generations=4, max_completion_length=4, disable_tqdm=True)  # fmt: skip
-    results = prefix_grouper_grpo.main(ScriptArguments(), prefix_grouper_grpo.GRPORecipeArguments(), args)
-    assert "reward_first" in results and (tmp_path / "model.safetensors").exists()
+def _check_outputs(name: str, output_dir, results: dict) -> None:
+    assert results["log_history"], name
+    if name == "mora_sft":
+        assert results["update_rank"] > results["lora_rank_same_params"]  # the high-rank update MoRA exists for
+        assert (output_dir / "adapter_model.safetensors").exists()
+    elif name == "qtuning_sft":
+        assert (output_dir / "eu_plane.png").stat().st_size > 1000
+        assert any("qtuning/kept_samples" in h for h in results["log_history"])
+    elif name == "prefix_grouper_grpo":
+        assert (output_dir / "model.safetensors").exists()
+    elif name == "subnet_grpo":
+        assert 0 < results["density"] < 1 and results["trainable"] > 0
+        assert (output_dir / "subnet_sparsity.png").exists()
+        assert (output_dir / "subnet" / "adapter_model.safetensors").exists()
+    elif name == "redi_two_stage":
+        assert (output_dir / "sft" / "config.json").exists() and (output_dir / "model.safetensors").exists()
 
 
-def test_subnet_recipe_selects_and_retrains(tmp_path):
-    from trl import GRPOConfig
+# One real subprocess runs every recipe as ``python -m recipes.<name> <flags>`` would (runpy with
+# ``run_name="__main__"``, as ``-m`` does), so the libraries are imported once rather than five times.
+RUN_AS_MAIN = """
+import runpy, sys, traceback
+for name, argv in RUNS:
+    print(f"=== {name} start", flush=True)
+    sys.argv = [name, *argv]
+    try:
+        runpy.run_module(f"recipes.{name}", run_name="__main__", alter_sys=True)
+        status = 0
+    except BaseException:
+        traceback.print_exc(file=sys.stdout)
+        status = 1
+    print(f"=== {name} exit {status}", flush=True)
+"""
 
-    from recipes import subnet_grpo
 
-    args = toy_args(GRPOConfig, tmp_path, max_steps=2, per_device_train_batch_size=8, num_generations=4,
-                    max_completion_length=4, learning_rate=1e-4, max_grad_norm=0.0, disable_tqdm=True)  # fmt: skip
-    results = subnet_grpo.main(subnet_grpo.SubnetRecipeArguments(), args)
-    assert 0 < results["density"] < 1 and results["trainable"] > 0
-    assert (tmp_path / "subnet_sparsity.png").exists()
-    assert (tmp_path / "subnet" / "adapter_model.safetensors").exists()
+@pytest.fixture(scope="module")
+def qwen2_cli_runs(tmp_path_factory):
+    """Every recipe from its command line on a Qwen2 toy model with ``--dtype bfloat16``: name -> (dir, stdout)."""
+    model = toy_model_path(arch="qwen2")
+    dirs = {name: tmp_path_factory.mktemp(name) for name in RECIPES}
+    runs = [
+        (name, ["--model_name_or_path", model, "--dtype", "bfloat16", *_argv(name, out)]) for name, out in dirs.items()
+    ]
+    proc = subprocess.run([sys.executable, "-c", f"RUNS = {runs!r}\n{RUN_AS_MAIN}"], cwd=ROOT, text=True,
+                          capture_output=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = re.findall(r"=== (\w+) start\n(.*?)=== \1 exit (\d)", proc.stdout, re.S)
+    return {name: (dirs[name], stdout, int(status)) for name, stdout, status in runs}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_cli_on_qwen2_in_bfloat16(name, qwen2_cli_runs):
+    out, stdout, status = qwen2_cli_runs[name]
+    assert status == 0, stdout[-3000:]
+    assert any(out.iterdir())  # saved what it trained
+    assert "'dtype': 'torch.bfloat16'" in stdout  # --dtype reached the trained model
+    assert stdout.count("no accelerator found") == (0 if torch.accelerator.is_available() else 1)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_on_gpt2(name, tmp_path):
+    # GPT-2's Conv1D projections (c_attn, c_proj, c_fc): the adapters' per-architecture targets.
+    results = _main(name, _argv(name, tmp_path, "--model_name_or_path", toy_model_path(arch="gpt2")))
+    assert results["dtype"] == ("torch.bfloat16" if name == "subnet_grpo" else "torch.float32")  # recipe defaults
+    assert "accuracy_before" in results or "accuracy_after_sft" in results or name == "subnet_grpo"
+    _check_outputs(name, tmp_path, results)
+
+
+RESUME = ("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
+          "--num_eval_prompts", "0")  # fmt: skip
+SAVED = {"mora_sft": "adapter_model.safetensors", "redi_two_stage": "model.safetensors"}
+
+
+def _resumed(name: str, tmp_path, tag: str, checkpoint, resume: str, tamper: bool = False) -> dict:
+    out = tmp_path / tag
+    shutil.copytree(checkpoint, out / checkpoint.name)
+    if name == "redi_two_stage":  # stage 1 is done: the resumed run reuses its saved model
+        shutil.copytree(checkpoint.parent / "sft", out / "sft")
+    if tamper:
+        path = out / checkpoint.name / SAVED[name]
+        weights = load_file(path)
+        key = next(k for k in weights if weights[k].is_floating_point() and weights[k].dim() == 2)
+        weights[key] = weights[key] + 0.05
+        save_file(weights, path)
+    resume = str(out / checkpoint.name) if resume == "path" else resume
+    _main(name, _argv(name, out, *RESUME, "--resume_from_checkpoint", resume))
+    return load_file(out / SAVED[name])
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_resume_continues_from_the_checkpoint(name, tmp_path):
+    _main(name, _argv(name, tmp_path / "full", *RESUME))
+    full = load_file(tmp_path / "full" / SAVED[name])
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    resumed = _resumed(name, tmp_path, "resumed", checkpoint, "true")  # latest checkpoint in output_dir
+    tampered = _resumed(name, tmp_path, "tampered", checkpoint, "path", tamper=True)
+    diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
+    tampered_diff = max((full[k] - tampered[k]).abs().max().item() for k in full)
+    print(f"{name}: max |w_full - w_resumed| = {diff:.3g}; max |w_full - w_tampered| = {tampered_diff:.3g}")
+    assert diff <= 1e-6
+    assert tampered_diff > 1e-2  # the resumed run used the checkpoint's weights
+
+
+def _documented_commands():
+    """``python -m recipes.<name> ...`` from each recipe's docstring and from the README."""
+    texts = [module.__doc__ for module in RECIPES.values()]
+    texts.append(open(os.path.join(ROOT, "README.md")).read())
+    commands = []
+    for text in texts:
+        text = text.replace("\\\n", " ")
+        for name, flags in re.findall(r"python -m recipes\.(\w+)([^`\n]*)", text):
+            if name in RECIPES:
+                commands.append((name, flags.strip()))
+    return commands
+
+
+DOCUMENTED = _documented_commands()
+
+
+@pytest.mark.parametrize("name,flags", DOCUMENTED, ids=[f"{name}-{i}" for i, (name, _) in enumerate(DOCUMENTED)])
+def test_documented_commands_parse(name, flags, monkeypatch):
+    monkeypatch.chdir(ROOT)  # --config paths are relative to the repository root
+    script_args, training_args, model_args = RECIPES[name].make_parser().parse_args_and_config(args=shlex.split(flags))
+    assert training_args.output_dir
+
+
+def test_redi_stage_one_config_derives_from_the_parsed_redi_config(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--seed", "7", "--gradient_accumulation_steps", "3",
+            "--sft_learning_rate", "1e-3", "--sft_max_steps", "30", "--sft_batch_size", "5"]  # fmt: skip
+    script_args, training_args, _ = redi_two_stage.make_parser().parse_args_and_config(args=argv)
+    sft = redi_two_stage.sft_config(training_args, script_args)
+    assert (sft.use_cpu, sft.seed, sft.gradient_accumulation_steps, sft.bf16) == (True, 7, 3, training_args.bf16)
+    assert (sft.learning_rate, sft.max_steps, sft.per_device_train_batch_size) == (1e-3, 30, 5)
+    assert sft.output_dir == str(tmp_path / "sft")
+    assert sft.loss_type == SFTConfig(output_dir="x", bf16=False).loss_type  # SFT's own fields keep SFT's defaults
