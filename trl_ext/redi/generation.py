@@ -109,6 +109,9 @@ def _transformers_generate(model, tokenizer, texts, k, temperature, top_p, max_n
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Stop at the tokenizer's end token and at the model's own (chat models end a turn with another token).
+    eos = model.generation_config.eos_token_id
+    eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     per_call = max(1, batch_size // k)  # prompts per generate call; each is sampled k times
     out_texts = []
     with tqdm(total=len(texts) * k, desc="generating traces", unit="trace", disable=not progress) as bar:
@@ -127,7 +130,7 @@ def _transformers_generate(model, tokenizer, texts, k, temperature, top_p, max_n
                     max_new_tokens=max_new_tokens,
                     num_return_sequences=k,
                     pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=eos,
                 )
             out_texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             bar.update(out.shape[0])
@@ -222,7 +225,8 @@ def generate_traces(
             model = AutoModelForCausalLM.from_pretrained(path)
             if torch.cuda.is_available():
                 model = model.to("cuda")
-        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        cuda = [model.device.index or 0] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # seeded sampling without touching the caller's RNG state
             torch.manual_seed(seed)
             outputs = _transformers_generate(model, tokenizer, texts, k, temperature, top_p, max_new_tokens,
                                              batch_size, progress)  # fmt: skip
