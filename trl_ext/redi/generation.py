@@ -46,6 +46,7 @@ class TraceReport:
         return self.correct / self.traces if self.traces else 0.0
 
     def to_dict(self) -> dict:
+        """The counts as a JSON-ready dict, with ``correct_fraction``."""
         return {**asdict(self), "correct_fraction": self.correct_fraction}
 
     def __str__(self) -> str:
@@ -58,13 +59,17 @@ class TraceReport:
 
 @dataclass
 class TeacherDataReport:
-    """The teacher data of a REDI run: the traces (:class:`TraceReport`) and the pairs (:class:`PairReport`)."""
+    """The teacher data of a REDI run: the traces (:class:`TraceReport`) and the pairs (:class:`PairReport`).
+
+    ``positives`` counts the correct traces (the SFT stage's data).
+    """
 
     traces: TraceReport | None = None
     pairs: PairReport = field(default_factory=PairReport)
     positives: int = 0
 
     def to_dict(self) -> dict:
+        """Trace counts, positives, pairs, prompts and drops by reason, as a JSON-ready dict."""
         return {
             "traces": self.traces.to_dict() if self.traces else None,
             "positives": self.positives,
