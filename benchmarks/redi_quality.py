@@ -1,10 +1,26 @@
-"""REDI quality on the toy reasoning task: held-out accuracy of SFT, SFT+REDI, SFT+symmetric REDI, SFT+DPO.
+"""REDI quality on the toy reasoning task, the paper's way: a teacher's own traces, one SFT checkpoint, paired seeds.
 
-Per seed: SFT once on the correct traces, then each second stage starts from that same SFT
-checkpoint with the same pairs, learning rate and steps. Accuracy is greedy exact-answer
-accuracy on held-out prompts. Prints a table of means and per-seed values.
+The question (Xu et al., 2025): from the same SFT checkpoint, does REDI on (correct, incorrect)
+teacher pairs raise accuracy more than SFT alone, and more than DPO? Per seed:
 
-    python benchmarks/redi_quality.py --seeds 0 1 2
+1. traces: ``--negatives teacher`` samples 4 traces per prompt from the toy teacher
+   (``trl_ext.toy.toy_teacher_path``: the pretrained toy model fine-tuned briefly, right on about
+   two sampled traces in three) at temperature 0.8 over ``--prompts`` toy prompts, labels each with
+   ``check_reasoning_answer`` and builds pairs with ``traces_to_pairs`` (first correct + first
+   incorrect trace per prompt). ``--negatives slipped`` uses ``make_reasoning_traces``' synthetic
+   traces instead (wrong = a correct trace with one slipped step);
+2. the student (the plain pretrained toy model, weaker than the teacher) is fine-tuned once on the
+   correct traces (SFT, ``--sft-steps`` at ``--sft-lr``);
+3. from that one SFT checkpoint, each second stage runs ``--steps`` steps at ``--lr`` (SFT lr / 50,
+   the paper's ratio of 5e-5 to 1e-6) on the same pairs: REDI at each ``--redi-alphas`` and DPO
+   (beta 0.1, reference = the SFT checkpoint).
+
+Accuracy is greedy exact-answer accuracy on ``--eval-prompts`` held-out prompts. The table gives per
+variant the mean, standard deviation and 95% confidence interval (t distribution) over seeds, and
+the paired per-seed differences REDI - SFT and REDI - DPO.
+
+    OMP_NUM_THREADS=1 python benchmarks/redi_quality.py --negatives teacher
+    OMP_NUM_THREADS=1 python benchmarks/redi_quality.py --negatives slipped
 """
 
 from __future__ import annotations
@@ -17,86 +33,198 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from harness import RESULTS, recording  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from recipes.redi_two_stage import REDIScriptArguments, sft_stage  # noqa: E402
-from trl_ext.redi import REDIConfig, REDITrainer, build_redi_pairs, positives  # noqa: E402
-from trl_ext.toy import (  # noqa: E402
-    generation_accuracy,
-    make_reasoning_traces,
-    pretrained_toy_model_path,
-    reasoning_reward,
-    toy_args,
-)
-
-VARIANTS = ("SFT only", "SFT + REDI (alpha 0.8)", "SFT + REDI (alpha 1.0)", "SFT + DPO (beta 0.1)")
+# Two-sided 95% critical values of Student's t for 1..30 degrees of freedom (standard tables), so the
+# benchmark needs no scipy.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)  # fmt: skip
 
 
-def _report_change(name, before, trainer) -> None:
-    """Print how far the second stage moved the weights and its last logged log-likelihoods."""
-    delta = max((a - b).abs().max().item() for a, b in zip(before.parameters(), trainer.model.parameters()))
-    logs = [h for h in trainer.state.log_history if "loss" in h][-1]
-    keys = [k for k in ("logps/chosen", "logps/rejected", "logps_norm/margin", "rewards/margins") if k in logs]
-    print(f"  {name}: max |dW| {delta:.3g}; last log " + ", ".join(f"{k} {logs[k]:.3g}" for k in keys), flush=True)
+def mean_ci(values: list[float]) -> tuple[float, float, float, float]:
+    """Mean, sample standard deviation and the two ends of the 95% t-distribution confidence interval."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, 0.0, float("nan"), float("nan")
+    std = statistics.stdev(values)
+    df = len(values) - 1
+    t = T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df  # beyond 30 df the normal value plus a small term
+    half = t * std / len(values) ** 0.5
+    return mean, std, mean - half, mean + half
 
 
-def run_seed(seed: int, a: argparse.Namespace) -> dict[str, float]:
-    traces = make_reasoning_traces(a.prompts, seed=seed)
-    held_out = make_reasoning_traces(a.eval_prompts, seed=10_000 + seed, traces_per_prompt=1)
-    pairs, report = build_redi_pairs(traces)
-    recipe = REDIScriptArguments(sft_learning_rate=a.sft_lr, sft_max_steps=a.sft_steps, sft_batch_size=32)
-    base_args = toy_args(REDIConfig, f"/tmp/redi_bench/{seed}", seed=seed, disable_tqdm=True, logging_steps=50)
-    sft_path = sft_stage(pretrained_toy_model_path(), positives(traces).select_columns(["prompt", "completion"]),
-                         base_args, recipe)  # fmt: skip
-    # Every second stage loads the SFT checkpoint afresh (copies of a trained model share TRL's patched forward).
-    sft_model, tok = AutoModelForCausalLM.from_pretrained(sft_path), AutoTokenizer.from_pretrained(sft_path)
-    acc = {VARIANTS[0]: generation_accuracy(sft_model, tok, held_out, reasoning_reward, 48)}
-    common = dict(seed=seed, learning_rate=a.lr, max_steps=a.steps, per_device_train_batch_size=16,
-                  disable_tqdm=True, logging_steps=50)  # fmt: skip
-    for name, alpha in ((VARIANTS[1], 0.8), (VARIANTS[2], 1.0)):
-        args = toy_args(REDIConfig, f"/tmp/redi_bench/{seed}/redi{alpha}", redi_alpha=alpha, **common)
-        trainer = REDITrainer(model=sft_path, args=args, train_dataset=pairs)
-        trainer.train()
-        acc[name] = generation_accuracy(trainer.model, tok, held_out, reasoning_reward, 48)
-        _report_change(name, sft_model, trainer)
-    args = toy_args(DPOConfig, f"/tmp/redi_bench/{seed}/dpo", beta=0.1, **common)
-    trainer = DPOTrainer(model=sft_path, args=args, train_dataset=pairs)  # its reference: the SFT checkpoint
+def _quiet(trainer):
+    """Drop the per-log print of ``disable_tqdm`` runs; the table is what matters."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _traces(seed: int, a: argparse.Namespace):
+    """(traces, pairs, report) for one seed, from the teacher or the slipped-step generator."""
+    from trl_ext.redi import generate_traces, traces_to_pairs
+    from trl_ext.toy import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
+
+    if a.negatives == "slipped":
+        traces = make_reasoning_traces(a.prompts, seed=seed)
+        pairs, report = traces_to_pairs(traces)
+    else:
+        prompts = make_reasoning_traces(a.prompts, seed=seed, traces_per_prompt=1).select_columns(["prompt", "answer"])
+        traces, trace_report = generate_traces(
+            toy_teacher_path(), prompts, check_reasoning_answer, num_traces_per_prompt=4, temperature=a.temperature,
+            max_new_tokens=48, seed=seed, progress=False,
+        )  # fmt: skip
+        pairs, report = traces_to_pairs(traces, trace_report)
+    return traces, pairs, report
+
+
+def _sft(model_path: str, train, seed: int, a: argparse.Namespace) -> str:
+    """Stage 1: SFT on the correct traces; saved, so every second stage loads the same checkpoint afresh."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_ext.toy import toy_args
+
+    out = f"{a.workdir}/{a.negatives}/{seed}/sft"
+    args = toy_args(SFTConfig, out, seed=seed, learning_rate=a.sft_lr, max_steps=a.sft_steps,
+                    per_device_train_batch_size=32, lr_scheduler_type="cosine", warmup_steps=min(20, a.sft_steps // 10),
+                    disable_tqdm=True, logging_steps=a.sft_steps)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    trainer = _quiet(SFTTrainer(model=model_path, args=args, train_dataset=train, processing_class=tokenizer))
     trainer.train()
-    acc[VARIANTS[3]] = generation_accuracy(trainer.model, tok, held_out, reasoning_reward, 48)
-    _report_change(VARIANTS[3], sft_model, trainer)
-    print(f"seed {seed}: {report}; " + ", ".join(f"{k}: {v:.3f}" for k, v in acc.items()), flush=True)
+    trainer.save_model(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def run_seed(seed: int, a: argparse.Namespace, variants: list[tuple[str, float | None]]) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from trl_ext.redi import REDIConfig, REDITrainer, positives
+    from trl_ext.toy import (
+        generation_accuracy,
+        make_reasoning_traces,
+        pretrained_toy_model_path,
+        reasoning_reward,
+        toy_args,
+    )
+
+    start = time.perf_counter()
+    traces, pairs, report = _traces(seed, a)
+    held_out = make_reasoning_traces(a.eval_prompts, seed=10_000 + seed, traces_per_prompt=1)
+    sft_path = _sft(pretrained_toy_model_path(), positives(traces).select_columns(["prompt", "completion"]), seed, a)
+    tok = AutoTokenizer.from_pretrained(sft_path)
+
+    def accuracy(model) -> float:
+        return generation_accuracy(model, tok, held_out, reasoning_reward, 48)
+
+    acc = {"SFT only": accuracy(AutoModelForCausalLM.from_pretrained(sft_path))}
+    common = dict(seed=seed, learning_rate=a.lr, max_steps=a.steps, per_device_train_batch_size=16,
+                  disable_tqdm=True, logging_steps=a.steps)  # fmt: skip
+    for name, alpha in variants[1:]:
+        out = f"{a.workdir}/{a.negatives}/{seed}/{name}"
+        if alpha is None:  # DPO; its reference model is the SFT checkpoint
+            trainer = DPOTrainer(
+                model=sft_path, args=toy_args(DPOConfig, out, beta=0.1, **common), train_dataset=pairs
+            )
+        else:
+            args = toy_args(REDIConfig, out, redi_alpha=alpha, **common)
+            trainer = REDITrainer(model=sft_path, args=args, train_dataset=pairs)
+        _quiet(trainer).train()
+        acc[name] = accuracy(trainer.model)
+    print(f"seed {seed} ({time.perf_counter() - start:.0f} s): {report.to_dict()}", flush=True)
+    print("  " + ", ".join(f"{k}: {v:.3f}" for k, v in acc.items()), flush=True)
     return acc
+
+
+def table(runs: list[dict[str, float]], variants: list[str], a: argparse.Namespace) -> list[str]:
+    n = len(runs)
+    lines = [
+        f"held-out greedy accuracy ({a.eval_prompts} prompts), {n} seeds {a.seeds}, 95% CI from the t distribution",
+        f"{'variant':<26}{'mean':>7}{'std':>7}{'95% CI':>17}  per seed",
+    ]
+    for v in variants:
+        vals = [r[v] for r in runs]
+        mean, std, lo, hi = mean_ci(vals)
+        lines.append(
+            f"{v:<26}{mean:>7.3f}{std:>7.3f}  [{lo:>6.3f}, {hi:>6.3f}]  " + " ".join(f"{x:.3f}" for x in vals)
+        )
+    lines += ["", f"paired differences per seed (same SFT checkpoint, same pairs), {n} seeds", lines[1]]
+    redi = [v for v in variants if v.startswith("SFT + REDI")]
+    for r in redi:
+        for base in ("SFT only", "SFT + DPO (beta 0.1)"):
+            diffs = [run[r] - run[base] for run in runs]
+            mean, std, lo, hi = mean_ci(diffs)
+            label = f"{r.removeprefix('SFT + ')} - {'SFT' if base == 'SFT only' else 'DPO'}"
+            lines.append(
+                f"{label:<26}{mean:>+7.3f}{std:>7.3f}  [{lo:>+6.3f}, {hi:>+6.3f}]  "
+                + " ".join(f"{x:+.3f}" for x in diffs)
+            )
+    return lines
+
+
+def verdict(runs: list[dict[str, float]], name: str, base: str) -> str:
+    _, _, lo, hi = mean_ci([r[name] - r[base] for r in runs])
+    if lo > 0:
+        return f"{name} beats {base}: the 95% CI of the paired difference is above 0."
+    if hi < 0:
+        return f"{name} is WORSE than {base}: the 95% CI of the paired difference is below 0."
+    return f"{name} does not beat {base} detectably: the 95% CI of the paired difference includes 0."
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--prompts", type=int, default=2048)
+    p.add_argument("--negatives", choices=("teacher", "slipped"), default="teacher",
+                   help="teacher: the toy teacher's own wrong traces; slipped: synthetic one-slipped-step traces")  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--prompts", type=int, default=2048, help="training prompts (4 traces each)")
     p.add_argument("--eval-prompts", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8, help="teacher sampling temperature")
     p.add_argument("--sft-steps", type=int, default=800)
     p.add_argument("--sft-lr", type=float, default=3e-3)
-    p.add_argument("--steps", type=int, default=200, help="second-stage steps")
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=6e-5,
-        help="second-stage learning rate, same for REDI and DPO (SFT lr / 50, the paper's ratio)",
-    )
+    p.add_argument("--steps", type=int, default=100, help="second-stage steps, the same for every variant")
+    p.add_argument("--lr", type=float, default=6e-5, help="second-stage learning rate for REDI and DPO (SFT lr / 50)")
+    p.add_argument("--redi-alphas", type=float, nargs="+", default=[0.8, 1.0])
+    p.add_argument("--workdir", default="/tmp/redi_quality")
+    p.add_argument("--output", default=None, help="results file (default: results/redi_quality_<negatives>.txt)")
     a = p.parse_args()
-    start = time.perf_counter()
-    runs = [run_seed(s, a) for s in a.seeds]
-    print(f"\nToy reasoning task (sum of 3-4 numbers step by step), held-out greedy accuracy, "
-          f"{len(a.seeds)} seeds, SFT {a.sft_steps} steps @ {a.sft_lr}, stage 2 {a.steps} steps @ {a.lr}")  # fmt: skip
-    header = f"{'variant':<26}{'mean':>8}{'std':>8}  per seed"
-    print(header + "\n" + "-" * len(header))
-    for v in VARIANTS:
-        vals = [r[v] for r in runs]
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        print(f"{v:<26}{statistics.mean(vals):>8.3f}{std:>8.3f}  " + " ".join(f"{x:.3f}" for x in vals))
-    print(f"\ntotal time {time.perf_counter() - start:.0f} s")
+
+    import datasets
+    from transformers import logging
+
+    from trl_ext.toy import teacher_metrics, toy_teacher_path
+
+    logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    variants = [("SFT only", None)] + [
+        (f"SFT + REDI (alpha {x:.1f})" if round(x, 1) == x else f"SFT + REDI (alpha {x:g})", x) for x in a.redi_alphas
+    ]
+    variants.append(("SFT + DPO (beta 0.1)", None))
+    names = [v for v, _ in variants]
+    with recording(a.output or RESULTS / f"redi_quality_{a.negatives}.txt"):
+        start = time.perf_counter()
+        if a.negatives == "teacher":
+            m = teacher_metrics(toy_teacher_path())
+            print(f"teacher {toy_teacher_path()}: held-out greedy {m['heldout_accuracy_greedy']:.3f}, "
+                  f"sampled at T={m['temperature']} {m['heldout_accuracy_sampled']:.3f} (its own 200 prompts); "
+                  f"built in {m['train_seconds']} s")  # fmt: skip
+        runs = [run_seed(s, a, variants) for s in a.seeds]
+        negatives = (f"the toy teacher's own sampled traces (4 per prompt, T={a.temperature:g})"
+                     if a.negatives == "teacher" else "synthetic traces, wrong = one slipped step (make_reasoning_traces)")  # fmt: skip
+        print(
+            f"\nToy reasoning task (sum of 3-4 numbers step by step); negatives: {negatives}; {a.prompts} prompts; "
+            f"student: pretrained toy model; SFT {a.sft_steps} steps @ {a.sft_lr:g} (batch 32) on the correct "
+            f"traces; stage 2: {a.steps} steps @ {a.lr:g} (batch 16) for every variant, from the same SFT checkpoint"
+        )
+        print("\n".join(table(runs, names, a)))
+        print()
+        for name in names[1:-1]:
+            print(verdict(runs, name, "SFT only"))
+            print(verdict(runs, name, "SFT + DPO (beta 0.1)"))
+        print(f"\ntotal time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
-    with recording(RESULTS / "redi_quality.txt"):
-        main()
+    main()

@@ -38,6 +38,35 @@ def math_verify_checker(completion: str, answer) -> bool:
     return bool(math_verify.verify(gold, math_verify.parse(completion)))
 
 
+def verify_traces(completions, answers, verifier: Verifier) -> tuple[list[bool], int]:
+    """Run ``verifier(completion, answer)`` on every trace; return the labels and how many calls raised.
+
+    A trace whose verifier call raises is labelled incorrect and counted, so one malformed trace
+    cannot stop a run over thousands.
+
+    Example:
+        ```py
+        >>> def strict(completion, answer):
+        ...     return int(completion) == answer  # raises on "oops"
+        >>> verify_traces(["3", "oops"], [3, 3], strict)
+        ([True, False], 1)
+        ```
+    """
+    if not callable(verifier):
+        raise TypeError(
+            f"verifier={verifier!r} is not callable; pass a function (completion, answer) -> bool, "
+            "e.g. trl_ext.redi.math_verify_checker."
+        )
+    labels, errors = [], 0
+    for completion, answer in zip(completions, answers, strict=True):
+        try:
+            labels.append(bool(verifier(completion, answer)))
+        except Exception:  # a verifier bug or an unparsable trace: that trace is wrong, the run goes on
+            labels.append(False)
+            errors += 1
+    return labels, errors
+
+
 def label_traces(
     dataset: Dataset,
     verifier: Verifier,
@@ -49,7 +78,8 @@ def label_traces(
 
     ``verifier`` is any callable ``(completion, answer) -> bool``: :func:`math_verify_checker` for
     boxed math answers, or a task's own checker (the toy task's is
-    ``trl_ext.toy.check_reasoning_answer``).
+    ``trl_ext.toy.check_reasoning_answer``). A trace on which the verifier raises is labelled
+    incorrect (see :func:`verify_traces`).
 
     Example:
         ```py
@@ -65,7 +95,7 @@ def label_traces(
     for col in (completion_column, answer_column):
         if col not in dataset.column_names:
             raise ValueError(f"Column {col!r} is missing; the dataset has {dataset.column_names}.")
-    labels = [bool(verifier(c, a)) for c, a in zip(dataset[completion_column], dataset[answer_column])]
+    labels, _ = verify_traces(dataset[completion_column], dataset[answer_column], verifier)
     if label_column in dataset.column_names:
         dataset = dataset.remove_columns(label_column)
     return dataset.add_column(label_column, labels)

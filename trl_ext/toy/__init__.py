@@ -38,6 +38,7 @@ from .pretrain import (
     pretrain_toy_model,
     pretrained_toy_model_path,
 )
+from .teacher import TeacherConfig, teacher_metrics, toy_teacher_path, train_toy_teacher
 from .tokenizer import CHAT_TEMPLATE, build_toy_tokenizer
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_MAX_OPERAND",
     "PretrainConfig",
+    "TeacherConfig",
     "TOY_DEFAULTS",
     "ToyModelSpec",
     "arithmetic_accuracy",
@@ -67,7 +69,10 @@ __all__ = [
     "pretrained_toy_model_path",
     "reasoning_reward",
     "save_toy_model",
+    "teacher_metrics",
     "toy_args",
     "toy_model_path",
+    "toy_teacher_path",
+    "train_toy_teacher",
     "uuid_char_accuracy",
 ]
