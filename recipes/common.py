@@ -146,6 +146,14 @@ def _toy_rewards() -> dict:
     }
 
 
+def import_callable(name: str):
+    """The function named ``module:function`` (or ``module.function``), importable from the working directory."""
+    module, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return getattr(importlib.import_module(module), attr)
+
+
 def get_reward_funcs(names: list[str] | None, default: str | None = "arithmetic_reward") -> list:
     """Reward functions by registry name or ``module:function`` (``module.function`` also works, as in TRL)."""
     registry = _toy_rewards()
@@ -159,9 +167,7 @@ def get_reward_funcs(names: list[str] | None, default: str | None = "arithmetic_
         if name in registry:
             funcs.append(registry[name])
         elif ":" in name or "." in name:
-            module, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
-            sys.path.insert(0, os.getcwd())
-            funcs.append(getattr(importlib.import_module(module), attr))
+            funcs.append(import_callable(name))
         else:
             raise ValueError(
                 f"reward_funcs entry {name!r} is unknown; use one of {sorted(registry)} or module:function."

@@ -124,17 +124,16 @@ def _prefix_grouper(out: Path) -> tuple[list, dict]:
 
 
 def _redi(out: Path) -> tuple[list, dict]:
+    from datasets import load_from_disk
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from benchmarks.timing import step_time_ratio_vs_dpo
     from recipes import redi_two_stage
     from recipes.common import ToyEval
-    from trl_ext.redi import build_redi_pairs
-    from trl_ext.toy import make_reasoning_traces, pretrained_toy_model_path, toy_args
+    from trl_ext.toy import pretrained_toy_model_path, toy_args
 
     stage2 = dict(max_steps=100, per_device_train_batch_size=16, learning_rate=6e-5, logging_steps=10)
-    num_toy_prompts = 2048
     held_out = ToyEval("reasoning", num_prompts=200)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_toy_model_path())
     HeldOutCurve = _callback_cls()
@@ -143,21 +142,40 @@ def _redi(out: Path) -> tuple[list, dict]:
         return HeldOutCurve(lambda m: held_out(m, tokenizer), stage2["max_steps"] // (CURVE_POINTS - 1))
 
     redi_curve, dpo_curve = curve(), curve()
-    argv = _argv(out / "redi", num_toy_prompts=num_toy_prompts, sft_max_steps=800, num_eval_prompts=200, **stage2)
+    # The paper's pipeline on a small scale: the toy teacher (cached after its first run) answers 1024
+    # toy problems 4 times at T=0.8; its traces are labelled, paired, and the student is trained on them.
+    print("[quickstart] REDI: sampling traces from the toy teacher (trained once, then cached)")
+    argv = _argv(out / "redi", teacher_model_name_or_path="toy", num_traces_per_prompt=4, num_toy_prompts=1024,
+                 teacher_max_new_tokens=48, sft_max_steps=800, num_eval_prompts=200, **stage2)  # fmt: skip
     r = _run(redi_two_stage, argv, callbacks=[redi_curve])
     # DPO from the same SFT checkpoint, pairs and settings, for comparison.
     sft_path = str(out / "redi" / "sft")
-    pairs, _ = build_redi_pairs(make_reasoning_traces(num_toy_prompts, seed=0))
+    pairs = load_from_disk(str(out / "redi" / "pairs"))
     dpo = DPOTrainer(model=sft_path, args=toy_args(DPOConfig, out / "dpo", **stage2), train_dataset=pairs,
                      callbacks=[dpo_curve])  # fmt: skip
     dpo.train()
     r["accuracy_dpo"] = dpo_curve.points[-1][1]
     ratio = r["step_time_vs_dpo"] = step_time_ratio_vs_dpo(sft_path, steps=4)
-    row = ["REDI (alpha 0.8)", f"SFT then REDI on {r['pairs']} pairs", "held-out acc",
+    traces = r["data"]["traces"]
+    row = ["REDI (alpha 0.8)", f"teacher traces -> SFT -> REDI on {r['pairs']} pairs", "held-out acc",
            f"{r['accuracy_after_sft']:.1%} (SFT)", f"REDI {r['accuracy_after_redi']:.1%}, DPO {r['accuracy_dpo']:.1%}",
-           f"step time {ratio:.2f}x DPO's (no reference model)"]  # fmt: skip
+           f"step time {ratio:.2f}x DPO's (no reference model); teacher right on {traces['correct_fraction']:.0%} "
+           "of traces"]  # fmt: skip
     r["curves"] = {"DPO (beta 0.1)": _unzip(dpo_curve.points), "REDI (alpha 0.8)": _unzip(redi_curve.points)}
     return row, r
+
+
+def _seed_conclusions(path: str = "benchmarks/results/redi_quality_teacher_10seeds.txt") -> list[str]:
+    """The multi-seed conclusions of the REDI experiment, quoted from its results file when it is present."""
+    file = Path(__file__).resolve().parent.parent / path
+    if not file.exists():
+        return []
+    found = [
+        line.strip()
+        for line in file.read_text().splitlines()
+        if line.startswith("SFT + REDI (alpha 0.8) ") and ":" in line
+    ]
+    return [f"Across seeds ({path}): {line}" for line in found]
 
 
 def _qtuning(out: Path) -> tuple[list, dict]:
@@ -286,7 +304,7 @@ def findings(results: dict) -> list[str]:
                      f"{_compare(r['accuracy_after_redi'], r['accuracy_after_sft'])} it ({r['accuracy_after_redi']:.1%}) "
                      f"and DPO {_compare(r['accuracy_dpo'], r['accuracy_after_sft'])} it ({r['accuracy_dpo']:.1%}); "
                      f"REDI ended {_compare(r['accuracy_after_redi'], r['accuracy_dpo'])} DPO, at "
-                     f"{r['step_time_vs_dpo']:.2f}x its step time.")  # fmt: skip
+                     f"{r['step_time_vs_dpo']:.2f}x its step time. One run does not settle the order.")  # fmt: skip
     if "Q-Tuning" in results:
         r = results["Q-Tuning"]
         lines.append(f"Q-Tuning ended {_compare(r['accuracy_after'], r['accuracy_full_sft'])} full-data SFT "
@@ -329,11 +347,15 @@ def main(argv: list[str] | None = None) -> dict:
     measured = findings(results)
     print("\n" + "\n".join(table))
     print("\nMeasured in this run:\n" + "\n".join(f"- {line}" for line in measured))
+    quoted = _seed_conclusions() if "REDI" in results else []
+    if quoted:
+        print("\nFrom the benchmarks' results files:\n" + "\n".join(f"- {line}" for line in quoted))
     print(f"\ntotal {total:.0f} s with {torch.get_num_threads()} torch thread(s); plots: {out / 'training_curves.png'}, "
           f"{out / 'qtuning' / 'eu_plane.png'}, {out / 'subnet_sparsity.png'}")  # fmt: skip
     drop = ("log_history", "full_log_history")
     summary = {n: {k: v for k, v in r.items() if k not in drop} for n, r in results.items()}
-    (out / "results.json").write_text(json.dumps({"table": table, "findings": measured, "results": summary,
+    (out / "results.json").write_text(json.dumps({"table": table, "findings": measured, "quoted": quoted,
+                                                  "results": summary,
                                                   "seconds": total, "threads": torch.get_num_threads()},
                                                  indent=2, default=str))  # fmt: skip
     return summary

@@ -1,13 +1,28 @@
-"""REDI, two stages: SFT on the teacher's correct traces, then REDI on (correct, incorrect) pairs.
+"""REDI end to end: teacher traces -> labels -> pairs -> SFT on the correct traces -> REDI on the pairs.
 
-Defaults to the embedded toy model and the toy step-by-step traces; any model path or Hub
-id and any trace dataset with ``prompt``/``completion``/``answer`` columns (and optionally a
-boolean ``correct`` column, else traces are labelled with ``--verifier``) work too. Both
-stages read one parsed :class:`~trl_ext.REDIConfig`; stage 1's ``SFTConfig`` is derived from
-it, with ``--sft_learning_rate``, ``--sft_max_steps`` and ``--sft_batch_size`` and
-``output_dir=<output_dir>/sft``.
+Where the traces come from, in order of precedence:
+
+- ``--traces_path``: traces saved by an earlier run (``<output_dir>/traces``), reused as they are;
+- ``--teacher_model_name_or_path`` (a path, a Hub id, or ``toy`` for the embedded toy teacher):
+  ``--num_traces_per_prompt`` traces are sampled per prompt (``--teacher_temperature``,
+  ``--teacher_max_new_tokens``) and labelled with ``--verifier``. The prompts are the ``prompt``
+  and ``answer`` columns of ``--dataset_name``, or ``--num_toy_prompts`` toy problems;
+- ``--dataset_name`` alone: a trace dataset with ``prompt``/``completion``/``answer`` columns (and
+  optionally a boolean ``correct`` column, else traces are labelled with ``--verifier``);
+- nothing: the toy step-by-step traces, whose wrong traces are a correct one with a slipped step.
+
+Every stage writes under ``--output_dir``: ``traces/`` and ``pairs/`` (``save_to_disk``), ``sft/``
+(the stage-1 model) and the REDI model at the top level. ``--skip_sft`` starts REDI from
+``--model_name_or_path``. Both stages read one parsed :class:`~trl_ext.REDIConfig`; stage 1's
+``SFTConfig`` is derived from it, with ``--sft_learning_rate``, ``--sft_max_steps`` and
+``--sft_batch_size``. A teacher with no correct trace, or prompts without an answer column,
+stop the run with a clear error before any training.
 
     python -m recipes.redi_two_stage --output_dir outputs/redi --max_steps 100
+    python -m recipes.redi_two_stage --teacher_model_name_or_path toy --num_traces_per_prompt 4 \\
+        --output_dir outputs/redi-teacher
+    python -m recipes.redi_two_stage --traces_path outputs/redi-teacher/traces --skip_sft \\
+        --model_name_or_path outputs/redi-teacher/sft --output_dir outputs/redi-stage2 --max_steps 50
     python -m recipes.redi_two_stage --config recipes/configs/redi.yaml
     python -m recipes.redi_two_stage --model_name_or_path Qwen/Qwen2.5-Math-1.5B \\
         --dataset_name my/traces --sft_learning_rate 5e-5 --learning_rate 1e-6 --dtype bfloat16
@@ -16,9 +31,10 @@ it, with ``--sft_learning_rate``, ``--sft_max_steps`` and ``--sft_batch_size`` a
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, load_dataset, load_from_disk
 from transformers import AutoConfig, AutoTokenizer, TrainingArguments
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
@@ -26,6 +42,7 @@ from recipes.common import (
     ToyScriptArguments,
     cpu_guard,
     finish,
+    import_callable,
     load_model,
     lora_config,
     make_recipe_parser,
@@ -36,20 +53,48 @@ from recipes.common import (
     train,
 )
 from trl_ext._args import convert_args
-from trl_ext.redi import REDIConfig, REDITrainer, build_redi_pairs, label_traces, math_verify_checker, positives
-from trl_ext.toy import check_reasoning_answer, make_reasoning_traces
+from trl_ext.redi import (
+    REDIConfig,
+    REDITrainer,
+    TraceReport,
+    generate_traces,
+    label_traces,
+    math_verify_checker,
+    positives,
+    traces_to_pairs,
+)
+from trl_ext.toy import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
 
 
 @dataclass
 class REDIScriptArguments(ToyScriptArguments):
     """Script arguments plus the traces and stage 1 (SFT); stage 2's are those of :class:`~trl_ext.REDIConfig`."""
 
-    num_toy_prompts: int = field(default=512, metadata={"help": "Prompts in the default toy trace set."})
-    verifier: str = field(
-        default="math",
+    num_toy_prompts: int = field(
+        default=512, metadata={"help": "Toy prompts: in the default trace set, or answered by the teacher."}
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
         metadata={
-            "help": "Trace verifier when there is no `correct` column: 'math' (math-verify, boxed answers) or "
-            "'toy' (the toy task's `Answer: N` checker)."
+            "help": "Teacher to sample traces from (path, Hub id, or 'toy' for the embedded toy teacher). "
+            "Default: no teacher; traces come from --traces_path, --dataset_name or the toy trace set."
+        },
+    )
+    num_traces_per_prompt: int = field(default=4, metadata={"help": "Traces sampled from the teacher per prompt."})
+    teacher_temperature: float = field(default=0.8, metadata={"help": "Teacher sampling temperature."})
+    teacher_top_p: float = field(default=1.0, metadata={"help": "Teacher nucleus-sampling top_p."})
+    teacher_max_new_tokens: int = field(default=256, metadata={"help": "Longest teacher trace, in tokens."})
+    teacher_batch_size: int = field(default=64, metadata={"help": "Prompts per teacher generate call."})
+    traces_path: str | None = field(
+        default=None,
+        metadata={"help": "Labelled traces saved by an earlier run (`<output_dir>/traces`); skips generation."},
+    )
+    verifier: str | None = field(
+        default=None,
+        metadata={
+            "help": "Trace verifier: 'math' (math-verify, boxed answers), 'toy' (the toy task's `Answer: N` "
+            "checker) or module:function taking (completion, answer) -> bool. Default: 'toy' on the toy prompts, "
+            "'math' with --dataset_name."
         },
     )
     max_trace_length: int | None = field(default=None, metadata={"help": "Drop traces longer than this (tokens)."})
@@ -59,19 +104,61 @@ class REDIScriptArguments(ToyScriptArguments):
     skip_sft: bool = field(default=False, metadata={"help": "Start REDI directly from model_name_or_path."})
 
 
-def load_traces(script_args: REDIScriptArguments, seed: int = 0) -> Dataset:
-    """Teacher traces with a boolean ``correct`` column: ``--dataset_name``, or the toy traces."""
-    if not script_args.dataset_name:
-        return make_reasoning_traces(script_args.num_toy_prompts, seed=seed)
-    traces = load_dataset(
+VERIFIERS = {"math": math_verify_checker, "toy": check_reasoning_answer}
+
+
+def get_verifier(script_args: REDIScriptArguments):
+    """The ``--verifier`` callable; by default the toy checker on toy prompts and math-verify otherwise."""
+    name = script_args.verifier or ("math" if script_args.dataset_name else "toy")
+    if name in VERIFIERS:
+        return VERIFIERS[name]
+    if ":" in name:
+        return import_callable(name)
+    raise ValueError(f"verifier={name!r} is unknown; use one of {sorted(VERIFIERS)} or module:function.")
+
+
+def _dataset(script_args: REDIScriptArguments) -> Dataset:
+    return load_dataset(
         script_args.dataset_name, name=script_args.dataset_config, split=script_args.dataset_train_split
     )
+
+
+def teacher_prompts(script_args: REDIScriptArguments, seed: int = 0) -> Dataset:
+    """The prompts the teacher answers: ``--dataset_name``'s, or ``--num_toy_prompts`` toy problems."""
+    if script_args.dataset_name:
+        return _dataset(script_args)
+    toy = make_reasoning_traces(script_args.num_toy_prompts, seed=seed, traces_per_prompt=1)
+    return toy.select_columns(["prompt", "answer"])
+
+
+def sample_traces(script_args: REDIScriptArguments, seed: int = 0) -> tuple[Dataset, TraceReport]:
+    """Traces sampled from ``--teacher_model_name_or_path`` and labelled with the verifier."""
+    teacher = script_args.teacher_model_name_or_path
+    if teacher == "toy":
+        teacher = toy_teacher_path()
+    return generate_traces(
+        teacher, teacher_prompts(script_args, seed), get_verifier(script_args), script_args.num_traces_per_prompt,
+        temperature=script_args.teacher_temperature, top_p=script_args.teacher_top_p,
+        max_new_tokens=script_args.teacher_max_new_tokens, batch_size=script_args.teacher_batch_size, seed=seed,
+    )  # fmt: skip
+
+
+def load_traces(script_args: REDIScriptArguments, seed: int = 0) -> tuple[Dataset, TraceReport | None]:
+    """Labelled traces (with a boolean ``correct`` column) and, when a teacher sampled them, its report.
+
+    ``--traces_path``, else the teacher, else ``--dataset_name``, else the toy traces.
+    """
+    if script_args.traces_path:
+        traces = load_from_disk(script_args.traces_path)
+    elif script_args.teacher_model_name_or_path:
+        return sample_traces(script_args, seed)
+    elif script_args.dataset_name:
+        traces = _dataset(script_args)
+    else:
+        return make_reasoning_traces(script_args.num_toy_prompts, seed=seed), None
     if "correct" not in traces.column_names:
-        verifiers = {"math": math_verify_checker, "toy": check_reasoning_answer}
-        if script_args.verifier not in verifiers:
-            raise ValueError(f"verifier={script_args.verifier!r} is unknown; use one of {sorted(verifiers)}.")
-        traces = label_traces(traces, verifier=verifiers[script_args.verifier])
-    return traces
+        traces = label_traces(traces, verifier=get_verifier(script_args))
+    return traces, None
 
 
 def sft_config(args: REDIConfig, script_args: REDIScriptArguments) -> SFTConfig:
@@ -132,30 +219,49 @@ def redi_stage(
 
 def main(script_args: REDIScriptArguments, training_args: REDIConfig, model_args: ModelConfig, callbacks=None) -> dict:
     cpu_guard(training_args)
+    out = training_args.output_dir
     path = model_path(model_args)
-    traces = load_traces(script_args, seed=training_args.seed)
+    seconds = {}
+    start = time.perf_counter()
+    traces, trace_report = load_traces(script_args, seed=training_args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    pairs, report = build_redi_pairs(traces, max_length=script_args.max_trace_length, tokenizer=tokenizer)
+    # Stops here, before any training, when no trace is correct.
+    pairs, report = traces_to_pairs(traces, trace_report, max_length=script_args.max_trace_length, tokenizer=tokenizer)
+    if len(pairs) == 0:
+        raise ValueError(
+            f"No REDI pair could be built: {report.pairs}. A pair needs a prompt with both a correct and an "
+            "incorrect trace; sample more traces per prompt (--num_traces_per_prompt), raise --teacher_temperature, "
+            "or use more prompts."
+        )
+    traces.save_to_disk(os.path.join(out, "traces"))
+    pairs.save_to_disk(os.path.join(out, "pairs"))
+    seconds["traces and pairs"] = time.perf_counter() - start
     print(f"[redi] {report}")
-    sft_path = os.path.join(training_args.output_dir, "sft")
+    sft_path = os.path.join(out, "sft")
+    start = time.perf_counter()
     if resume_arg(training_args) and os.path.exists(os.path.join(sft_path, "config.json")):
         print(f"[redi] resuming stage 2: stage 1's model is already saved in {sft_path}")
         path = sft_path
     elif not script_args.skip_sft:
         sft_data = positives(traces).select_columns(["prompt", "completion"])
         path = sft_stage(path, sft_data, training_args, script_args, model_args)
-    results = {"pairs": report.pairs, "dropped": dict(report.dropped)}
+        seconds["SFT"] = time.perf_counter() - start
+    results = {"pairs": report.pairs.pairs, "dropped": dict(report.pairs.dropped), "data": report.to_dict()}
     evaluate = toy_eval(script_args, "reasoning", seed=training_args.seed)
     if evaluate:
         model, _ = load_model(model_args, training_args, path=path)
         results["accuracy_after_sft"] = evaluate(model, tokenizer)
+    start = time.perf_counter()
     trainer = redi_stage(path, pairs, training_args, model_args, callbacks)
+    seconds["REDI"] = time.perf_counter() - start
     results["dtype"] = str(trainer.model.dtype)
     if evaluate:
         results["accuracy_after_redi"] = evaluate(trainer.model, tokenizer)
     finish(trainer, script_args, results)
-    results["model_path"] = training_args.output_dir
-    print(f"[redi] { {k: v for k, v in results.items() if k != 'log_history'} }")
+    results["model_path"] = out
+    results["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    print("[redi] stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in results["seconds"].items()))
+    print(f"[redi] { {k: v for k, v in results.items() if k not in ('log_history', 'data')} }")
     return results
 
 

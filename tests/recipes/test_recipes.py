@@ -181,3 +181,78 @@ def test_redi_stage_one_config_derives_from_the_parsed_redi_config(tmp_path):
     assert (sft.learning_rate, sft.max_steps, sft.per_device_train_batch_size) == (1e-3, 30, 5)
     assert sft.output_dir == str(tmp_path / "sft")
     assert sft.loss_type == SFTConfig(output_dir="x", bf16=False).loss_type  # SFT's own fields keep SFT's defaults
+
+
+# REDI from a teacher: generate -> label -> pair -> SFT -> REDI, each stage saved under output_dir.
+TEACHER = ("--num_traces_per_prompt 3 --num_toy_prompts 6 --teacher_max_new_tokens 16 --teacher_batch_size 4 "
+           "--sft_max_steps 2 --sft_batch_size 4 --max_steps 2 --per_device_train_batch_size 2 --num_eval_prompts 0 "
+           "--report_to none --disable_tqdm true --save_strategy no")  # fmt: skip
+VERIFIER = "tests.recipes.rewards:even_length"
+
+
+def _redi(tmp_path, *extra: str) -> dict:
+    from trl_ext.toy import pretrained_toy_model_path
+
+    argv = ["--output_dir", str(tmp_path), "--teacher_model_name_or_path", pretrained_toy_model_path(),
+            *shlex.split(TEACHER), *extra]  # fmt: skip
+    return _main("redi_two_stage", argv)
+
+
+def test_redi_recipe_from_a_teacher_saves_every_stage(tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    from tests.recipes.rewards import even_length
+    from trl_ext.toy import make_reasoning_traces
+
+    monkeypatch.chdir(ROOT)
+    results = _redi(tmp_path / "run", "--verifier", VERIFIER)
+    traces = load_from_disk(tmp_path / "run" / "traces")
+    assert set(traces.column_names) == {"prompt", "completion", "answer", "correct"} and len(traces) == 6 * 3
+    # The prompts are the toy problems the flags name, each answered 3 times, labelled by the verifier.
+    toy = make_reasoning_traces(6, seed=42, traces_per_prompt=1)
+    assert sorted(set(traces["prompt"])) == sorted(toy["prompt"])
+    assert traces["correct"] == [even_length(c, a) for c, a in zip(traces["completion"], traces["answer"])]
+    # Reference pairing: one pair per prompt that has both a correct and an incorrect trace.
+    labels = {}
+    for p, ok in zip(traces["prompt"], traces["correct"]):
+        labels.setdefault(p, set()).add(ok)
+    pairs = load_from_disk(tmp_path / "run" / "pairs")
+    assert len(pairs) == results["pairs"] == sum(v == {True, False} for v in labels.values()) > 0
+    assert results["data"]["traces"]["traces"] == 18 and results["data"]["positives"] == sum(traces["correct"])
+    assert (tmp_path / "run" / "sft" / "config.json").exists() and (tmp_path / "run" / "model.safetensors").exists()
+    assert set(results["seconds"]) == {"traces and pairs", "SFT", "REDI"}
+
+    # Rerun stage 2 alone from the saved traces and SFT model: no generation, the same pairs.
+    import recipes.redi_two_stage as recipe
+
+    monkeypatch.setattr(recipe, "generate_traces", lambda *a, **k: pytest.fail("traces were generated again"))
+    again = _main("redi_two_stage", ["--output_dir", str(tmp_path / "again"), *shlex.split(TEACHER),
+                                     "--traces_path", str(tmp_path / "run" / "traces"), "--skip_sft",
+                                     "--model_name_or_path", str(tmp_path / "run" / "sft")])  # fmt: skip
+    assert again["pairs"] == results["pairs"] and not (tmp_path / "again" / "sft").exists()
+
+
+def test_redi_recipe_stops_before_training_without_a_correct_trace(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="no correct traces out of 18"):
+        _redi(tmp_path, "--verifier", "tests.recipes.rewards:never_correct")
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "model.safetensors").exists()
+
+
+def test_redi_recipe_needs_an_answer_column_for_the_teacher(tmp_path, monkeypatch):
+    import recipes.redi_two_stage as recipe
+
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": "1+2+3="}\n{"prompt": "4+5+6="}\n')
+    monkeypatch.setattr(recipe, "AutoModelForCausalLM", None, raising=False)
+    with pytest.raises(ValueError, match="no answer column 'answer'"):
+        _redi(tmp_path / "out", "--dataset_name", str(data))
+    assert not (tmp_path / "out" / "sft").exists()
+
+
+def test_redi_recipe_stops_before_training_without_a_pair(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="No REDI pair could be built"):
+        _redi(tmp_path, "--verifier", "tests.recipes.rewards:always_correct")
+    assert not (tmp_path / "sft").exists()
