@@ -22,3 +22,12 @@ def never_correct(completion, answer) -> bool:
 def always_correct(completion, answer) -> bool:
     """A REDI trace verifier that accepts everything: no incorrect trace, so no pair."""
     return True
+
+
+def first_int_equals_answer(completion, answer) -> bool:
+    """A verifier for the toy arithmetic task: the first integer in the completion is the answer."""
+    import re
+
+    text = completion if isinstance(completion, str) else completion[-1]["content"]
+    match = re.search(r"-?\d+", text)
+    return match is not None and int(match.group()) == int(answer)
