@@ -41,6 +41,19 @@ class ToyScriptArguments(ScriptArguments):
     )
 
 
+@dataclass
+class RewardScriptArguments(ToyScriptArguments):
+    """Toy script arguments plus GRPO's reward functions, by registry name or ``module:function``."""
+
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Rewards: arithmetic_reward (default), reasoning_reward, accuracy_reward, "
+            "think_format_reward, or module:function."
+        },  # fmt: skip
+    )
+
+
 def accelerator_available() -> bool:
     """Whether torch sees a GPU or another accelerator (CUDA, ROCm, XPU, MPS, ...)."""
     return torch.accelerator.is_available()

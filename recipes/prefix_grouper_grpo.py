@@ -14,12 +14,12 @@ the dataset's columns reach a reward as keyword arguments, as in TRL. ``--use_pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import ModelConfig
 
 from recipes.common import (
-    ToyScriptArguments,
+    RewardScriptArguments,
     cpu_guard,
     finish,
     get_reward_funcs,
@@ -36,16 +36,8 @@ from trl_ext.toy import make_arithmetic_dataset
 
 
 @dataclass
-class PrefixGrouperScriptArguments(ToyScriptArguments):
+class PrefixGrouperScriptArguments(RewardScriptArguments):
     """Script arguments plus the rewards; Prefix Grouper's knobs are those of :class:`~trl_ext.PrefixGrouperGRPOConfig`."""
-
-    reward_funcs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Rewards: arithmetic_reward (default), reasoning_reward, accuracy_reward, "
-            "think_format_reward, or module:function."
-        },  # fmt: skip
-    )
 
 
 def main(

@@ -30,7 +30,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig
 from peft_ext import SubnetConfig, diff_checkpoints
 from peft_ext.subnet import analysis
 from recipes.common import (
-    ToyScriptArguments,
+    RewardScriptArguments,
     cpu_guard,
     get_reward_funcs,
     load_model,
@@ -44,16 +44,9 @@ from trl_ext.toy import make_arithmetic_dataset
 
 
 @dataclass
-class SubnetScriptArguments(ToyScriptArguments):
+class SubnetScriptArguments(RewardScriptArguments):
     """Script arguments plus the rewards and the subnetwork selection."""
 
-    reward_funcs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Rewards: arithmetic_reward (default), reasoning_reward, accuracy_reward, "
-            "think_format_reward, or module:function."
-        },  # fmt: skip
-    )
     selection_tol: float = field(default=1e-5, metadata={"help": "Absolute tolerance of an unchanged weight."})
     plot: str | None = field(default=None, metadata={"help": "Sparsity PNG path (default <output_dir>/...)."})
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +28,22 @@ def cache_dir() -> Path:
     """Root folder of the on-disk toy cache (``$PEFT_TRL_EXT_CACHE`` or ``~/.cache/peft_trl_ext``)."""
     root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "peft_trl_ext")
     return Path(root)
+
+
+def build_once(path: Path, marker: str, build: Callable[[Path], object]) -> str:
+    """``path`` as a string, after ``build(tmp)`` has filled it unless ``path/marker`` already exists.
+
+    The build writes to a temporary sibling that is renamed into place, so concurrent processes
+    never see a half-written model; if another process finished first, its copy is kept.
+    """
+    if not (path / marker).exists():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data import DEFAULT_MAX_OPERAND, arithmetic_reward, make_arithmetic_dataset
-from .models import ToyModelSpec, build_toy_model, cache_dir
+from .models import ToyModelSpec, build_once, build_toy_model, cache_dir
 from .tokenizer import build_toy_tokenizer
 
 
@@ -137,13 +136,37 @@ def pretrain_datasets(config: PretrainConfig | None = None):
     return train, held_out
 
 
+def train_loop(model, examples: list, pad_token_id: int, config, desc: str, progress: bool = True) -> torch.Tensor:
+    """AdamW with a one-cycle schedule over random batches of tokenized ``examples``; returns the last loss.
+
+    ``config`` gives ``learning_rate``, ``steps``, ``batch_size`` and ``seed`` (the batch order).
+    """
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=config.steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.train()
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress)
+    for _ in bar:
+        idx = torch.randint(len(examples), (config.batch_size,), generator=generator).tolist()
+        input_ids, attention, labels = _batch([examples[i] for i in idx], pad_token_id)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss
+
+
 def pretrain_toy_model(config: PretrainConfig, output_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Train a toy model on arithmetic and save it with its tokenizer; return its metrics.
 
     The metrics record the held-out accuracy before and after training, the wall and CPU
     seconds of the training loop and torch's thread count.
     """
-    from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
     tokenizer = build_toy_tokenizer()
@@ -153,22 +176,8 @@ def pretrain_toy_model(config: PretrainConfig, output_dir: str | os.PathLike, pr
     examples = [
         _rendered(tokenizer, p, c, chat) for p, c in zip(train["prompt"], train["completion"]) for chat in (0, 1)
     ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=config.steps)
-    generator = torch.Generator().manual_seed(config.seed)
     start, start_cpu = time.perf_counter(), time.process_time()
-    model.train()
-    bar = tqdm(range(config.steps), desc="pretraining toy model", disable=not progress)
-    for _ in bar:
-        idx = torch.randint(len(examples), (config.batch_size,), generator=generator).tolist()
-        input_ids, attention, labels = _batch([examples[i] for i in idx], tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    loss = train_loop(model, examples, tokenizer.pad_token_id, config, "pretraining toy model", progress)
     train_seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     metrics = {
         "train_seconds": round(train_seconds, 1),
@@ -196,14 +205,9 @@ def pretrained_toy_model_path(config: PretrainConfig | None = None, progress: bo
     """
     config = config or PretrainConfig(model=ToyModelSpec(**model_sizes))
     path = cache_dir() / "models" / f"{config.model.arch}-arith-{config.key()}"
-    if not (path / "toy_pretrain_metrics.json").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        pretrain_toy_model(config, tmp, progress=progress)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process finished first; keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    return build_once(
+        path, "toy_pretrain_metrics.json", lambda tmp: pretrain_toy_model(config, tmp, progress=progress)
+    )
 
 
 def pretrain_metrics(path: str | os.PathLike) -> dict:

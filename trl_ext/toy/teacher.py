@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data import make_reasoning_traces, reasoning_reward
-from .models import cache_dir
-from .pretrain import PretrainConfig, _batch, _rendered, generation_accuracy, pretrained_toy_model_path
+from .models import build_once, cache_dir
+from .pretrain import PretrainConfig, _rendered, generation_accuracy, pretrained_toy_model_path, train_loop
 
 TEACHER_SEED_OFFSET = 50_000  # the teacher's training prompts come from seeds far from the benchmarks' ones
 
@@ -77,7 +76,6 @@ def train_toy_teacher(config: TeacherConfig, output_dir: str | os.PathLike, prog
     The metrics record greedy and sampled (at ``config.temperature``) held-out accuracy and the
     seconds spent training.
     """
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -88,21 +86,7 @@ def train_toy_teacher(config: TeacherConfig, output_dir: str | os.PathLike, prog
     train = make_reasoning_traces(config.num_train_prompts, seed=seed, traces_per_prompt=1, p_correct=1.0)
     held_out = make_reasoning_traces(config.num_eval_prompts, seed=seed + 1, traces_per_prompt=1)
     examples = [_rendered(tokenizer, p, c, chat=False) for p, c in zip(train["prompt"], train["completion"])]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=config.steps)
-    generator = torch.Generator().manual_seed(config.seed)
-    model.train()
-    bar = tqdm(range(config.steps), desc="training toy teacher", disable=not progress)
-    for _ in bar:
-        idx = torch.randint(len(examples), (config.batch_size,), generator=generator).tolist()
-        input_ids, attention, labels = _batch([examples[i] for i in idx], tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    loss = train_loop(model, examples, tokenizer.pad_token_id, config, "training toy teacher", progress)
     train_seconds = time.perf_counter() - start
     metrics = {
         "train_seconds": round(train_seconds, 1),
@@ -133,14 +117,7 @@ def toy_teacher_path(config: TeacherConfig | None = None, progress: bool = True)
     """
     config = config or TeacherConfig()
     path = cache_dir() / "models" / f"{config.pretrain.model.arch}-teacher-{config.key()}"
-    if not (path / "toy_teacher_metrics.json").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        train_toy_teacher(config, tmp, progress=progress)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process finished first; keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    return build_once(path, "toy_teacher_metrics.json", lambda tmp: train_toy_teacher(config, tmp, progress=progress))
 
 
 def teacher_metrics(path: str | os.PathLike) -> dict:
