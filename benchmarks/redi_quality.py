@@ -80,22 +80,14 @@ def _traces(seed: int, a: argparse.Namespace):
 
 
 def _sft(model_path: str, train, seed: int, a: argparse.Namespace) -> str:
-    """Stage 1: SFT on the correct traces; saved, so every second stage loads the same checkpoint afresh."""
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
+    """Stage 1, the recipe's own: SFT on the correct traces, saved so every second stage loads it afresh."""
+    from recipes.redi_two_stage import REDIScriptArguments, sft_stage
+    from trl_ext.redi import REDIConfig
     from trl_ext.toy import toy_args
 
-    out = f"{a.workdir}/{a.negatives}/{seed}/sft"
-    args = toy_args(SFTConfig, out, seed=seed, learning_rate=a.sft_lr, max_steps=a.sft_steps,
-                    per_device_train_batch_size=32, lr_scheduler_type="cosine", warmup_steps=min(20, a.sft_steps // 10),
-                    disable_tqdm=True, logging_steps=a.sft_steps)  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    trainer = _quiet(SFTTrainer(model=model_path, args=args, train_dataset=train, processing_class=tokenizer))
-    trainer.train()
-    trainer.save_model(out)
-    tokenizer.save_pretrained(out)
-    return out
+    stage_args = toy_args(REDIConfig, f"{a.workdir}/{a.negatives}/{seed}", seed=seed, disable_tqdm=True)
+    script_args = REDIScriptArguments(sft_learning_rate=a.sft_lr, sft_max_steps=a.sft_steps, sft_batch_size=32)
+    return sft_stage(model_path, train, stage_args, script_args)
 
 
 def run_seed(seed: int, a: argparse.Namespace, variants: list[tuple[str, float | None]]) -> dict[str, float]:

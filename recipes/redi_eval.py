@@ -20,8 +20,8 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from recipes.common import ToyEval, import_callable
-from recipes.redi_two_stage import VERIFIERS
+from recipes.common import ToyEval
+from recipes.redi_two_stage import get_verifier
 from trl_ext.redi import verify_traces
 
 
@@ -79,8 +79,7 @@ def main(args: REDIEvalArguments) -> dict[str, float]:
         raise ValueError("No model to evaluate; pass --model_name_or_path PATH [PATH ...].")
     if args.dataset_name:
         problems = _problems(args)
-        name = args.verifier or "math"
-        verifier = VERIFIERS[name] if name in VERIFIERS else import_callable(name)
+        verifier = get_verifier(args)
     device = torch.accelerator.current_accelerator() or "cpu"
     results = {}
     for path in args.model_name_or_path:

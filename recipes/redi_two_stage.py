@@ -57,6 +57,7 @@ from trl_ext.redi import (
     REDIConfig,
     REDITrainer,
     TraceReport,
+    Verifier,
     generate_traces,
     label_traces,
     math_verify_checker,
@@ -107,8 +108,9 @@ class REDIScriptArguments(ToyScriptArguments):
 VERIFIERS = {"math": math_verify_checker, "toy": check_reasoning_answer}
 
 
-def get_verifier(script_args: REDIScriptArguments):
-    """The ``--verifier`` callable; by default the toy checker on toy prompts and math-verify otherwise."""
+def get_verifier(script_args) -> Verifier:
+    """The ``--verifier`` callable (``math``, ``toy`` or ``module:function``); by default the toy checker on
+    toy prompts and math-verify with ``--dataset_name``."""
     name = script_args.verifier or ("math" if script_args.dataset_name else "toy")
     if name in VERIFIERS:
         return VERIFIERS[name]

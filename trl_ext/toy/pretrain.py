@@ -190,10 +190,15 @@ def pretrain_toy_model(config: PretrainConfig, output_dir: str | os.PathLike, pr
         "heldout_accuracy_chat": arithmetic_accuracy(model, tokenizer, held_out, chat=True),
         "config": asdict(config),
     }
+    return save_trained(model, tokenizer, output_dir, "toy_pretrain_metrics.json", metrics)
+
+
+def save_trained(model, tokenizer, output_dir: str | os.PathLike, metrics_file: str, metrics: dict) -> dict:
+    """Save a trained toy model like a Hub repo (padding set for ``generate``) with its metrics; return them."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    (Path(output_dir) / "toy_pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))
+    (Path(output_dir) / metrics_file).write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

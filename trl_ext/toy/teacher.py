@@ -26,7 +26,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data import make_reasoning_traces, reasoning_reward
 from .models import build_once, cache_dir
-from .pretrain import PretrainConfig, _rendered, generation_accuracy, pretrained_toy_model_path, train_loop
+from .pretrain import (
+    PretrainConfig,
+    _rendered,
+    generation_accuracy,
+    pretrained_toy_model_path,
+    save_trained,
+    train_loop,
+)
 
 TEACHER_SEED_OFFSET = 50_000  # the teacher's training prompts come from seeds far from the benchmarks' ones
 
@@ -97,11 +104,7 @@ def train_toy_teacher(config: TeacherConfig, output_dir: str | os.PathLike, prog
         "temperature": config.temperature,
         "config": asdict(config),
     }
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (Path(output_dir) / "toy_teacher_metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return save_trained(model, tokenizer, output_dir, "toy_teacher_metrics.json", metrics)
 
 
 def toy_teacher_path(config: TeacherConfig | None = None, progress: bool = True) -> str:
