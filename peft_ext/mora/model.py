@@ -10,12 +10,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark
+from .._merging import AtomicSafeMergeMixin
 from .config import MoraConfig
 from .layer import SUPPORTED_LAYERS, MoraLayer, MoraLinear
 from .ops import resolve_mora_type
 
 
-class MoraModel(BaseTuner):
+class MoraModel(AtomicSafeMergeMixin, BaseTuner):
     """MoRA model (Jiang et al., 2024, https://huggingface.co/papers/2405.12130), built by `get_peft_model`.
 
     Every target ``nn.Linear``/``Conv1D`` gets one trainable square matrix per adapter. All of

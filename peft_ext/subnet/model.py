@@ -4,24 +4,65 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
+from .._merging import AtomicSafeMergeMixin
 from . import ops
 from .config import SubnetConfig
 from .layer import SubnetLayer, subnet_layer_class
 from .masks import MaskFile, find_mask_name
 
-_WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.", "module.")
 _ENCODED_KEYS = {"indices": "subnet_indices", "bitmap": "subnet_bitmap"}
 _SAVED_ATTRS = ("subnet_values", "subnet_indices", "subnet_bitmap", "subnet_shape")
+# Modules that wrap others and insert their attribute into names: FSDP1, activation checkpointing, torch.compile.
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+# Prefixes that only ever lead a name: PeftModel's, and DDP's ``module`` (elsewhere it may be a real module name).
+_LEADING_PREFIXES = (("base_model", "model"), ("module",))
 
 
 def _strip_wrappers(name: str) -> str:
+    """``name`` as the unwrapped base model names it.
+
+    Drops the segments that FSDP1, activation checkpointing and ``torch.compile`` insert anywhere in a
+    name, and the leading ``module.`` (DDP) and ``base_model.model.`` (PeftModel), so that names taken
+    from a wrapped model, its state dict or a masks file compare equal.
+    """
+    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
     changed = True
     while changed:
         changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-    return name
+        for prefix in _LEADING_PREFIXES:
+            if len(parts) > len(prefix) and tuple(parts[: len(prefix)]) == prefix:
+                parts, changed = parts[len(prefix) :], True
+    return ".".join(parts)
+
+
+def _adaptable(module) -> bool:
+    """Whether the tuner can adapt ``module`` (or, for an adapted layer, its base layer)."""
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    return subnet_layer_class(module) is not None
+
+
+def _base_parameter_names(modules: dict) -> dict[str, tuple[str, str]]:
+    """``{parameter name in the base model: (module name, parameter name)}`` of a possibly adapted model.
+
+    An adapted layer's weight lives at ``<layer>.base_layer.weight``; it is listed as ``<layer>.weight``,
+    its name in the base model, so masks name the same weights before and after the first adapter. The
+    adapter parameters themselves are not listed. Wrapper segments (FSDP1, activation checkpointing,
+    ``torch.compile``) are dropped from the names.
+    """
+    tuner_layers = {name for name, module in modules.items() if isinstance(module, BaseTunerLayer)}
+    params = {}
+    for module_name, module in modules.items():
+        parts = module_name.split(".")
+        if any(".".join(parts[:i]) in tuner_layers for i in range(1, len(parts))):
+            continue  # inside an adapted layer: its base layer is listed under the layer's name
+        owner = module.get_base_layer() if module_name in tuner_layers else module
+        for param_name, _ in owner.named_parameters(recurse=False):
+            full = _strip_wrappers(f"{module_name}.{param_name}" if module_name else param_name)
+            params[full] = (module_name, param_name)
+            if module_name in tuner_layers:  # also as the adapted model names it (masks built from that model)
+                params[_strip_wrappers(f"{module_name}.base_layer.{param_name}")] = (module_name, param_name)
+    return params
 
 
 class _DictMasks:
@@ -45,7 +86,7 @@ class _DictMasks:
         return ops.mask_to_indices(mask.cpu())
 
 
-class SubnetModel(BaseTuner):
+class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
     """Train a sparse subnetwork of a pretrained model: ``W = W0 + scatter(m, v)`` with only ``v`` trainable.
 
     Args:
@@ -91,10 +132,7 @@ class SubnetModel(BaseTuner):
         """
         masks = self._mask_source(config)
         modules = dict(model.named_modules())
-        params = {}
-        for module_name, module in modules.items():
-            for param_name, _ in module.named_parameters(recurse=False):
-                params[f"{module_name}.{param_name}" if module_name else param_name] = (module_name, param_name)
+        params = _base_parameter_names(modules)
         targets, unknown = {}, []
         for mask_name in masks.names():
             stem = _strip_wrappers(mask_name)
@@ -119,10 +157,15 @@ class SubnetModel(BaseTuner):
                 )
             targets[module_name] = mask_name
         if unknown:
+            canonical = {}  # one name per weight: the base model's (the adapted model's alias comes second)
+            for p, owner in params.items():
+                canonical.setdefault(owner, p)
+            adaptable = [p for (m, n), p in canonical.items() if n == "weight" and _adaptable(modules[m])]
+            examples = (adaptable or list(canonical.values()))[:2]
             raise ValueError(
                 f"{len(unknown)} mask(s) name weights this model does not have, e.g. {unknown[:3]}; masks are keyed by "
-                "parameter names such as 'model.layers.0.self_attn.q_proj.weight'. Remove them or fix their names "
-                "(masks from another model do not fit this one)."
+                f"this model's parameter names, such as {examples}. Remove them or fix their names (masks from "
+                "another model do not fit this one)."
             )
         return targets
 
@@ -141,10 +184,12 @@ class SubnetModel(BaseTuner):
             if isinstance(source, dict) or source not in ("random", "magnitude", "adapter"):
                 # refuse masks of weights the model lacks before changing anything; with target_modules set,
                 # only the targets' masks must fit (checked per module in _resolve_indices)
-                self._masked_modules(config, model, check_shapes=config.target_modules is None)
+                targets = self._masked_modules(config, model, check_shapes=config.target_modules is None)
+                self.__dict__["_subnet_mask_names"] = targets
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:  # masks are copied into the layers; do not keep a large mask source alive
             self.__dict__.pop("_subnet_mask_sources", None)
+            self.__dict__.pop("_subnet_mask_names", None)
 
     def _resolve_indices(self, config: SubnetConfig, module_name: str, base_layer) -> torch.Tensor | None:
         """Mask of one target weight as sorted flat indices (None: to be loaded from a saved adapter)."""
@@ -157,7 +202,11 @@ class SubnetModel(BaseTuner):
         if source == "magnitude":
             return ops.magnitude_indices(weight, config.density)
         masks = self._mask_source(config)
-        name = find_mask_name(masks.names(), module_name)
+        name = self.__dict__.get("_subnet_mask_names", {}).get(module_name)  # resolved by _masked_modules
+        if name is None:
+            by_base_name = {_strip_wrappers(n): n for n in masks.names()}
+            name = find_mask_name(by_base_name, _strip_wrappers(module_name))
+            name = by_base_name.get(name, name)
         if name is None:
             known = masks.names()
             raise KeyError(
@@ -224,7 +273,9 @@ class SubnetModel(BaseTuner):
             to_return[f"{name}.{_ENCODED_KEYS[encoding]}.{adapter_name}"] = tensor
             # The weight's shape, so a load onto a base of another shape fails instead of scattering wrongly.
             to_return[f"{name}.subnet_shape.{adapter_name}"] = torch.tensor(module.weight_shape, dtype=torch.int64)
-        return to_return
+        # Keys as an unwrapped PeftModel names them: module names of an FSDP1-, checkpoint- or compile-wrapped
+        # model carry wrapper segments that its state dict (the values) may or may not carry.
+        return {_saved_key(key): tensor for key, tensor in to_return.items()}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -245,7 +296,24 @@ class SubnetModel(BaseTuner):
         warn_skipped(skipped)
         for module, indices in plan:
             module.load_mask(adapter_name, indices.to(module.get_base_layer().weight.device))
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # The values go to the keys the model's own state dict uses (wrapped models differ from the saved keys).
+        suffix = f".subnet_values.{adapter_name}"
+        model_keys = {_strip_wrappers(k): k for k in model.state_dict() if k.endswith(suffix)}
+        renamed = {}
+        for key, tensor in state_dict.items():
+            if key.endswith(".subnet_values"):
+                key = model_keys.get(_strip_wrappers(key) + f".{adapter_name}", key)
+            renamed[key] = tensor
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, renamed)
+
+
+def _saved_key(key: str) -> str:
+    """A saved adapter key without wrapper segments; led by ``base_model.model.`` when the model is a PeftModel."""
+    parts = [part for part in key.split(".") if part not in _WRAPPER_SEGMENTS]
+    if parts[:1] == ["module"]:
+        parts = parts[1:]
+    stripped = _strip_wrappers(key)
+    return f"base_model.model.{stripped}" if parts[:2] == ["base_model", "model"] else stripped
 
 
 def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mismatched_sizes: bool = False):
@@ -260,16 +328,16 @@ def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mism
     for name, module in model.named_modules():
         if isinstance(module, SubnetLayer) and adapter_name in module.subnet_values:
             layers[name] = module
-            stems[name] = name
-            stems.setdefault(f"base_model.model.{name}", name)
+            stems[_strip_wrappers(name)] = name
     entries: dict[str, dict[str, tuple[str, torch.Tensor]]] = {name: {} for name in layers}
     for key, tensor in state_dict.items():
         stem, _, attr = key.rpartition(".")
         if attr not in _SAVED_ATTRS:
             continue
+        stem = _strip_wrappers(stem)
         if stem not in stems:
             raise ValueError(
-                f"The saved adapter has {key!r}, but this model has no module {stem.removeprefix('base_model.model.')!r} "
+                f"The saved adapter has {key!r}, but this model has no module {stem!r} "
                 f"with a SUBNET adapter {adapter_name!r}. The adapter was made for another base model (or other "
                 "target_modules); load it onto the base model named by base_model_name_or_path in adapter_config.json."
             )
