@@ -6,6 +6,7 @@ import torch
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 
+from .._peft import refuse_prompt_learning
 from .attention import FALLBACK_HINT, LAYOUT_KWARG, GroupedAttentionLayout, install_grouped_attention
 from .layout import chunk_groups, find_groups, pack_groups, split_groups, ungroup
 
@@ -76,7 +77,17 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
         ```
     """
 
+    _tag_names = ["trl", "grpo", "prefix-grouper", "peft-trl-ext"]
+
     def __init__(self, *args, **kwargs):
+        if getattr(kwargs.get("args", args[2] if len(args) > 2 else None), "prefix_grouper", True):
+            refuse_prompt_learning(
+                kwargs.get("model", args[0] if args else None),
+                kwargs.get("peft_config"),
+                "PrefixGrouperGRPOTrainer",
+                "they add virtual tokens to every row or to the attention cache, which the packed shared-prefix "
+                f"rows do not hold; {FALLBACK_HINT}",
+            )
         super().__init__(*args, **kwargs)
         self.prefix_grouper = getattr(self.args, "prefix_grouper", True)
         self.prefix_grouper_max_completions = getattr(self.args, "prefix_grouper_max_completions", None)

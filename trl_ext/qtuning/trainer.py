@@ -9,6 +9,7 @@ import torch
 from trl import SFTTrainer
 
 from .._args import convert_args
+from .._peft import refuse_prompt_learning
 from .batch import prune_labels, sample_ids_from_batch, select_samples
 from .config import QTuningConfig
 from .plot import EUPlaneRecord, plot_eu_plane
@@ -28,26 +29,6 @@ class BatchSelection:
     @property
     def keep_docs(self) -> torch.Tensor:
         return self.sample_docs[self.assignment.keep]
-
-
-def _refuse_prompt_learning(model, peft_config) -> None:
-    """Refuse prompt-learning adapters (prompt tuning, prefix tuning, P-tuning), before any model is built.
-
-    Q-Tuning scores each sample's own tokens; these adapters add virtual tokens to the sequence or to
-    the attention cache, which the per-token scores and the token pruning do not account for.
-    """
-    configs = [("peft_config", peft_config)] if peft_config is not None else []
-    if peft_config is None and isinstance(getattr(model, "peft_config", None), dict):
-        configs = [(f"the model's adapter {name!r}", config) for name, config in model.peft_config.items()]
-    for where, config in configs:
-        if getattr(config, "is_prompt_learning", False):
-            kind = getattr(config.peft_type, "value", config.peft_type)
-            raise ValueError(
-                f"{where} is a {type(config).__name__} (peft_type={kind}), a prompt-learning adapter: it adds virtual "
-                "tokens to each sequence or to the attention cache, which Q-Tuning's per-token scores and pruning do "
-                "not account for. Use an adapter that changes weights (LoRA, MoRA, SUBNET or another PEFT tuner "
-                "type) or full fine-tuning (peft_config=None)."
-            )
 
 
 class QTuningSFTTrainer(SFTTrainer):
@@ -111,7 +92,13 @@ class QTuningSFTTrainer(SFTTrainer):
                 "cannot apply compute_loss_func or label_smoothing_factor. Use scoring='separate', which trains the "
                 "kept sub-batch through SFTTrainer's own loss, or drop those options."
             )
-        _refuse_prompt_learning(model, kwargs.get("peft_config"))
+        refuse_prompt_learning(
+            model,
+            kwargs.get("peft_config"),
+            "QTuningSFTTrainer",
+            "they add virtual tokens to each sequence or to the attention cache, which Q-Tuning's per-token scores "
+            "and token pruning do not account for",
+        )
         super().__init__(model=model, args=args, **kwargs)
         self.eu_records: deque[EUPlaneRecord] = deque(maxlen=args.eu_record_steps)
         self._window_kept = 0  # kept tokens of this process in the current accumulation window
