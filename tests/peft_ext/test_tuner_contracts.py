@@ -450,6 +450,20 @@ def test_wrapper_prefixes_in_mask_names_and_saved_keys_are_normalised(tmp_path):
     fresh = get_peft_model(make_mlp(), SubnetConfig(target_modules=MLP_TARGETS, seed=7))
     set_peft_model_state_dict(fresh, state)
     torch.testing.assert_close(out(fresh), expected, atol=0, rtol=0)
+    # activation checkpointing wraps the adapted layers themselves (``lin0._checkpoint_wrapped_module``)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from peft_ext.subnet import SubnetLayer
+
+    checkpointed = get_peft_model(make_mlp(), SubnetConfig(target_modules=MLP_TARGETS, init_weights=False, seed=3))
+    checkpointed_out = out(checkpointed)
+    apply_activation_checkpointing(checkpointed, check_fn=lambda m: isinstance(m, SubnetLayer))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in checkpointed.named_modules())
+    saved = get_peft_model_state_dict(checkpointed)
+    assert saved and not any("_checkpoint_wrapped_module" in k for k in saved), sorted(saved)
+    fresh = get_peft_model(make_mlp(), SubnetConfig(target_modules=MLP_TARGETS, seed=7))
+    set_peft_model_state_dict(fresh, saved)
+    torch.testing.assert_close(out(fresh), checkpointed_out, atol=0, rtol=0)
     # loading into a wrapped model puts the values where its state dict has them
     wrapped = torch.compile(get_peft_model(make_mlp(), SubnetConfig(target_modules=MLP_TARGETS, seed=7)))
     result = set_peft_model_state_dict(wrapped, state)
