@@ -15,7 +15,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 from trl import DPOConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from trl_ext import (
@@ -63,7 +64,8 @@ class TrainerRow:
 
     ``build(config_cls, tmp_path, train_dataset, **kwargs)`` constructs the trainer (``kwargs``: config
     overrides plus ``peft_config``/``eval_dataset``); ``prompt_learning_refusal`` is the reason the
-    trainer refuses prompt-learning adapters (``None``: it trains with them, checked against a closed form).
+    trainer refuses prompt-learning adapters, a phrase of its error message (``None``: it trains with them, checked
+    against a closed form).
     """
 
     id: str
@@ -78,7 +80,16 @@ class TrainerRow:
 
 
 def _build_grpo(trainer_cls):
-    def build(config_cls, tmp_path, train_dataset, peft_config=None, eval_dataset=None, reward=length_reward, **kw):
+    def build(
+        config_cls,
+        tmp_path,
+        train_dataset,
+        peft_config=None,
+        eval_dataset=None,
+        reward=length_reward,
+        model=None,
+        **kw,
+    ):
         kw = {
             "max_steps": 1,
             "per_device_train_batch_size": 4,
@@ -89,7 +100,7 @@ def _build_grpo(trainer_cls):
             **kw,
         }
         return trainer_cls(
-            model=model_path(),
+            model=model if model is not None else model_path(),
             reward_funcs=reward,
             args=toy_args(config_cls, tmp_path / "out", **kw),
             train_dataset=train_dataset,
@@ -101,11 +112,11 @@ def _build_grpo(trainer_cls):
 
 
 def _build_simple(trainer_cls):
-    def build(config_cls, tmp_path, train_dataset, peft_config=None, eval_dataset=None, **kw):
+    def build(config_cls, tmp_path, train_dataset, peft_config=None, eval_dataset=None, model=None, **kw):
         defaults = dict(max_steps=1, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2)
         kw = {**defaults, **kw}
         return trainer_cls(
-            model=model_path(),
+            model=model if model is not None else model_path(),
             args=toy_args(config_cls, tmp_path / "out", **kw),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -125,7 +136,7 @@ ROWS = [
         standard=lambda n: make_arithmetic_dataset(n, seed=2),
         conversational=lambda n: make_arithmetic_dataset(n, seed=2, conversational=True),
         tags=("trl", "grpo", "prefix-grouper", "peft-trl-ext"),
-        prompt_learning_refusal="packed shared-prefix rows do not hold the virtual tokens",
+        prompt_learning_refusal="the packed shared-prefix rows do not hold",
     ),
     TrainerRow(
         id="redi",
@@ -147,7 +158,7 @@ ROWS = [
         standard=lambda n: make_arithmetic_dataset(n, seed=2),
         conversational=lambda n: make_arithmetic_dataset(n, seed=2, conversational=True),
         tags=("trl", "sft", "q-tuning", "peft-trl-ext"),
-        prompt_learning_refusal="per-token scores and token pruning do not account for virtual tokens",
+        prompt_learning_refusal="per-token scores and token pruning do not account for",
     ),
 ]
 
@@ -206,8 +217,13 @@ PROMPT_LEARNING = [
 @pytest.mark.parametrize("peft_config", PROMPT_LEARNING, ids=lambda c: type(c).__name__)
 def test_prompt_learning_adapters_are_refused_or_exact(row, tmp_path, peft_config):
     if row.prompt_learning_refusal is not None:  # refused by design, at construction
-        with pytest.raises(ValueError, match=rf"{type(peft_config).__name__}.*prompt-learning.*LoRA"):
+        pattern = rf"{type(peft_config).__name__}.*prompt-learning.*{row.prompt_learning_refusal}.*LoRA"
+        with pytest.raises(ValueError, match=pattern):
             row.build(row.config_cls, tmp_path, row.standard(8), peft_config=peft_config)
+        # the same for a model that already carries such an adapter
+        wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path()), peft_config)
+        with pytest.raises(ValueError, match=pattern.replace("peft_config", "")):
+            row.build(row.config_cls, tmp_path, row.standard(8), model=wrapped)
         return
     # REDI supports them: its loss on a batch equals the closed form computed from the adapted model's logits
     trainer = row.build(row.config_cls, tmp_path, row.standard(8), peft_config=peft_config)
