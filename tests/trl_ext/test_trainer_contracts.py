@@ -92,10 +92,10 @@ def _build_grpo(trainer_cls):
     ):
         kw = {
             "max_steps": 1,
-            "per_device_train_batch_size": 4,
-            "per_device_eval_batch_size": 4,
-            "num_generations": 4,
-            "max_completion_length": 4,
+            "per_device_train_batch_size": 2,
+            "per_device_eval_batch_size": 2,
+            "num_generations": 2,
+            "max_completion_length": 3,
             "learning_rate": 1e-2,
             **kw,
         }
@@ -255,7 +255,7 @@ def test_iterable_dataset(row, tmp_path):
 
 def test_evaluation(row, tmp_path):
     train = row.standard(8)
-    eval_dataset = row.standard(4) if row.id != "prefix_grouper" else row.standard(1)  # one group of 4 completions
+    eval_dataset = row.standard(4) if row.id != "prefix_grouper" else row.standard(1)  # one group of 2 completions
     trainer = row.build(row.config_cls, tmp_path, train, eval_dataset=eval_dataset)
     before = snapshot(trainer.model)
     metrics = trainer.evaluate()
