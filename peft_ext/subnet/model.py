@@ -4,6 +4,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
+from .._sharding import full_numel, full_shape, gathered_weight, raise_partitioned_save
 from . import ops
 from .config import SubnetConfig
 from .layer import SubnetLayer, subnet_layer_class
@@ -110,7 +111,7 @@ class SubnetModel(BaseTuner):
                 module = module.get_base_layer()
             if param_name != "weight" or subnet_layer_class(module) is None:
                 continue
-            shape, expected = masks.shape(mask_name), tuple(module.weight.shape)
+            shape, expected = masks.shape(mask_name), full_shape(module.weight)
             if check_shapes and shape != expected:
                 raise ValueError(
                     f"mask {mask_name!r} has shape {shape} but the weight of {module_name!r} has shape {expected}; "
@@ -153,9 +154,10 @@ class SubnetModel(BaseTuner):
         if source == "adapter":
             return None
         if source == "random":
-            return ops.random_indices(weight.numel(), config.density, config.seed, module_name)
+            return ops.random_indices(full_numel(weight), config.density, config.seed, module_name)
         if source == "magnitude":
-            return ops.magnitude_indices(weight, config.density)
+            with gathered_weight(weight) as full:  # a collective under ZeRO-3: every process builds the same model
+                return ops.magnitude_indices(full, config.density)
         masks = self._mask_source(config)
         name = find_mask_name(masks.names(), module_name)
         if name is None:
@@ -164,10 +166,10 @@ class SubnetModel(BaseTuner):
                 f"no mask for target module {module_name!r} in the mask source ({len(known)} masks, e.g. "
                 f"{known[:3]}); add a mask for it or remove it from target_modules."
             )
-        if masks.shape(name) != tuple(weight.shape):
+        if masks.shape(name) != full_shape(weight):
             raise ValueError(
                 f"mask {name!r} has shape {masks.shape(name)} but the weight of {module_name!r} has shape "
-                f"{tuple(weight.shape)}; masks must match the weight as stored (Conv1D weights are (in, out)) "
+                f"{full_shape(weight)}; masks must match the weight as stored (Conv1D weights are (in, out)) "
                 "and come from the same base model."
             )
         return masks.indices(name).to(weight.device)
@@ -218,6 +220,10 @@ class SubnetModel(BaseTuner):
                 continue
             if adapter_name in module._awaiting_masks:
                 raise RuntimeError(f"adapter {adapter_name!r} of {name!r} has no masks loaded; nothing to save.")
+            values_key = f"{name}.subnet_values.{adapter_name}"
+            expected = (module.subnet_indices[adapter_name].numel(),)
+            if values_key in to_return and tuple(to_return[values_key].shape) != expected:
+                raise_partitioned_save(values_key, to_return[values_key], expected)
             encoding, tensor = ops.encode_indices(
                 module.subnet_indices[adapter_name].cpu(), module.weight_numel, storage
             )
