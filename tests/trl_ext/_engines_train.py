@@ -131,7 +131,10 @@ def zero3_init_adapters(out_dir):
             for name, buffer in model.named_buffers():
                 if "subnet_indices" in name:
                     tensors[f"{key}/{name}"] = buffer.cpu().contiguous()
-            for what, attempt in (("merge", model.merge_adapter), ("save", partial(model.save_pretrained, out_dir))):
+            for what, attempt in (
+                ("merge", model.merge_adapter),
+                ("save", partial(model.save_pretrained, os.path.join(out_dir, "zero3_init"))),
+            ):
                 try:
                     attempt()
                     info[key][what] = None

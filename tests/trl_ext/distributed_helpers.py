@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _free_port() -> int:
@@ -74,11 +75,32 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def deepspeed_config(stage: int) -> dict:
-    """The DeepSpeed config of ``recipes/accelerate_configs/zero{stage}.yaml`` as TrainingArguments(deepspeed=...)."""
-    zero = {"stage": stage}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # a full state dict on rank 0, as the recipe saves
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate_configs"
+
+
+def shipped_config(engine: str) -> dict:
+    """The engine section of ``recipes/accelerate_configs/<engine>.yaml``, as accelerate reads it."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{engine}.yaml"))
+    return config.deepspeed_config if engine.startswith("zero") else config.fsdp_config
+
+
+def deepspeed_config(engine: str) -> dict:
+    """The DeepSpeed config of the shipped ``zero2.yaml``/``zero3.yaml``, as ``TrainingArguments(deepspeed=...)``.
+
+    Precision stays float32 (the yaml's bf16 is for GPUs) so that engines can be compared exactly.
+    """
+    shipped = shipped_config(engine)
+    zero = {"stage": shipped["zero_stage"]}
+    for kind in ("optimizer", "param"):
+        if shipped.get(f"offload_{kind}_device", "none") != "none":
+            zero[f"offload_{kind}"] = {"device": shipped[f"offload_{kind}_device"]}
+    if zero["stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = shipped.get("zero3_save_16bit_model", False)
+        # Partition every parameter, as on real models: by default ZeRO-3 keeps tensors under 1e5 elements (all of
+        # the toy models' adapters) whole on every rank, which would leave the partitioned paths untested.
+        zero["stage3_param_persistence_threshold"] = 0
     return {
         "zero_optimization": zero,
         "train_micro_batch_size_per_gpu": "auto",
@@ -89,9 +111,6 @@ def deepspeed_config(stage: int) -> dict:
         "fp16": {"enabled": "auto"},
         "zero_allow_untested_optimizer": True,  # the tests step plain SGD so that a scale error shows in the weights
     }
-
-
-FSDP2_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True}
 
 
 def configure_engine(engine: str) -> None:
@@ -143,8 +162,8 @@ def engine_args(engine: str) -> dict:
         return {}
     extra = {"accelerator_config": {"use_configured_state": True}}
     if engine.startswith("zero"):
-        return {"deepspeed": deepspeed_config(int(engine[-1])), **extra}
-    return {"fsdp": "full_shard auto_wrap", "fsdp_config": dict(FSDP2_CONFIG), **extra}
+        return {"deepspeed": deepspeed_config(engine), **extra}
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": shipped_config(engine), **extra}
 
 
 def check_engine(trainer, engine: str, world: int = 2) -> None:
