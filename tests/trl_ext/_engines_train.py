@@ -6,7 +6,8 @@ rank 0 writes ``OUT_DIR/<engine>/<method>.safetensors``: the trained parameters 
 the engine's shards) and the logged loss, and under ddp also ``<method>.init.safetensors`` (the parameters
 before it). Under zero3 it also writes ``zero3_init.safetensors``/``.json`` (the adapters built on models
 loaded under ZeRO-3 init, and the tuners' refusal to merge partitioned weights) and, for the tuners, the
-adapter that ``Trainer.save_model`` wrote and the refusal of a direct ``save_pretrained`` of partitions.
+adapter that ``Trainer.save_model`` wrote, the refusal of a direct ``save_pretrained`` of partitions, and the
+weights that TRL's vLLM weight sync pushes (``<method>_vllm.safetensors``).
 """
 
 import json
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from distributed_helpers import check_engine, configure_engine, engine_args, shutdown
 from safetensors.torch import save_file
 from trl import SFTConfig, SFTTrainer
+from vllm_helpers import pushed_weights
 
 from peft_ext import MoraConfig, SubnetConfig
 from trl_ext import (
@@ -165,6 +167,16 @@ def train_one(method, engine, out_dir):
         save_file(state, os.path.join(out_dir, f"{method}.safetensors"))
     if engine == "zero3" and method.startswith("sft_"):
         trainer.save_model(os.path.join(out_dir, f"{method}_adapter"))  # gathers the partitioned adapter
+        # TRL's vLLM weight sync (gather, merge, read, unmerge); the engine's weights must be as before after it.
+        before = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        pushed = pushed_weights(trainer.model, trainer.accelerator)
+        after = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        still_merged = [n for n, m in trainer.model.named_modules() if getattr(m, "merged", False)]
+        if dist.get_rank() == 0:
+            save_file(pushed, os.path.join(out_dir, f"{method}_vllm.safetensors"))
+            gap = max(float((after[k] - before[k]).abs().max()) for k in before)
+            with open(os.path.join(out_dir, f"{method}_vllm.json"), "w") as f:
+                json.dump({"still_merged": still_merged, "state_gap": gap}, f)
         try:
             trainer.model.save_pretrained(os.path.join(out_dir, f"{method}_direct"))  # partitions: refused
             refusal = None

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_helpers import run_distributed
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -97,3 +97,25 @@ def test_zero3_adapters_save_gathered_and_refuse_partitions(runs, method):
         torch.testing.assert_close(value, trained[f"{key}.default"], rtol=0, atol=0, msg=key)
     refusal = json.loads((runs / "zero3" / f"{method}_direct_save.json").read_text())["refusal"]
     assert refusal is not None and "DeepSpeed ZeRO-3" in refusal and "Trainer.save_model" in refusal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft_mora", "sft_subnet"])
+def test_zero3_vllm_weight_sync_pushes_the_merged_model_and_unmerges(runs, method):
+    """TRL gathers the partitioned weights, merges, pushes and unmerges; compare with merge_and_unload on one
+    process of the base model plus the adapter that save_model wrote (which also checks that it loads)."""
+    from _engines_train import GPT2
+
+    base = toy_model_path(**GPT2) if method == "sft_mora" else pretrained_toy_model_path()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(runs / "zero3" / f"{method}_adapter")
+    )
+    unadapted = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(base).named_parameters()}
+    expected = dict(model.merge_and_unload().named_parameters())
+    pushed = load_file(runs / "zero3" / f"{method}_vllm.safetensors")
+    assert set(pushed) == set(expected), sorted(set(pushed) ^ set(expected))[:5]
+    for name, tensor in pushed.items():
+        torch.testing.assert_close(tensor, expected[name].detach(), rtol=1e-6, atol=1e-7, msg=name)
+    assert sum(not torch.equal(pushed[n], unadapted[n]) for n in pushed) >= 3  # the adapted weights, merged
+    after = json.loads((runs / "zero3" / f"{method}_vllm.json").read_text())
+    assert after["still_merged"] == [] and after["state_gap"] <= 1e-6, after
