@@ -149,6 +149,27 @@ def zero3_init_adapters(out_dir):
             json.dump(info, f)
 
 
+def mora_recipe(out_dir):
+    """``recipes.mora_sft`` from its command line under ZeRO-3: evaluation and the update's rank need gathers."""
+    from recipes import mora_sft
+
+    files = {}
+    for name, value in engine_args("zero3").items():
+        files[name] = os.path.join(out_dir, f"recipe_{name}.json")
+        with open(files[name], "w") as f:
+            json.dump(value, f)
+    argv = [
+        "--output_dir", os.path.join(out_dir, "mora_recipe"), "--max_steps", "2", "--num_eval_prompts", "8",
+        "--per_device_train_batch_size", "2", "--mora_r", "4", "--report_to", "none", "--disable_tqdm", "true",
+        "--save_strategy", "no", "--deepspeed", files["deepspeed"], "--accelerator_config", files["accelerator_config"],
+    ]  # fmt: skip
+    results = mora_sft.main(*mora_sft.make_parser().parse_args_and_config(args=argv))
+    if dist.get_rank() == 0:
+        keys = ("accuracy_before", "accuracy_after", "update_rank", "lora_rank_same_params", "trainable_params")
+        with open(os.path.join(out_dir, "mora_recipe.json"), "w") as f:
+            json.dump({k: results[k] for k in keys}, f)
+
+
 METHODS = ["prefix_grouper", "redi", "qtuning", "sft_mora", "sft_subnet"]
 
 
@@ -200,6 +221,8 @@ def main():
         if engine == "zero3":
             configure_engine(engine)
             zero3_init_adapters(out_dir)
+            configure_engine(engine)
+            mora_recipe(out_dir)
     shutdown()
 
 

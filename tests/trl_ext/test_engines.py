@@ -119,3 +119,11 @@ def test_zero3_vllm_weight_sync_pushes_the_merged_model_and_unmerges(runs, metho
     assert sum(not torch.equal(pushed[n], unadapted[n]) for n in pushed) >= 3  # the adapted weights, merged
     after = json.loads((runs / "zero3" / f"{method}_vllm.json").read_text())
     assert after["still_merged"] == [] and after["state_gap"] <= 1e-6, after
+
+
+@pytest.mark.slow
+def test_mora_recipe_runs_under_zero3(runs):
+    """The recipe evaluates and measures the update's rank outside the trainer: both gather the partitions."""
+    results = json.loads((runs / "zero3" / "mora_recipe.json").read_text())
+    assert 0.0 <= results["accuracy_before"] <= 1.0 and 0.0 <= results["accuracy_after"] <= 1.0
+    assert results["update_rank"] > results["lora_rank_same_params"], results  # a full M, not an empty partition
