@@ -131,8 +131,13 @@ class QTuningSFTTrainer(SFTTrainer):
     def _count_kept_tokens(self, kept: int, device) -> torch.Tensor:
         """Kept tokens as Trainer counts ``num_items_in_batch``: summed over processes, per tensor-parallel group."""
         kept = torch.tensor(kept, device=device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            kept = self.accelerator.gather(kept.reshape(1)).sum()
+        if self.args.average_tokens_across_devices:
+            if self.args.world_size > 1:
+                kept = self.accelerator.gather(kept.reshape(1)).sum()
+        elif self.args.n_gpu > 1:  # one process driving several GPUs (DataParallel), as Trainer approximates it
+            kept = kept // self.args.n_gpu
+        if self.args.n_gpu > 1:
+            kept = kept.unsqueeze(0).expand(self.args.n_gpu, -1)
         return kept / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
 
     def _recorded_selection(self, inputs) -> BatchSelection | None:
