@@ -140,6 +140,10 @@ def configure_engine(engine: str) -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     unset_hf_deepspeed_config()  # else the next model would still load under the previous trainer's ZeRO-3 init
+    # A DeepSpeed Accelerator sets ACCELERATE_USE_DEEPSPEED=true for the rest of the process, which would turn the
+    # next state into a DeepSpeed one whatever the engine.
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        os.environ.pop(name, None)
     if engine == "ddp":  # accelerate's CPU data parallelism, as ``accelerate launch --cpu`` selects it
         os.environ["ACCELERATE_USE_CPU"] = "true"
         return
@@ -150,7 +154,7 @@ def configure_engine(engine: str) -> None:
         try:
             PartialState(backend="gloo")
         finally:
-            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     else:
         state = PartialState(backend="gloo")
         state.distributed_type = DistributedType.MULTI_GPU
