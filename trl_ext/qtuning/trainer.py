@@ -54,8 +54,9 @@ class QTuningSFTTrainer(SFTTrainer):
     forward and backward run on the kept samples only. With ``scoring="reuse"``, the training forward's
     outputs score the batch and the loss is masked (the paper's procedure); with gradient accumulation the
     window is scored first by forward passes without gradient (the kept-token count of the whole window must
-    be known before the first backward) and the training forward applies that selection as a mask. ``num_tokens`` counts the
-    tokens forwarded with gradient; ``entropy`` and ``mean_token_accuracy`` are over the kept tokens.
+    be known before the first backward) and the training forward applies that selection as a mask.
+    ``num_tokens`` counts the tokens forwarded with gradient; ``entropy`` and ``mean_token_accuracy`` are
+    over the kept tokens.
 
     Packing: ``packing=True`` with the BFD strategies and ``padding_free=True`` work (each packed document
     is a sample); ``packing_strategy="wrapped"`` is refused by the config.
@@ -118,7 +119,7 @@ class QTuningSFTTrainer(SFTTrainer):
         model.train()  # score as the training forward would (dropout included)
         kept = 0
         for batch in batch_samples:
-            inputs = self._prepare_inputs(batch)
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.no_grad():
                 outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
             selection = self.select(inputs, outputs.log_probs, outputs.entropy)
