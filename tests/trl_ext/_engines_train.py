@@ -13,7 +13,6 @@ weights that TRL's vLLM weight sync pushes (``<method>_vllm.safetensors``).
 import json
 import os
 import sys
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -111,14 +110,17 @@ def trainable(trainer) -> dict:
 
 
 def zero3_init_adapters(out_dir):
-    """Adapters on models loaded under ZeRO-3 init (full-size, partitioned), and the refusals on partitions."""
+    """Adapters on models loaded under ZeRO-3 init (built full-size from ``ds_shape``; the engine partitions them
+    later), and the refusal to merge into partitioned base weights."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from peft_ext._sharding import full_shape
 
-    args = TrainingArguments(os.path.join(out_dir, "zero3_init"), report_to="none", **engine_args("zero3"))
+    args = TrainingArguments(
+        os.path.join(out_dir, "zero3_init"), report_to="none", **engine_args("zero3")
+    )  # ZeRO-3 init on
     assert is_deepspeed_zero3_enabled()
     tensors, info = {}, {}
     for arch, sizes in ZERO3_MODELS.items():
@@ -133,15 +135,11 @@ def zero3_init_adapters(out_dir):
             for name, buffer in model.named_buffers():
                 if "subnet_indices" in name:
                     tensors[f"{key}/{name}"] = buffer.cpu().contiguous()
-            for what, attempt in (
-                ("merge", model.merge_adapter),
-                ("save", partial(model.save_pretrained, os.path.join(out_dir, "zero3_init"))),
-            ):
-                try:
-                    attempt()
-                    info[key][what] = None
-                except RuntimeError as err:
-                    info[key][what] = str(err)
+            try:  # the base weights are partitioned: merging must be refused
+                model.merge_adapter()
+                info[key]["merge"] = None
+            except RuntimeError as err:
+                info[key]["merge"] = str(err)
     del args
     if dist.get_rank() == 0:
         save_file(tensors, os.path.join(out_dir, "zero3_init.safetensors"))
