@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,39 @@ def cpu_guard(training_args: TrainingArguments) -> None:
     if training_args.bf16 or training_args.fp16:
         training_args.bf16 = training_args.fp16 = False
     print("[recipes] no accelerator found: mixed precision (bf16/fp16) is off, training in the model's dtype on CPU")
+
+
+def uses_deepspeed(training_args: TrainingArguments) -> bool:
+    """Whether this run trains with DeepSpeed (``--deepspeed`` or ``accelerate launch`` with a DeepSpeed config)."""
+    return bool(training_args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def refuse_deepspeed_stages(training_args: TrainingArguments, recipe: str, fix: str) -> None:
+    """Refuse, before any training, a recipe that trains several trainers in one process under DeepSpeed.
+
+    accelerate builds one DeepSpeed engine set-up per process: the second trainer's ``Accelerator`` raises
+    (``You cannot pass in a deepspeed_plugin when creating a second Accelerator``) after the first one trained.
+    """
+    if uses_deepspeed(training_args):
+        raise ValueError(
+            f"{recipe} trains several models one after another in one process, which accelerate does not allow "
+            f"under DeepSpeed (one DeepSpeed engine set-up per process). {fix}"
+        )
+
+
+@contextmanager
+def whole_model(model, modify: bool = False):
+    """``model`` with all its weights gathered under DeepSpeed ZeRO-3 (a collective: every process must enter);
+    unchanged otherwise. Evaluation and analysis outside the trainer need this, as ZeRO-3 keeps each process's
+    partition only. ``modify=True`` keeps in-place changes (e.g. a merge), written back from process 0."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield model
 
 
 def model_path(model_args: ModelConfig) -> str:
@@ -221,9 +255,10 @@ class ToyEval:
     def __call__(self, model, tokenizer) -> float:
         from trl_ext.toy import arithmetic_accuracy, generation_accuracy, reasoning_reward
 
-        if self.task == "arithmetic":
-            return arithmetic_accuracy(model, tokenizer, self.dataset)
-        return generation_accuracy(model, tokenizer, self.dataset, reasoning_reward, 48)
+        with whole_model(model):  # under ZeRO-3 every process gathers the weights and evaluates
+            if self.task == "arithmetic":
+                return arithmetic_accuracy(model, tokenizer, self.dataset)
+            return generation_accuracy(model, tokenizer, self.dataset, reasoning_reward, 48)
 
 
 def held_out_arithmetic(n: int = HELD_OUT_ARITHMETIC["n"]) -> Dataset:

@@ -32,6 +32,7 @@ from recipes.common import (
     resolve_dataset,
     toy_eval,
     train,
+    whole_model,
 )
 from trl_ext.toy import make_arithmetic_dataset
 
@@ -75,7 +76,8 @@ def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args:
     results["trainable_params"], results["all_params"] = model.get_nb_trainable_parameters()
     # MoRA's point: a high-rank update at LoRA's parameter count. Rank of one merged update:
     layer = next(m for m in model.modules() if isinstance(m, MoraLayer))
-    results["update_rank"] = int(torch.linalg.matrix_rank(layer.get_delta_weight("default").float()))
+    with whole_model(layer):  # M is partitioned under ZeRO-3
+        results["update_rank"] = int(torch.linalg.matrix_rank(layer.get_delta_weight("default").float()))
     results["lora_rank_same_params"] = script_args.mora_r
     finish(trainer, script_args, results)
     print(f"[mora] { {k: v for k, v in results.items() if k != 'log_history'} }")

@@ -48,6 +48,7 @@ from recipes.common import (
     make_recipe_parser,
     model_init_kwargs,
     model_path,
+    refuse_deepspeed_stages,
     resume_arg,
     toy_eval,
     train,
@@ -223,6 +224,15 @@ def main(script_args: REDIScriptArguments, training_args: REDIConfig, model_args
     cpu_guard(training_args)
     out = training_args.output_dir
     path = model_path(model_args)
+    sft_path = os.path.join(out, "sft")
+    stage_1_saved = resume_arg(training_args) and os.path.exists(os.path.join(sft_path, "config.json"))
+    if not (script_args.skip_sft or stage_1_saved):  # checked before the traces are sampled
+        refuse_deepspeed_stages(
+            training_args,
+            "recipes.redi_two_stage (stage 1 SFT, then stage 2 REDI)",
+            "Run stage 2 alone with --skip_sft --model_name_or_path <the stage-1 SFT model>, or launch the two "
+            "stages with recipes/accelerate_configs/multi_gpu.yaml.",
+        )
     seconds = {}
     start = time.perf_counter()
     traces, trace_report = load_traces(script_args, seed=training_args.seed)
@@ -239,9 +249,8 @@ def main(script_args: REDIScriptArguments, training_args: REDIConfig, model_args
     pairs.save_to_disk(os.path.join(out, "pairs"))
     seconds["traces and pairs"] = time.perf_counter() - start
     print(f"[redi] {report}")
-    sft_path = os.path.join(out, "sft")
     start = time.perf_counter()
-    if resume_arg(training_args) and os.path.exists(os.path.join(sft_path, "config.json")):
+    if stage_1_saved:
         print(f"[redi] resuming stage 2: stage 1's model is already saved in {sft_path}")
         path = sft_path
     elif not script_args.skip_sft:

@@ -36,6 +36,7 @@ from recipes.common import (
     load_model,
     make_recipe_parser,
     model_init_kwargs,
+    refuse_deepspeed_stages,
     resolve_dataset,
     resume_arg,
     toy_eval,
@@ -78,6 +79,12 @@ def main(
     script_args: SubnetScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, callbacks=None
 ) -> dict:
     cpu_guard(training_args)
+    refuse_deepspeed_stages(
+        training_args, "recipes.subnet_grpo (full GRPO, then the subnetwork's GRPO)",
+        "Launch it with recipes/accelerate_configs/multi_gpu.yaml, or train the subnetwork alone with DeepSpeed: "
+        "make masks with `python -m peft_ext.subnet diff` and train a SubnetConfig(mask_source=masks) adapter "
+        "with TRL's GRPOTrainer.",
+    )  # fmt: skip
     out = Path(training_args.output_dir)
     model, tokenizer = load_model(model_args, training_args)
     train_dataset = resolve_dataset(script_args, make_arithmetic_dataset(320, seed=0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import TrainerCallback
 
@@ -93,6 +95,21 @@ class ReMoraCallback(TrainerCallback):
                             value.zero_()
         self.num_restarts += 1
         return new_type
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Refuse, before the first step, engines whose restarts could not be exact."""
+        engine = None
+        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+            engine = "DeepSpeed"
+        elif getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            engine = "FSDP"
+        if engine is not None:
+            raise ValueError(
+                f"ReMoraCallback cannot restart under {engine}: a restart adds M's update into the frozen base "
+                "weights and zeroes M's optimizer moments in place, and the engine keeps both partitioned or "
+                "flattened outside its forward and optimizer step. Train ReMoRA with DDP "
+                "(recipes/accelerate_configs/multi_gpu.yaml), or plain MoRA (no ReMoraCallback) under this engine."
+            )
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step > 0 and state.global_step % self.every_n_steps == 0:

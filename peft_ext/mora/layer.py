@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._sharding import check_full_weight
+from .._sharding import check_full_weight, full_shape
 from .config import MoraConfig
 from .ops import mora_delta_weight, mora_delta_y, mora_rank, num_chunks, resolve_mora_type, rope_cos_sin
 
@@ -21,8 +21,8 @@ def layer_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)`` of a supported layer, else a ``TypeError``."""
     if isinstance(base_layer, nn.Linear):
         return base_layer.in_features, base_layer.out_features, False
-    if isinstance(base_layer, Conv1D):  # weight is (in_features, out_features)
-        in_features, out_features = base_layer.weight.shape
+    if isinstance(base_layer, Conv1D):  # weight is (in_features, out_features); partitioned under ZeRO-3 init
+        in_features, out_features = full_shape(base_layer.weight)
         return in_features, out_features, True
     raise TypeError(
         f"MoRA cannot adapt a {type(base_layer).__name__}; it supports torch.nn.Linear and transformers Conv1D. "
@@ -136,6 +136,7 @@ class MoraLayer(BaseTunerLayer):
         """
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge() before merge_and_reset.")
+        check_full_weight(self.get_base_layer().weight, "MoRA's merge_and_reset")
         self.get_base_layer().weight.data += self.get_delta_weight(adapter_name)
         self.mora_M[adapter_name].zero_()
         if mora_type is None:

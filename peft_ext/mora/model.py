@@ -11,6 +11,7 @@ from torch import nn
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark
 from .._merging import AtomicSafeMergeMixin
+from .._sharding import raise_partitioned_save
 from .config import MoraConfig
 from .layer import SUPPORTED_LAYERS, MoraLayer, MoraLinear
 from .ops import resolve_mora_type
@@ -92,6 +93,18 @@ class MoraModel(AtomicSafeMergeMixin, BaseTuner):
                 module.merge_and_reset(adapter_name, mora_type)
         if mora_type is not None:
             self.peft_config[adapter_name].mora_type = resolve_mora_type(mora_type)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of every ``mora_M``; refuses a partitioned (DeepSpeed ZeRO-3) M instead of saving it."""
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for name, module in model.named_modules():
+            key = f"{name}.mora_M.{adapter_name}"
+            if isinstance(module, MoraLayer) and key in to_return:
+                r_hat = module.mora_r_hat[adapter_name]
+                if tuple(to_return[key].shape) != (r_hat, r_hat):
+                    raise_partitioned_save(key, to_return[key], (r_hat, r_hat))
+        return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

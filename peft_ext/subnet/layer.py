@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._sharding import check_full_weight
+from .._sharding import check_full_weight, full_numel, full_shape
 from . import ops
 
 
@@ -35,9 +35,9 @@ class SubnetLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
         base = self.get_base_layer()
-        weight = base.weight
-        self.weight_shape = tuple(weight.shape)
-        self.weight_numel = weight.numel()
+        # From the module, never the tensor: under DeepSpeed ZeRO-3 init the weight is an empty partition here.
+        self.weight_shape = full_shape(base.weight)
+        self.weight_numel = full_numel(base.weight)
         # PEFT's convention for every tuner layer (upstream tests read these).
         if isinstance(base, nn.Embedding):
             self.in_features, self.out_features = base.num_embeddings, base.embedding_dim

@@ -5,6 +5,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
 from .._merging import AtomicSafeMergeMixin
+from .._sharding import full_numel, full_shape, gathered_weight, raise_partitioned_save
 from . import ops
 from .config import SubnetConfig
 from .layer import SubnetLayer, subnet_layer_class
@@ -148,7 +149,7 @@ class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
                 module = module.get_base_layer()
             if param_name != "weight" or subnet_layer_class(module) is None:
                 continue
-            shape, expected = masks.shape(mask_name), tuple(module.weight.shape)
+            shape, expected = masks.shape(mask_name), full_shape(module.weight)
             if check_shapes and shape != expected:
                 raise ValueError(
                     f"mask {mask_name!r} has shape {shape} but the weight of {module_name!r} has shape {expected}; "
@@ -198,9 +199,10 @@ class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
         if source == "adapter":
             return None
         if source == "random":
-            return ops.random_indices(weight.numel(), config.density, config.seed, module_name)
+            return ops.random_indices(full_numel(weight), config.density, config.seed, module_name)
         if source == "magnitude":
-            return ops.magnitude_indices(weight, config.density)
+            with gathered_weight(weight) as full:  # a collective under ZeRO-3: every process builds the same model
+                return ops.magnitude_indices(full, config.density)
         masks = self._mask_source(config)
         name = self.__dict__.get("_subnet_mask_names", {}).get(module_name)  # resolved by _masked_modules
         if name is None:
@@ -213,10 +215,10 @@ class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
                 f"no mask for target module {module_name!r} in the mask source ({len(known)} masks, e.g. "
                 f"{known[:3]}); add a mask for it or remove it from target_modules."
             )
-        if masks.shape(name) != tuple(weight.shape):
+        if masks.shape(name) != full_shape(weight):
             raise ValueError(
                 f"mask {name!r} has shape {masks.shape(name)} but the weight of {module_name!r} has shape "
-                f"{tuple(weight.shape)}; masks must match the weight as stored (Conv1D weights are (in, out)) "
+                f"{full_shape(weight)}; masks must match the weight as stored (Conv1D weights are (in, out)) "
                 "and come from the same base model."
             )
         return masks.indices(name).to(weight.device)
@@ -281,6 +283,10 @@ class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
                         "state dict, or none."
                     )
                 to_return[values_keys[wanted]] = state_dict[values_keys[wanted]]
+            values_key = next(k for k in to_return if _strip_wrappers(k) == wanted)
+            expected = (module.subnet_indices[adapter_name].numel(),)
+            if tuple(to_return[values_key].shape) != expected:
+                raise_partitioned_save(values_key, to_return[values_key], expected)
             encoding, tensor = ops.encode_indices(
                 module.subnet_indices[adapter_name].cpu(), module.weight_numel, storage
             )

@@ -137,3 +137,23 @@ def test_remora_errors_name_the_value_and_the_fix():
         ReMoraCallback(every_n_steps=1, cycle=("rotation", "sharing")).restart(model)
     with pytest.raises(ValueError, match="found no MoRA adapter"):
         ReMoraCallback(every_n_steps=1).restart(AutoModelForCausalLM.from_pretrained(path))
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_remora_callback_refuses_sharding_engines_before_training(tmp_path, engine):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    if engine == "deepspeed":
+        settings = {"deepspeed": {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}}
+    else:
+        settings = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
+    try:
+        args = TrainingArguments(str(tmp_path), report_to="none", **settings)
+        with pytest.raises(
+            ValueError, match=f"cannot restart under {'DeepSpeed' if engine == 'deepspeed' else 'FSDP'}"
+        ):
+            ReMoraCallback(every_n_steps=2).on_train_begin(args, TrainerState(), TrainerControl())
+    finally:  # TrainingArguments(deepspeed=...) switches ZeRO init on for this process until unset
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()

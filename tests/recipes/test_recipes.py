@@ -256,3 +256,18 @@ def test_redi_recipe_stops_before_training_without_a_pair(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="No REDI pair could be built"):
         _redi(tmp_path, "--verifier", "tests.recipes.rewards:always_correct")
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("name", ["subnet_grpo", "redi_two_stage"])
+def test_multi_stage_recipes_refuse_deepspeed_before_training(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}')
+    try:
+        with pytest.raises(ValueError, match=r"under DeepSpeed \(one DeepSpeed engine set-up per process\)"):
+            _main(name, _argv(name, tmp_path / "out", "--deepspeed", str(zero3)))
+    finally:  # the parsed arguments switched ZeRO-3 init on for every later from_pretrained in this process
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    assert not (tmp_path / "out" / "sft").exists() and not (tmp_path / "out" / "full").exists()

@@ -45,15 +45,19 @@ class QTuningSFTTrainer(SFTTrainer):
     like one process running ``N`` micro-batches of ``B`` with ``gradient_accumulation_steps=N``. The loss of
     an optimizer step is normalised as SFTTrainer normalises it (``num_items_in_batch``), counting kept
     tokens: the sum of the kept tokens' NLL over the accumulation window and all processes, divided by
-    the number of kept tokens there. Kept tokens are known only after each micro-batch is scored, so each
-    micro-batch is first divided by the window's response-token count, and the accumulated gradient is
-    rescaled by ``response tokens / kept tokens`` before clipping and the optimizer step. At
-    ``sample_keep_ratio=token_keep_ratio=1.0`` that factor is 1 and training is SFTTrainer's.
+    the number of kept tokens there. Trainer prefetches each window's batches to count its tokens
+    (:meth:`get_batch_samples`); Q-Tuning scores the window's micro-batches there and counts the kept tokens
+    instead, so every backward already carries the final normalisation and gradients are never edited
+    afterwards. This holds under DDP, DeepSpeed ZeRO-2/3 and FSDP2 alike. At
+    ``sample_keep_ratio=token_keep_ratio=1.0`` every response token is kept and training is SFTTrainer's.
 
     With ``scoring="separate"`` (the default), the batch is scored by a forward pass without gradient, and
     forward and backward run on the kept samples only. With ``scoring="reuse"``, the training forward's
-    outputs score the batch and the loss is masked (the paper's procedure). ``num_tokens`` counts the
-    tokens forwarded with gradient; ``entropy`` and ``mean_token_accuracy`` are over the kept tokens.
+    outputs score the batch and the loss is masked (the paper's procedure); with gradient accumulation the
+    window is scored first by forward passes without gradient (the kept-token count of the whole window must
+    be known before the first backward) and the training forward applies that selection as a mask.
+    ``num_tokens`` counts the tokens forwarded with gradient; ``entropy`` and ``mean_token_accuracy`` are
+    over the kept tokens.
 
     Packing: ``packing=True`` with the BFD strategies and ``padding_free=True`` work (each packed document
     is a sample); ``packing_strategy="wrapped"`` is refused by the config.
@@ -101,68 +105,102 @@ class QTuningSFTTrainer(SFTTrainer):
         )
         super().__init__(model=model, args=args, **kwargs)
         self.eu_records: deque[EUPlaneRecord] = deque(maxlen=args.eu_record_steps)
-        self._window_kept = 0  # kept tokens of this process in the current accumulation window
-        self._window_loss = 0.0  # losses returned so far in the window (for the logged loss)
+        # (labels, selection) of each micro-batch of the current accumulation window, scored in get_batch_samples
+        self._selections: deque[tuple[torch.Tensor, BatchSelection | None]] = deque()
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's prefetch of an accumulation window, plus Q-Tuning's selection of every micro-batch in it.
+
+        The optimizer step's loss is the kept tokens' NLL summed over the window (and over processes) and divided
+        by the number of kept tokens there, so that count must be known before the first backward. Each
+        micro-batch is scored here by a forward pass without gradient (through the wrapped model, so ZeRO-3 and
+        FSDP2 gather the weights as in training), and ``num_items_in_batch`` becomes the kept-token count,
+        summed over processes as Trainer sums response tokens. :meth:`compute_loss` then trains on the
+        recorded selections. One exception: ``scoring="reuse"`` with a one-batch window scores with the
+        training forward itself and counts its kept tokens there (see :meth:`_reuse_loss`).
+        """
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._selections.clear()
+        if self.args.scoring == "reuse" and len(batch_samples) == 1:
+            return batch_samples, num_items_in_batch
+        model = self.model_wrapped
+        model.train()  # score as the training forward would (dropout included)
+        kept = 0
+        for batch in batch_samples:
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with torch.no_grad():
+                outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+            selection = self.select(inputs, outputs.log_probs, outputs.entropy)
+            self._selections.append((inputs["labels"], selection))
+            kept += int(selection.token_keep.sum()) if selection is not None else 0
+        if num_items_in_batch is not None:
+            num_items_in_batch = self._count_kept_tokens(kept, device)
+        return batch_samples, num_items_in_batch
+
+    def _count_kept_tokens(self, kept: int, device) -> torch.Tensor:
+        """Kept tokens as Trainer counts ``num_items_in_batch``: summed over processes, per tensor-parallel group."""
+        kept = torch.tensor(kept, device=device)
+        if self.args.average_tokens_across_devices:
+            if self.args.world_size > 1:
+                kept = self.accelerator.gather(kept.reshape(1)).sum()
+        elif self.args.n_gpu > 1:  # one process driving several GPUs (DataParallel), as Trainer approximates it
+            kept = kept // self.args.n_gpu
+        if self.args.n_gpu > 1:
+            kept = kept.unsqueeze(0).expand(self.args.n_gpu, -1)
+        return kept / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+
+    def _recorded_selection(self, inputs) -> BatchSelection | None:
+        labels, selection = self._selections.popleft()
+        if labels.shape != inputs["labels"].shape or not torch.equal(labels, inputs["labels"].to(labels.device)):
+            raise RuntimeError(
+                "QTuningSFTTrainer.compute_loss got a training batch other than the next one scored in "
+                "get_batch_samples; call it through Trainer's training loop, or clear trainer._selections first."
+            )
+        return selection
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Q-Tuning loss on training batches; SFTTrainer's loss otherwise (evaluation, ``return_outputs``).
 
-        While training, the kept tokens' NLL is summed and divided by ``num_items_in_batch`` (the window's
-        response tokens), as SFTTrainer divides; :meth:`training_step` turns that into the kept-token
-        normalisation at the end of the window. Without ``num_items_in_batch`` (a model that takes no loss
-        kwargs), each micro-batch is its own kept-token mean, which Trainer averages over accumulation steps.
+        While training, the kept tokens' NLL is summed and divided by ``num_items_in_batch``, which
+        :meth:`get_batch_samples` set to the window's kept-token count. Without ``num_items_in_batch`` (a model
+        that takes no loss kwargs, or a direct call), each micro-batch is its own kept-token mean, which Trainer
+        averages over accumulation steps.
         """
         if not self.model.training or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.args.scoring == "separate":
+        if self._selections:
+            selection = self._recorded_selection(inputs)
+        elif self.args.scoring == "reuse":
+            return self._reuse_loss(model, inputs, num_items_in_batch)
+        else:  # a direct call outside the training loop: score here
             with torch.no_grad():
                 outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
             selection = self.select(inputs, outputs.log_probs, outputs.entropy)
-            if selection is None:  # no response token anywhere: nothing to select
-                return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-            self._window_kept += int(selection.token_keep.sum())
-            labels = prune_labels(inputs["labels"], selection.token_keep)
-            sub_batch = select_samples(inputs, selection.keep_docs, labels)
-            return super().compute_loss(model, sub_batch, num_items_in_batch=num_items_in_batch)
-        return self._reuse_loss(model, inputs, num_items_in_batch)
+        if selection is None:  # no response token anywhere: nothing to select
+            return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.scoring == "reuse":
+            return self._reuse_loss(model, inputs, num_items_in_batch, selection)
+        labels = prune_labels(inputs["labels"], selection.token_keep)
+        sub_batch = select_samples(inputs, selection.keep_docs, labels)
+        return super().compute_loss(model, sub_batch, num_items_in_batch=num_items_in_batch)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """SFTTrainer's step; at the end of an accumulation window, renormalise from response to kept tokens."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if num_items_in_batch is None:
-            self._window_kept, self._window_loss = 0, 0.0
-            return loss
-        self._window_loss = self._window_loss + loss
-        if not self.accelerator.sync_gradients:
-            return loss
-        kept = torch.tensor(float(self._window_kept), device=self.accelerator.device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:  # as num_items_in_batch is counted
-            kept = self.accelerator.gather(kept.reshape(1)).sum()
-        kept = kept / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
-        scale = float(torch.as_tensor(num_items_in_batch).float().sum()) / max(float(kept), 1.0)
-        window_loss = self._window_loss
-        self._window_kept, self._window_loss = 0, 0.0
-        if scale == 1.0:  # nothing pruned: exactly SFTTrainer's step
-            return loss
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(scale)
-        # The logged loss is the sum of the window's returned losses; make it the kept-token mean too.
-        return scale * window_loss - (window_loss - loss)
-
-    def _reuse_loss(self, model, inputs, num_items_in_batch=None):
+    def _reuse_loss(self, model, inputs, num_items_in_batch=None, selection: BatchSelection | None = None):
+        """The paper's masked loss on the whole batch. Without a ``selection`` (scored in the window prefetch),
+        the training forward scores the batch, and ``num_items_in_batch`` becomes its kept-token count."""
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
         outputs = model(**inputs, fused_lm_head=True)
-        selection = self.select(inputs, outputs.log_probs.detach(), outputs.entropy.detach())
+        if selection is None:
+            selection = self.select(inputs, outputs.log_probs.detach(), outputs.entropy.detach())
+            if num_items_in_batch is not None:  # a one-batch window: its kept tokens, counted as in get_batch_samples
+                kept = int(selection.token_keep.sum()) if selection is not None else 0
+                num_items_in_batch = self._count_kept_tokens(kept, outputs.log_probs.device)
         keep = selection.token_keep if selection is not None else torch.zeros_like(outputs.label_mask)
         per_token_loss = -outputs.log_probs
         if self.args.loss_type == "dft":
             per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
-        self._window_kept += int(keep.sum())
-        # Normalised as SFTTrainer.compute_loss normalises (see training_step for the kept-token correction).
+        # Normalised as SFTTrainer.compute_loss normalises num_items_in_batch (here: the window's kept tokens).
         num_tokens = keep.sum() if num_items_in_batch is None else num_items_in_batch
         loss = (per_token_loss * keep).sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
