@@ -46,21 +46,38 @@ COMPLETION_LENGTHS = (4, 1, 2, 4)  # rows a, b, a, b: groups interleaved, one co
 CHUNK_ROWS = 3  # scored in chunks of 3 rows too: the first chunk splits group b, the second holds one row
 
 
+@dataclass
+class AttentionCalls:
+    """What the grouped attention functions received during a forward (see :func:`attention_calls_seen`).
+
+    Attributes:
+        sliding_windows (`set[int]`): every ``sliding_window`` argument.
+        mask_changed (`bool`): a grouped call got an attention mask other than the integer segment ids the packed
+            forward passes, i.e. the model added something to the mask (ALiBi, a dynamic mask) that the split
+            attention does not apply.
+    """
+
+    sliding_windows: set[int]
+    mask_changed: bool = False
+
+
 @contextlib.contextmanager
-def attention_kwargs_seen():
-    """Record, inside the block, the ``sliding_window`` every grouped attention call receives (a set of ints)."""
+def attention_calls_seen():
+    """Record, inside the block, what every grouped attention call receives (an :class:`AttentionCalls`)."""
     from transformers import AttentionInterface
 
-    from .attention import GROUPED_IMPLEMENTATIONS, register_grouped_attention
+    from .attention import GROUPED_IMPLEMENTATIONS, LAYOUT_KWARG, register_grouped_attention
 
     register_grouped_attention()
-    windows: set[int] = set()
+    seen = AttentionCalls(set())
     originals = {name: AttentionInterface._global_mapping[name] for name in GROUPED_IMPLEMENTATIONS.values()}
 
     def spy(function):
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
             if kwargs.get("sliding_window") is not None:
-                windows.add(int(kwargs["sliding_window"]))
+                seen.sliding_windows.add(int(kwargs["sliding_window"]))
+            if kwargs.get(LAYOUT_KWARG) is not None and isinstance(attention_mask, torch.Tensor):
+                seen.mask_changed |= attention_mask.dtype != torch.long
             return function(module, query, key, value, attention_mask, *args, **kwargs)
 
         return attention
@@ -68,7 +85,7 @@ def attention_kwargs_seen():
     for name, function in originals.items():
         AttentionInterface._global_mapping[name] = spy(function)
     try:
-        yield windows
+        yield seen
     finally:
         AttentionInterface._global_mapping.update(originals)
 
@@ -231,7 +248,7 @@ def self_check(
     device = next(model.parameters()).device
     batch = selfcheck_batch(vocab_size, device)
     mask = batch[1][:, -batch[2] :].bool()
-    with probing(model), zero_parameters_perturbed(model) as perturbed, attention_kwargs_seen() as windows:
+    with probing(model), zero_parameters_perturbed(model) as perturbed, attention_calls_seen() as calls:
         try:
             stock = score(model, *batch, None, None)
         except Exception as error:  # noqa: BLE001 -- reported, with the fallback
@@ -258,19 +275,26 @@ def self_check(
                 failure = error
                 break
             if measured[name] <= tol:
-                return SelfCheckResult(name, measured[name], tol, perturbed, windows)
+                return SelfCheckResult(name, measured[name], tol, perturbed, calls.sliding_windows)
         if failure is not None:
-            raise _refusal(
-                model, f"its forward fails on the packed rows of the self-check batch ({_describe(failure)})."
-            ) from failure
+            why = f"its forward fails on the packed rows of the self-check batch ({_describe(failure)})."
+            if calls.mask_changed:
+                why += " " + MASK_CHANGED
+            raise _refusal(model, why) from failure
         diff = min(measured.values())
-        why = _diagnose(score, model, batch, stock, mask, tol, perturbed)
+        why = MASK_CHANGED if calls.mask_changed else _diagnose(score, model, batch, stock, mask, tol, perturbed)
     raise _refusal(
         model,
         f"on a self-check batch (two left-padded prompts, completions of different lengths, scored whole and in "
         f"chunks of {CHUNK_ROWS} rows) its grouped log-probs differ from its own stock forward by up to {diff:.3g} "
         f"(tolerance {tol:.2g} in {str(dtype).removeprefix('torch.')}). {why}",
     )
+
+
+MASK_CHANGED = (
+    "Its attention layers add to the attention mask (a bias carried in the mask, such as ALiBi or a dynamic mask), "
+    "which the split attention does not apply."
+)
 
 
 def _describe(error: Exception) -> str:
