@@ -21,6 +21,19 @@ def _check_calls(layout: GroupedAttentionLayout, model) -> None:
         )
 
 
+def compute_dtype(model, mixed_precision: torch.dtype | None = None) -> torch.dtype:
+    """The least precise dtype the forward computes in: the autocast dtype, the embeddings' dtype, and bf16 when
+    some weights are quantized (integer storage, computed in a low-precision dtype)."""
+    candidates = [torch.float32] if mixed_precision is None else [mixed_precision]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        candidates.append(weight.dtype)
+    if any(not p.is_floating_point() for p in model.parameters()):
+        candidates.append(torch.bfloat16)
+    return max(candidates, key=lambda dtype: torch.finfo(dtype).eps)
+
+
 class PrefixGrouperGRPOTrainer(GRPOTrainer):
     """[`~trl.GRPOTrainer`] whose per-token log-probs come from the shared-prefix forward of Prefix Grouper.
 
@@ -82,8 +95,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
         mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision))
         for model in models:
             unwrapped = self.accelerator.unwrap_model(model)
-            params = [p for p in unwrapped.parameters() if p.is_floating_point()]
-            dtype = mixed or (params[0].dtype if params else torch.float32)
+            dtype = compute_dtype(unwrapped, mixed)
             conventions = None
             if self._prefix_grouper_count_padding is not None:
                 conventions = [k for k, v in POSITION_CONVENTIONS.items() if v == self._prefix_grouper_count_padding]
