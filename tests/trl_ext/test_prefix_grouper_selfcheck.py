@@ -261,3 +261,15 @@ def test_sliding_window_passed_by_the_layers_is_caught_even_when_the_config_hide
         pytest.skip("the split attention applies sliding windows")
     with pytest.raises(ValueError, match=rf"model_type='mistral'.*sliding_window=32.*up to 64 tokens.*{FALLBACK}"):
         trainer_for_model(model, True, tmp_path)
+
+
+def test_tolerance_dtype_is_the_least_precise_compute_dtype():
+    from trl_ext.prefix_grouper.trainer import compute_dtype
+
+    model = tiny_model("llama", num_key_value_heads=2)
+    assert compute_dtype(model) == torch.float32
+    assert compute_dtype(model, torch.bfloat16) == torch.bfloat16  # fp32 weights under bf16 autocast
+    assert compute_dtype(model.to(torch.float16)) == torch.float16
+    model.model.layers[0].mlp.register_parameter("packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8),
+                                                                            requires_grad=False))  # fmt: skip
+    assert compute_dtype(model.float()) == torch.bfloat16  # quantized weights compute in low precision
