@@ -6,7 +6,8 @@ hidden 64, 4 attention heads, 2 KV heads, vocabulary 128 where the config has th
 too, as training would move them), and two trainers get identical copies: the stock ``trl.GRPOTrainer`` and
 ``PrefixGrouperGRPOTrainer``. Both score one left-padded batch of two prompts x 4 completions of different lengths
 through ``_get_per_token_logps_and_entropies``, whole and with ``batch_size=2`` (how TRL scores old and reference
-log-probs). Each type ends as one of:
+log-probs). Then a few variants of default configs (ALiBi, length-dependent RoPE past its threshold, sliding
+windows shorter than the batch; see ``VARIANTS``). Each type ends as one of:
 
 - ``exact``: grouped log-probs within 1e-5 x max |log-prob| of stock, whole and chunked (the max difference is shown);
 - ``refused``: the grouped trainer refused the model when it was built (its message is shown);
@@ -62,37 +63,70 @@ TINY = {
 OVERRIDES = {"gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 256}}
 
 
+_HALF = 8  # rotary frequencies of a 16-dim head
+# Configurations beyond the defaults that change what the grouped forward must reproduce, checked as extra rows
+VARIANTS = {
+    "falcon (alibi=True)": ("falcon", {"alibi": True}),
+    "bloom (ALiBi)": ("bloom", {}),
+    "llama (rope_type=dynamic, past its threshold)": ("llama", {
+        "max_position_embeddings": 8, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}}),
+    "phi3 (rope_type=longrope, past its threshold)": ("phi3", {
+        "original_max_position_embeddings": 8, "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 8,
+            "short_factor": [1.0 + i for i in range(_HALF)], "long_factor": [2.0 + i for i in range(_HALF)]}}),
+    "mistral (sliding_window=4)": ("mistral", {"sliding_window": 4}),
+    "phi3 (sliding_window=4)": ("phi3", {"sliding_window": 4}),
+    "starcoder2 (sliding_window=4)": ("starcoder2", {"sliding_window": 4}),
+    "qwen2 (use_sliding_window=True, max_window_layers=1)": ("qwen2", {
+        "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen2 (use_sliding_window=True, no sliding layer)": ("qwen2", {"use_sliding_window": True, "sliding_window": 4}),
+    "phimoe (sliding_window=4, applied by the mask only)": ("phimoe", {"sliding_window": 4}),
+}  # fmt: skip
+
+
 def tiny_config(model_type: str):
-    """The config of ``model_type`` with the :data:`TINY` sizes it has fields for (text config of composite ones)."""
+    """The config of ``model_type`` (or a :data:`VARIANTS` name) with the :data:`TINY` sizes it has fields for (the
+    text config's, for composite configs)."""
     from transformers import AutoConfig
 
+    model_type, extra = VARIANTS.get(model_type, (model_type, {}))
     default = AutoConfig.for_model(model_type)
     text = default.get_text_config()
     sizes = {key: value for key, value in TINY.items() if hasattr(text, key) and _settable(text, key)}
     if "qk_rope_head_dim" in sizes:  # MLA: the rotary head dim is qk_rope_head_dim, keys have every head
         sizes.pop("head_dim", None)
         sizes.pop("num_key_value_heads", None)
-    # Per-layer lists (layer types, sparsity patterns ...) of the default depth: keep the first layers' entries
-    depth = getattr(text, "num_hidden_layers", None)
-    layers = sizes.get("num_hidden_layers", sizes.get("n_layer", sizes.get("num_layers")))
-    if isinstance(depth, int) and layers:
+    sizes.update(OVERRIDES.get(model_type, {}))
+    sizes.update(extra)
+    try:
+        config = _with_sizes(model_type, default, text, sizes)
+    except Exception:  # noqa: BLE001 -- retried below with the per-layer lists cut to the new depth
+        # Per-layer lists (layer types, sparsity patterns ...) of the default depth: keep the first layers' entries
+        depth = getattr(text, "num_hidden_layers", None)
+        layers = sizes.get("num_hidden_layers", sizes.get("n_layer", sizes.get("num_layers")))
+        if not (isinstance(depth, int) and layers):
+            raise
         for key, value in text.to_dict().items():
             if isinstance(value, list) and len(value) == depth and key not in sizes:
                 sizes[key] = value[:layers]
-    sizes.update(OVERRIDES.get(model_type, {}))
-    if text is default:
-        config = AutoConfig.for_model(model_type, **sizes)
-    else:
-        text_kwargs = {**text.to_dict(), **sizes}
-        text_kwargs.pop("layer_types", None)
-        key = next(name for name, value in vars(default).items() if value is text)
-        config = AutoConfig.for_model(model_type, **{key: text_kwargs})
+        config = _with_sizes(model_type, default, text, sizes)
     text = config.get_text_config()
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(text, name, None)
         if isinstance(value, int) and value >= text.vocab_size:
             setattr(text, name, 0)
     return config
+
+
+def _with_sizes(model_type: str, default, text, sizes: dict):
+    from transformers import AutoConfig
+
+    if text is default:
+        return AutoConfig.for_model(model_type, **sizes)
+    text_kwargs = {**text.to_dict(), **sizes}
+    text_kwargs.pop("layer_types", None)
+    key = next(name for name, value in vars(default).items() if value is text)
+    return AutoConfig.for_model(model_type, **{key: text_kwargs})
 
 
 def _settable(config, key: str) -> bool:
@@ -268,7 +302,7 @@ def quiet():
 def all_types() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + list(VARIANTS)
 
 
 def parse_results(path: Path) -> list[tuple[str, str, str]]:
@@ -346,7 +380,8 @@ def update_readme(path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--types", nargs="+", help="model types to check (default: every AutoModelForCausalLM type)")
+    parser.add_argument("--types", nargs="+", help="model types (or variant names) to check (default: every "
+                        "AutoModelForCausalLM type, then the variants)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="unused (no timing); accepted like every benchmark")
     parser.add_argument("--output", type=Path, default=None, help=f"results file (default {RESULTS_FILE})")

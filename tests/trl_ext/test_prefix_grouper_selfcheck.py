@@ -208,8 +208,9 @@ def test_sliding_window_is_refused_at_construction_or_exact(tmp_path):
         grouped = trainer_for_model(mistral(6)(), True, tmp_path)
         compare(stock, grouped, make_batch(seed=8), batch_size=3)
         return
-    with pytest.raises(ValueError, match=rf"model_type='mistral'.*sliding_window=6.*up to 64 tokens.*{FALLBACK}"):
-        trainer_for_model(mistral(6)(), True, tmp_path)
+    # Longer than the self-check's rows, shorter than what the run can score: refused from the bound, not at a step
+    with pytest.raises(ValueError, match=rf"model_type='mistral'.*sliding_window=16.*up to 64 tokens.*{FALLBACK}"):
+        trainer_for_model(mistral(16)(), True, tmp_path)
     # A window no sequence of the run can outgrow is exact
     stock = trainer_for_model(mistral(32)(), False, tmp_path, vllm_max_model_length=32)
     grouped = trainer_for_model(mistral(32)(), True, tmp_path, vllm_max_model_length=32)
@@ -273,3 +274,16 @@ def test_tolerance_dtype_is_the_least_precise_compute_dtype():
     model.model.layers[0].mlp.register_parameter("packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8),
                                                                             requires_grad=False))  # fmt: skip
     assert compute_dtype(model.float()) == torch.bfloat16  # quantized weights compute in low precision
+
+
+def phimoe(window):
+    return lambda: tiny_model("phimoe", num_key_value_heads=2, sliding_window=window, num_local_experts=4,
+                              num_experts_per_tok=2, router_aux_loss_coef=0.0)  # fmt: skip
+
+
+def test_sliding_window_applied_through_the_mask_only_is_refused(tmp_path, monkeypatch):
+    # PhiMoE applies its window through the attention mask alone: the split attention never sees it, whatever
+    # windows it supports, so a window the sequences can outgrow is refused when the trainer is built
+    with pytest.raises(ValueError, match=rf"model_type='phimoe'.*sliding_window=32.*attention mask only.*{FALLBACK}"):
+        trainer_for_model(phimoe(32)(), True, tmp_path)
+    assert stock_and_grouped_differ(phimoe(4), tmp_path, monkeypatch) > 0.1

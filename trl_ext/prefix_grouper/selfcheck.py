@@ -376,23 +376,41 @@ def sliding_windows_supported() -> bool:
     return True
 
 
-def check_sliding_window(model: torch.nn.Module, args, seen: tuple[int, ...] | set[int] = ()) -> None:
-    """Refuse, when the trainer is built, a sliding window that the run's sequences can outgrow.
+def config_window_applies(config) -> bool:
+    """Whether the config's ``sliding_window`` is applied by some layer: with ``layer_types``, only when one of them
+    is a sliding type (those decide, e.g. Qwen2's ``max_window_layers``); without, unless
+    ``use_sliding_window=False`` (Mistral, Phi-3, StarCoder2 and PhiMoE apply it to every layer, PhiMoE through the
+    attention mask only)."""
+    if not getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", True) is False:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any("sliding" in str(layer_type) for layer_type in layer_types)
+    return True
 
-    The windows are the config's ``sliding_window`` (unless ``use_sliding_window=False``) and ``seen``, the windows
-    the attention layers passed during the self-check. Needed only while the split attention does not apply windows
-    (see :func:`sliding_windows_supported`): it would otherwise stop at the first batch longer than the window,
-    possibly mid-run.
+
+def check_sliding_window(model: torch.nn.Module, args, seen: tuple[int, ...] | set[int] = ()) -> None:
+    """Refuse, when the trainer is built, a sliding window that the run's sequences can outgrow and the split
+    attention does not apply; it would otherwise be ignored, or stop the run at the first longer batch.
+
+    Two kinds of windows: those the attention layers pass as the ``sliding_window`` argument (``seen`` during the
+    self-check), which count while the split attention does not apply windows (see
+    :func:`sliding_windows_supported`); and a config ``sliding_window`` that applies (:func:`config_window_applies`)
+    but never reaches the attention function, because the model applies it through the attention mask only, which
+    the split attention does not read: that one always counts.
 
     Raises:
         ValueError: naming the model type, the window, the bound on the sequences and the fallback.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config()
-    windows = set(seen)
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
-        windows.add(config.sliding_window)
-    if not windows or sliding_windows_supported():
+    windows = {}
+    if seen and not sliding_windows_supported():
+        windows.update({window: "the split attention does not apply sliding windows" for window in seen})
+    if config_window_applies(config) and config.sliding_window not in seen:
+        windows[config.sliding_window] = "the model applies it through the attention mask only, which the split "
+        windows[config.sliding_window] += "attention does not read"
+    if not windows:
         return
     window = min(windows)
     longest, source = longest_sequence(args, config)
@@ -401,6 +419,6 @@ def check_sliding_window(model: torch.nn.Module, args, seen: tuple[int, ...] | s
     raise _refusal(
         model,
         f"sliding_window={window} is shorter than the sequences this run can score (up to {longest} tokens: "
-        f"{source}), and the split attention does not apply sliding windows. Bound the sequences to the window "
-        f"(vllm_max_model_length<={window}), or use a model without a sliding window.",
+        f"{source}), and {windows[window]}. Bound the sequences to the window (vllm_max_model_length<={window}), or "
+        "use a model without a sliding window.",
     )

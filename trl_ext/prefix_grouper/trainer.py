@@ -81,7 +81,6 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
             for model in models:
                 unwrapped = self.accelerator.unwrap_model(model)
                 install_grouped_attention(unwrapped)
-                check_sliding_window(unwrapped, self.args)  # from the config, before any forward
             # Position convention learned by the self-check (count the prompt's left padding or not)
             self._prefix_grouper_count_padding: bool | None = None
             self._prefix_grouper_unchecked = models
@@ -103,7 +102,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
             vocab_size = head.weight.size(0) if head is not None else unwrapped.config.get_text_config().vocab_size
             result = self_check(self._self_check_scores, model, vocab_size, dtype, conventions)
             self._prefix_grouper_count_padding = POSITION_CONVENTIONS[result.position_convention]
-            check_sliding_window(unwrapped, self.args, result.sliding_windows)  # windows the layers really use
+            check_sliding_window(unwrapped, self.args, result.sliding_windows)
 
     def _self_check_scores(self, model, input_ids, attention_mask, logits_to_keep, batch_size, count_padding):
         if count_padding is None:
