@@ -98,8 +98,8 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
             conventions = None
             if self._prefix_grouper_count_padding is not None:
                 conventions = [k for k, v in POSITION_CONVENTIONS.items() if v == self._prefix_grouper_count_padding]
-            head = unwrapped.get_output_embeddings()
-            vocab_size = head.weight.size(0) if head is not None else unwrapped.config.get_text_config().vocab_size
+            weight = getattr(unwrapped.get_output_embeddings(), "weight", None)
+            vocab_size = weight.size(0) if weight is not None else unwrapped.config.get_text_config().vocab_size
             result = self_check(self._self_check_scores, model, vocab_size, dtype, conventions)
             self._prefix_grouper_count_padding = POSITION_CONVENTIONS[result.position_convention]
             check_sliding_window(unwrapped, self.args, result.sliding_windows)
