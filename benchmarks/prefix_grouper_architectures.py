@@ -317,8 +317,14 @@ def parse_results(path: Path) -> list[tuple[str, str, str]]:
 
 
 def summary(rows) -> str:
-    counts = {verdict: sum(1 for _, v, _ in rows if v == verdict) for verdict in VERDICTS}
-    return f"{len(rows)} model types: " + ", ".join(f"{counts[v]} {v}" for v in VERDICTS)
+    """Verdict counts, the model types and the config variants (names with a parenthesis) apart."""
+    parts = []
+    for label, subset in (("model types", [r for r in rows if " (" not in r[0]]),
+                          ("config variants", [r for r in rows if " (" in r[0]])):  # fmt: skip
+        if subset:
+            counts = {verdict: sum(1 for _, v, _ in subset if v == verdict) for verdict in VERDICTS}
+            parts.append(f"{len(subset)} {label}: " + ", ".join(f"{counts[v]} {v}" for v in VERDICTS))
+    return "; ".join(parts)
 
 
 def readme_section(path: Path) -> str:
@@ -359,6 +365,8 @@ def refusal_reason(detail: str) -> str:
             return f"self-check: its forward fails on the packed rows ({error.group(1) if error else 'an error'})"
         if "position_ids" in cause:
             return "self-check: grouped log-probs differ from stock; its output ignores position_ids"
+        if "add to the attention mask" in cause:
+            return "self-check: grouped log-probs differ from stock; its layers add a bias to the attention mask"
         if "all-zero parameters" in cause:
             return "self-check: grouped log-probs differ from stock once its all-zero parameters move"
         return "self-check: grouped log-probs differ from stock"

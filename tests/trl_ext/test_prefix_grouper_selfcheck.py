@@ -126,7 +126,9 @@ def test_self_check_catches_mask_positions_with_column_positions(tmp_path, monke
     assert stock_and_grouped_differ(opt(), tmp_path, monkeypatch) > 0.5
 
 
-def test_mask_positions_bf16_drift_is_no_worse_than_stock(tmp_path):
+@pytest.mark.parametrize("family", ["opt", "dynamic_rope"])
+def test_bf16_drift_is_no_worse_than_stock(family, tmp_path):
+    build = opt() if family == "opt" else dynamic_rope
     batch = make_batch(seed=12)
 
     def gradient(trainer):
@@ -136,10 +138,10 @@ def test_mask_positions_bf16_drift_is_no_worse_than_stock(tmp_path):
         loss.backward()
         return torch.cat([p.grad.flatten().double() for p in trainer.model.parameters() if p.requires_grad])
 
-    reference = gradient(trainer_for_model(opt()(), False, tmp_path / "fp32"))
+    reference = gradient(trainer_for_model(build(), False, tmp_path / "fp32"))
     drift = {}
     for grouped in (False, True):
-        trainer = trainer_for_model(opt()(), grouped, tmp_path / f"bf16-{grouped}", bf16=True, use_cpu=True)
+        trainer = trainer_for_model(build(), grouped, tmp_path / f"bf16-{grouped}", bf16=True, use_cpu=True)
         assert trainer.accelerator.mixed_precision == "bf16"
         drift[grouped] = ((gradient(trainer) - reference).norm() / reference.norm()).item()
     assert drift[False] > 1e-4
@@ -147,26 +149,28 @@ def test_mask_positions_bf16_drift_is_no_worse_than_stock(tmp_path):
 
 
 # ------------------------------------------------------------------ length-dependent RoPE
-def dynamic_rope():
+def dynamic_rope(attn="sdpa"):
     # Sequences of the test batch reach position 17, past max_position_embeddings=12: the frequencies then depend on
     # the forward's largest position, which differs between a packed chunk and the stock padded batch
-    return tiny_model("llama", num_key_value_heads=2, max_position_embeddings=12,
+    return tiny_model("llama", attn=attn, num_key_value_heads=2, max_position_embeddings=12,
                       rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})  # fmt: skip
 
 
-def longrope():
+def longrope(attn="sdpa"):
     half = 4  # head_dim 8 / 2
-    return tiny_model("phi3", num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=12,
+    return tiny_model("phi3", attn=attn, num_key_value_heads=2, max_position_embeddings=64,
+                      original_max_position_embeddings=12,
                       pad_token_id=0, rope_parameters={
                           "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 12,
                           "short_factor": [1.0 + i for i in range(half)], "long_factor": [3.0 + 2 * i for i in range(half)],
                       })  # fmt: skip
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("build", [dynamic_rope, longrope], ids=["dynamic", "longrope"])
-def test_length_dependent_rope_matches_stock_in_chunks(build, tmp_path):
-    stock = trainer_for_model(build(), False, tmp_path)
-    grouped = trainer_for_model(build(), True, tmp_path)
+def test_length_dependent_rope_matches_stock_in_chunks(build, attn, tmp_path):
+    stock = trainer_for_model(build(attn), False, tmp_path)
+    grouped = trainer_for_model(build(attn), True, tmp_path)
     compare(stock, grouped, make_batch(seed=5, rows="abcabcab"), batch_size=3)
     batch = make_batch(seed=6, rows="aabb")  # a chunk of short rows only, whose own largest position is lower
     with torch.no_grad():
