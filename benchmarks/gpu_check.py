@@ -389,6 +389,7 @@ def main():
     if cli.threads:
         torch.set_num_threads(cli.threads)
     device = torch.device("cpu" if cli.smoke or not torch.cuda.is_available() else "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 exactness is checked at 1e-5: no TF32 matmuls
     if not cli.smoke and device.type != "cuda":
         raise SystemExit("No CUDA device: run with --smoke for the CPU check, or on a machine with a GPU.")
     output = cli.output or RESULTS / ("gpu_check_smoke.txt" if cli.smoke else "gpu_check.txt")
