@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
@@ -77,6 +77,33 @@ def make_trainer(
 ):
     path = model_path(arch)
     model = sharpen_(AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32))
+    return trainer_for_model(
+        model, grouped, tmp_path, attn, peft_config=peft_config, plain_config=plain_config, reward_funcs=reward_funcs,
+        **overrides,
+    )  # fmt: skip
+
+
+def tiny_model(model_type: str, attn: str = "sdpa", **config):
+    """A 2-layer fp32 model of ``model_type`` from its config (vocabulary 128, hidden 32), sharpened."""
+    sizes = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    sizes = {k: v for k, v in sizes.items() if hasattr(AutoConfig.for_model(model_type), k)}
+    settings = {**sizes, "max_position_embeddings": 64, **config}
+    cfg = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(0)
+    return sharpen_(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32))
+
+
+def trainer_for_model(
+    model,
+    grouped: bool,
+    tmp_path,
+    attn: str = "sdpa",
+    peft_config=None,
+    plain_config: bool = False,
+    reward_funcs=arithmetic_reward,
+    **overrides,
+):
+    """A stock or grouped trainer around ``model`` (fp32, batch of 8, 4 generations), in train mode."""
     config_cls = PrefixGrouperGRPOConfig if grouped and not plain_config else GRPOConfig
     settings = dict(
         per_device_train_batch_size=8,
@@ -94,6 +121,7 @@ def make_trainer(
         args=args,
         train_dataset=make_arithmetic_dataset(8),
         peft_config=peft_config,
+        processing_class=build_toy_tokenizer(),
     )
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()

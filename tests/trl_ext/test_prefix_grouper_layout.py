@@ -361,3 +361,38 @@ def test_attention_dropout_takes_the_materialized_path(monkeypatch):
     assert calls == []
     out = split_attention(q, k, v, layout, dropout=0.5)
     assert len(calls) == 1 and calls[0]["dropout"] == 0.5 and out.shape == (packed.num_rows, packed.seq_len, 2, 8)
+
+
+@pytest.mark.parametrize("rows", ["aabacbcb", "a"])  # "a": one row, no padding anywhere
+def test_positions_from_the_mask_and_the_largest_position_cell(rows):
+    batch = make_batch(seed=3, rows=rows, max_completion=5)
+    args = batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
+    groups = find_groups(batch["prompt_ids"], batch["prompt_mask"])
+    columns = pack_groups(*args, groups)
+    # OPT's rule on the stock row, token by token: position = number of real tokens before it
+    stock_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    from_mask = stock_mask.cumsum(1) - 1
+    packed = pack_groups(*args, groups, count_padding=False)
+    width = batch["prompt_ids"].size(1)
+    for n, group in enumerate(groups):
+        for i, row in enumerate(group):
+            start = packed.prefix_width + i * packed.block_width
+            length = int(packed.block_lengths[n, i])
+            expected = from_mask[row, width - 1 : width - 1 + length]
+            assert packed.position_ids[n, start : start + length].tolist() == expected.tolist()
+        prefix_len = int(packed.prefix_lengths[n])
+        assert packed.position_ids[n, :prefix_len].tolist() == list(range(prefix_len))
+    assert torch.equal(packed.input_ids, columns.input_ids)
+    # The largest stock position rides on exactly one padding cell; a row without padding gets a wider block slot
+    top = width + batch["completion_ids"].size(1) - 1
+    carried = pack_groups(*args, groups, max_position=top)
+    cells = (carried.position_ids == top) & (carried.segment_ids == -1)
+    assert int(cells.sum()) == 1 and int(carried.position_ids.max()) == top
+    real = carried.segment_ids != -1
+    padded = columns.segment_ids == -1
+    if padded.any():
+        assert carried.seq_len == columns.seq_len and torch.equal(
+            carried.position_ids[real], columns.position_ids[real]
+        )
+    else:
+        assert carried.block_width == columns.block_width + 1

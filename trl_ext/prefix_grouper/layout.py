@@ -16,6 +16,8 @@ whole prefix and causally to its own block, never to a sibling. Position ids are
 ``[prompt; completion]`` row, so every completion restarts right after the prompt (``P, P+1, ...`` for an unpadded
 prompt). TRL's stock forward numbers positions from the start of the *left-padded* row; the layout keeps that offset,
 which makes absolute-position models (GPT-2) reproduce the stock forward exactly and is immaterial for rotary models.
+Models that number positions from the attention mask instead (OPT) get positions without the offset
+(``count_padding=False``).
 
 Rows are laid out with fixed strides so that attention can view them without gathers: the prefix area is
 ``prefix_width`` wide and each of the ``num_blocks`` block slots is ``block_width`` wide; shorter segments are
@@ -61,7 +63,8 @@ class PackedGroups:
 
     Attributes:
         input_ids (`torch.LongTensor` of shape `(N, L)`): packed token ids (padding is ``pad_token_id``).
-        position_ids (`torch.LongTensor` of shape `(N, L)`): the tokens' columns in the stock row (0 on padding).
+        position_ids (`torch.LongTensor` of shape `(N, L)`): the tokens' positions in the stock row (0 on padding,
+            except the one cell that carries ``max_position`` when it is given).
         shift_labels (`torch.LongTensor` of shape `(N, L)`): the token each position predicts, ``-100`` where
             nothing is scored (prefix, the last token of a block, padding).
         segment_ids (`torch.LongTensor` of shape `(N, L)`): ``0`` prefix, ``i`` block ``i`` (1-based), ``-1``
@@ -178,6 +181,8 @@ def pack_groups(
     completion_mask: torch.Tensor,
     groups: list[list[int]],
     pad_token_id: int = 0,
+    count_padding: bool = True,
+    max_position: int | None = None,
 ) -> PackedGroups:
     """Pack the given groups of a stock GRPO batch, one row per group (see the module docstring).
 
@@ -189,6 +194,13 @@ def pack_groups(
         groups (`list[list[int]]`): rows of each group (identical prompts), e.g. from :func:`find_groups`. Rows
             left out are not scored (their ``source_mask`` is all False).
         pad_token_id (`int`): id written on padding positions (never attended to by real tokens, never scored).
+        count_padding (`bool`): whether position ids count the prompt's left padding, as models that number
+            positions by column do (``arange``, the default). With `False` every prompt starts at position 0, as in
+            models that derive positions from the attention mask (OPT's ``cumsum``).
+        max_position (`int`, *optional*): the largest position id of the stock forward, written on one padding cell
+            (a padding column is added when the rows have none). Models whose rotary frequencies depend on the
+            largest position of the forward (``dynamic`` and ``longrope`` RoPE) then use the frequencies of the stock
+            forward. Padding cells are never attended to by real tokens, so nothing else changes.
 
     Returns:
         [`PackedGroups`]
@@ -207,6 +219,12 @@ def pack_groups(
     prefix_width = max(prefix_lengths, default=0)
     num_blocks = max((len(group) for group in groups), default=0)
     block_width = 1 + max((completion_lengths[row] for group in groups for row in group), default=0)
+    if (
+        max_position is not None
+        and groups
+        and not _has_padding(groups, prefix_lengths, completion_lengths, block_width)
+    ):
+        block_width += 1  # room for the cell that carries max_position
     seq_len = prefix_width + num_blocks * block_width
     num_rows = len(groups)
 
@@ -223,8 +241,9 @@ def pack_groups(
         first = group[0]
         prefix_len = prefix_lengths[n]
         pad = prompt_width - prefix_len - 1  # left padding of this prompt in the stock row
+        shift = 0 if count_padding else pad
         input_ids[n, :prefix_len] = prompt_ids[first, pad : pad + prefix_len]
-        position_ids[n, :prefix_len] = columns[pad : pad + prefix_len]
+        position_ids[n, :prefix_len] = columns[pad : pad + prefix_len] - shift
         segment_ids[n, :prefix_len] = PREFIX_SEGMENT
         for i, row in enumerate(group):
             length = completion_lengths[row]
@@ -232,12 +251,16 @@ def pack_groups(
             block = slice(start, start + 1 + length)
             input_ids[n, start] = prompt_ids[row, -1]
             input_ids[n, start + 1 : start + 1 + length] = completion_ids[row, :length]
-            position_ids[n, block] = columns[prompt_width - 1 : prompt_width + length]
+            position_ids[n, block] = columns[prompt_width - 1 : prompt_width + length] - shift
             shift_labels[n, start : start + length] = completion_ids[row, :length]
             segment_ids[n, block] = i + 1
             block_lengths[n, i] = 1 + length
             source_index[row, :length] = n * seq_len + start + columns[:length]
             source_mask[row, :length] = True
+
+    if max_position is not None and num_rows:
+        padding = (segment_ids == PAD_SEGMENT).flatten().nonzero()
+        position_ids.view(-1)[padding[-1]] = max_position
 
     return PackedGroups(
         input_ids=input_ids,
@@ -252,6 +275,18 @@ def pack_groups(
         source_index=source_index,
         source_mask=source_mask,
     )
+
+
+def _has_padding(groups, prefix_lengths, completion_lengths, block_width) -> bool:
+    """Whether the packed rows will have at least one padding cell."""
+    prefix_width = max(prefix_lengths)
+    num_blocks = max(len(group) for group in groups)
+    for group, prefix_len in zip(groups, prefix_lengths):
+        if prefix_len < prefix_width or len(group) < num_blocks:
+            return True
+        if any(1 + completion_lengths[row] < block_width for row in group):
+            return True
+    return False
 
 
 def attention_allowed(segment_ids: torch.Tensor) -> torch.Tensor:

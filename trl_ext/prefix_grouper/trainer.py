@@ -9,6 +9,7 @@ from trl.extras.profiling import profiling_decorator
 from .._peft import refuse_prompt_learning
 from .attention import FALLBACK_HINT, LAYOUT_KWARG, GroupedAttentionLayout, install_grouped_attention
 from .layout import chunk_groups, find_groups, pack_groups, split_groups, ungroup
+from .selfcheck import POSITION_CONVENTIONS, check_sliding_window, self_check, weights_materialised
 
 
 def _check_calls(layout: GroupedAttentionLayout, model) -> None:
@@ -21,32 +22,17 @@ def _check_calls(layout: GroupedAttentionLayout, model) -> None:
         )
 
 
-def check_grouped_forward(model) -> None:
-    """Run a tiny packed forward (two completions of a three-token prompt) and check every layer took the grouped path.
-
-    Catches at construction what would otherwise fail at the first training step: attention layers that do not
-    receive the forward's keyword arguments, or that bypass the attention registry. Skipped for models whose weights
-    are not materialised yet (meta tensors or partitioned parameters); those are checked at every forward.
-
-    Raises:
-        ValueError: naming the model type and the stock-trainer fallback.
-    """
-    params = list(model.parameters())
-    if not params or any(p.device.type == "meta" or p.numel() == 0 for p in params):
-        return
-    device = params[0].device
-    ones = torch.ones(2, 3, dtype=torch.long, device=device)
-    ids = torch.arange(1, 4, device=device).expand(2, -1)
-    packed = pack_groups(ids, ones, ids.flip(-1), ones, [[0, 1]])
-    layout = GroupedAttentionLayout.from_packed(packed)
-    with torch.no_grad():
-        model(
-            input_ids=packed.input_ids,
-            attention_mask=packed.segment_ids[:, None, None, :],
-            position_ids=packed.position_ids,
-            **{LAYOUT_KWARG: layout},
-        )
-    _check_calls(layout, model)
+def compute_dtype(model, mixed_precision: torch.dtype | None = None) -> torch.dtype:
+    """The least precise dtype the forward computes in: the autocast dtype, the embeddings' dtype, and bf16 when
+    some weights are quantized (integer storage, computed in a low-precision dtype)."""
+    candidates = [torch.float32] if mixed_precision is None else [mixed_precision]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        candidates.append(weight.dtype)
+    if any(not p.is_floating_point() for p in model.parameters()):
+        candidates.append(torch.bfloat16)
+    return max(candidates, key=lambda dtype: torch.finfo(dtype).eps)
 
 
 class PrefixGrouperGRPOTrainer(GRPOTrainer):
@@ -62,8 +48,11 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
     Args:
         Same as [`~trl.GRPOTrainer`]; `args` may be a [`PrefixGrouperGRPOConfig`] or a plain [`~trl.GRPOConfig`].
         The model must be a text-only decoder using `attn_implementation="sdpa"` or `"eager"`, without an MoE
-        load-balancing loss (`router_aux_loss_coef=0`); construction raises a `ValueError` naming the model type and
-        the stock-trainer fallback otherwise (a tiny packed forward checks that every layer takes the grouped path).
+        load-balancing loss (`router_aux_loss_coef=0`). When it is built, the trainer scores a tiny synthetic batch
+        with the policy and the reference model both the stock and the grouped way (see
+        :mod:`~trl_ext.prefix_grouper.selfcheck`) and raises a `ValueError` naming the model type, the measured
+        difference and the stock-trainer fallback if they differ. With weights not materialised yet (DeepSpeed
+        ZeRO-3), the check runs at the first log-prob computation instead, before any optimizer step.
 
     Example:
         ```py
@@ -99,11 +88,41 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
                     f"{self.router_aux_loss_coef}: the MoE load-balancing loss is not reproduced (the prompt is routed "
                     f"once, not once per completion). Set router_aux_loss_coef=0.0 in the config, or {FALLBACK_HINT}."
                 )
-            for model in (self.model, self.ref_model):
-                if model is not None:
-                    unwrapped = self.accelerator.unwrap_model(model)
-                    install_grouped_attention(unwrapped)
-                    check_grouped_forward(unwrapped)
+            models = [model for model in (self.model, self.ref_model) if model is not None]
+            for model in models:
+                unwrapped = self.accelerator.unwrap_model(model)
+                install_grouped_attention(unwrapped)
+            # Position convention learned by the self-check (count the prompt's left padding or not)
+            self._prefix_grouper_count_padding: bool | None = None
+            self._prefix_grouper_unchecked = models
+            if all(weights_materialised(self.accelerator.unwrap_model(model)) for model in models):
+                self._prefix_grouper_self_check()
+
+    def _prefix_grouper_self_check(self) -> None:
+        """Check the grouped log-probs of the policy and reference model against their stock forward (see
+        :func:`~trl_ext.prefix_grouper.selfcheck.self_check`); the policy decides the position convention."""
+        models, self._prefix_grouper_unchecked = self._prefix_grouper_unchecked, []
+        mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision))
+        for model in models:
+            unwrapped = self.accelerator.unwrap_model(model)
+            dtype = compute_dtype(unwrapped, mixed)
+            conventions = None
+            if self._prefix_grouper_count_padding is not None:
+                conventions = [k for k, v in POSITION_CONVENTIONS.items() if v == self._prefix_grouper_count_padding]
+            weight = getattr(unwrapped.get_output_embeddings(), "weight", None)
+            vocab_size = weight.size(0) if weight is not None else unwrapped.config.get_text_config().vocab_size
+            result = self_check(self._self_check_scores, model, vocab_size, dtype, conventions)
+            self._prefix_grouper_count_padding = POSITION_CONVENTIONS[result.position_convention]
+            check_sliding_window(unwrapped, self.args, result.sliding_windows)
+
+    def _self_check_scores(self, model, input_ids, attention_mask, logits_to_keep, batch_size, count_padding):
+        if count_padding is None:
+            return GRPOTrainer._get_per_token_logps_and_entropies(
+                self, model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size
+            )[0]
+        return self._grouped_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, False, count_padding
+        )[0]
 
     @profiling_decorator
     def _get_per_token_logps_and_entropies(
@@ -137,6 +156,16 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
                 f"per completion). Set router_aux_loss_coef=0.0, or {FALLBACK_HINT}."
             )
 
+        if self._prefix_grouper_unchecked:  # weights were not materialised at construction (ZeRO-3)
+            self._prefix_grouper_self_check()
+        return self._grouped_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+            self._prefix_grouper_count_padding,
+        )  # fmt: skip
+
+    def _grouped_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, count_padding
+    ):
         prompt_ids, completion_ids = input_ids[:, :-logits_to_keep], input_ids[:, -logits_to_keep:]
         prompt_mask, completion_mask = attention_mask[:, :-logits_to_keep], attention_mask[:, -logits_to_keep:]
         max_rows = batch_size or input_ids.size(0)
@@ -146,7 +175,12 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
 
         logps, entropies = [], []
         for chunk in chunk_groups(groups, max_rows):
-            packed = pack_groups(prompt_ids, prompt_mask, completion_ids, completion_mask, chunk, pad_token_id)
+            # The stock forward numbers positions up to the padded row's last column; a padding cell carries that
+            # position so that length-dependent RoPE (dynamic, longrope) picks the stock frequencies
+            packed = pack_groups(
+                prompt_ids, prompt_mask, completion_ids, completion_mask, chunk, pad_token_id,
+                count_padding=count_padding, max_position=input_ids.size(1) - 1 if count_padding else None,
+            )  # fmt: skip
             layout = GroupedAttentionLayout.from_packed(packed)
             with self.accelerator.autocast():
                 outputs = model(
