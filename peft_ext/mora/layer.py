@@ -197,10 +197,10 @@ class MoraLinear(nn.Module, MoraLayer):
                 raise ValueError(
                     f"Cannot load MoRA weight {key!r}: the checkpoint has M of shape {saved}, but this "
                     f"{self.in_features}->{self.out_features} layer with r={self.r[name]}, "
-                    f"mora_type={self.mora_type[name]!r} needs {tuple(param.shape)}. The adapter was trained on a "
-                    "base model with different layer sizes; load it onto the base model named by "
-                    "base_model_name_or_path in its adapter_config.json, or pass ignore_mismatched_sizes=True "
-                    "to skip these weights."
+                    f"mora_type={self.mora_type[name]!r} needs {tuple(param.shape)}. The adapter was saved with "
+                    "another r or mora_type, or trained on a base model with different layer sizes; load it with its "
+                    "own adapter_config.json onto the base model named by base_model_name_or_path there, or pass "
+                    "ignore_mismatched_sizes=True to skip these weights."
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
