@@ -413,3 +413,55 @@ def test_another_r_on_the_same_layers_is_named_as_such(tmp_path):
         ValueError, match=r"The layer sizes match, so the adapter was saved with another r or mora_type"
     ):
         other.load_adapter(path, "default", is_trainable=True)
+
+
+# ---------------------------------------------------------------------------- merge precision
+def _adapted_weights(model) -> dict[str, torch.Tensor]:
+    return {
+        n: m.get_base_layer().weight.detach().clone() for n, m in model.named_modules() if isinstance(m, MoraLinear)
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_unmerge_restores_the_base_bit_for_bit_in_half_precision(dtype):
+    def build(exact: bool):
+        base = toy_model_path(arch="llama", **SIZES)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        config = MoraConfig(r=4, mora_type="rotation", target_modules="all-linear", exact_unmerge=exact)
+        model = get_peft_model(model, config)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "mora_M" in name:
+                    param.normal_(std=0.02)
+        return model
+
+    exact, plain = build(True), build(False)
+    original = _adapted_weights(exact)
+    assert all(torch.equal(original[n], w) for n, w in _adapted_weights(plain).items())
+    for round_trip in range(3):
+        exact.merge_adapter()
+        plain.merge_adapter()
+        if round_trip == 0:  # merging is the same with or without the option: the same merged weights
+            assert all(torch.equal(w, _adapted_weights(plain)[n]) for n, w in _adapted_weights(exact).items())
+        exact.unmerge_adapter()
+        plain.unmerge_adapter()
+    assert all(torch.equal(original[n], w) for n, w in _adapted_weights(exact).items())
+    # Without the option the subtraction leaves rounding drift in the base (what the option is for).
+    drifted = sum(int((original[n] != w).sum()) for n, w in _adapted_weights(plain).items())
+    assert drifted > 0
+    assert not any(m._mora_merge_backup for m in exact.modules() if isinstance(m, MoraLinear))  # copies freed
+
+
+def test_exact_unmerge_with_a_second_adapter_merged_on_top():
+    base = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="llama", **SIZES), dtype=torch.bfloat16)
+    model = get_peft_model(base, MoraConfig(r=4, target_modules=["q_proj"], exact_unmerge=True, init_weights=False))
+    model.add_adapter("other", MoraConfig(r=2, target_modules=["q_proj"], init_weights=False))
+    original = _adapted_weights(model)
+    model.base_model.merge_adapter(["default", "other"])
+    model.unmerge_adapter()  # newest first: "other" subtracted, then "default" restored exactly
+    assert all(torch.equal(original[n], w) for n, w in _adapted_weights(model).items())
+    loaded_config = MoraConfig.from_peft_type(**model.peft_config["default"].to_dict())
+    assert loaded_config.exact_unmerge is True
+    with pytest.raises(ValueError, match="exact_unmerge='yes' must be True or False"):
+        MoraConfig(exact_unmerge="yes")
