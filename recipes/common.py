@@ -336,6 +336,8 @@ def ignored_flags(script_args, model_args: ModelConfig, lora: bool) -> dict[str,
     if not script_args.dataset_name:
         for name in ("dataset_config", "dataset_train_split"):
             ignored[name] = "it has no effect without --dataset_name"
+    elif getattr(script_args, "num_eval_prompts", 0) > 0:
+        ignored["num_eval_prompts"] = "the held-out evaluation runs on the toy data only (pass 0, or drop the flag)"
     if lora and not model_args.use_peft:
         ignored |= {name: "it configures LoRA, which is trained only with --use_peft true" for name in LORA_FLAGS}
     elif not lora:

@@ -21,6 +21,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from peft_ext import MoraConfig, ReMoraCallback
 from peft_ext.mora.layer import MoraLayer
+from peft_ext.mora.ops import resolve_mora_type
 from recipes.common import (
     RunRecord,
     ToyScriptArguments,
@@ -54,6 +55,10 @@ class MoraScriptArguments(ToyScriptArguments):
 
 def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args: ModelConfig, callbacks=None) -> dict:
     check_run("mora_sft", script_args, training_args, model_args, lora=False)
+    remora = None
+    if script_args.remora_every_n_steps:
+        remora = ReMoraCallback(every_n_steps=script_args.remora_every_n_steps)
+        remora.next_type(resolve_mora_type(script_args.mora_type))  # fails here, not at the first restart
     model, tokenizer = load_model(model_args, training_args)
     evaluate = toy_eval(script_args, "arithmetic")
     # Toy data: fresh a+b problems, disjoint from the held-out ones.
@@ -69,8 +74,8 @@ def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args:
     if evaluate:
         results["accuracy_before"] = evaluate(model, tokenizer)
     callbacks = [*(callbacks or []), record.callback()]
-    if script_args.remora_every_n_steps:
-        callbacks.append(ReMoraCallback(every_n_steps=script_args.remora_every_n_steps))
+    if remora:
+        callbacks.append(remora)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
                          callbacks=callbacks)  # fmt: skip
     train(trainer, checkpoint)

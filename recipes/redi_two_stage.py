@@ -284,6 +284,11 @@ def main(script_args: REDIScriptArguments, training_args: REDIConfig, model_args
     # Checks before any work: the traces are never overwritten, the sampling flags work, the resume is ours.
     traces_dir = os.path.join(out, "traces")
     in_place = bool(script_args.traces_path) and _same_path(script_args.traces_path, traces_dir)
+    if script_args.traces_path and _same_path(script_args.traces_path, os.path.join(out, "pairs")):
+        raise ValueError(
+            f"--traces_path {script_args.traces_path!r} is this run's pairs/ folder, which the run rewrites; pass "
+            f"the traces/ folder ({traces_dir})."
+        )
     if os.path.exists(traces_dir) and not in_place:
         raise ValueError(
             f"{traces_dir!r} already holds traces from an earlier run, and this run would overwrite them. Reuse them "

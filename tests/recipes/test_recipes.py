@@ -344,6 +344,9 @@ IGNORED = [
     ("redi_two_stage", "--teacher_temperature 0.5", "--teacher_temperature 0.5 would be ignored: it applies only with"),
     ("redi_two_stage", "--teacher_model_name_or_path toy --teacher_max_new_tokens 0",
      "max_new_tokens=0 must be a positive integer"),
+    ("qtuning_sft", "--dataset_name some/data --num_eval_prompts 50",
+     "--num_eval_prompts 50 would be ignored: the held-out evaluation runs on the toy data only"),
+    ("mora_sft", "--remora_every_n_steps 10", "mora_type='rotation', which is not in cycle"),
 ]  # fmt: skip
 
 
