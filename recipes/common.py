@@ -1,15 +1,21 @@
 """What every recipe shares, in the order a recipe uses it.
 
-Arguments (``ToyScriptArguments``, ``make_recipe_parser``), the model and its tokenizer from
-TRL's ``ModelConfig`` (``load_model``), the data (``resolve_dataset``), adapter targets per
-architecture (``default_target_modules``), GRPO rewards by name (``get_reward_funcs``), the
-held-out toy evaluation (``ToyEval``) and the end of a run (``train``, ``finish``). With no
-``--model_name_or_path`` and no ``--dataset_name`` a recipe runs on the embedded toy testbed.
+Arguments (``ToyScriptArguments``, ``make_recipe_parser``) and their checks before any work
+(``check_run``: a usable ``--output_dir``, no flag the recipe would ignore, a checkpoint to
+resume that exists), the model and its tokenizer from TRL's ``ModelConfig`` (``load_model``),
+the data (``resolve_dataset``), adapter targets per architecture (``default_target_modules``),
+GRPO rewards by name (``get_reward_funcs``), the held-out toy evaluation (``ToyEval``), which
+run wrote a checkpoint (``RunRecord``: recorded in every checkpoint, checked before a resume)
+and the end of a run (``train``, ``finish``). With no ``--model_name_or_path`` and no
+``--dataset_name`` a recipe runs on the embedded toy testbed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import importlib
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -17,7 +23,15 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,6 +74,30 @@ def accelerator_available() -> bool:
     return torch.accelerator.is_available()
 
 
+class RecipeParser(TrlParser):
+    """TRL's parser that also remembers which flags the command line and the ``--config`` YAML gave.
+
+    A flag given with its default value (``--lora_r 16``) is still a flag the user set; :func:`check_run`
+    refuses it where the recipe would ignore it. The names are stored on the first parsed object as
+    ``given_flags``.
+    """
+
+    def parse_args_and_config(self, args=None, *rest, **kwargs):
+        args = list(args) if args is not None else sys.argv[1:]
+        given = {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
+        if "--config" in args and args.index("--config") + 1 < len(args):
+            import yaml
+
+            with open(args[args.index("--config") + 1]) as f:
+                config = yaml.safe_load(f)
+            given |= set(config) - {"env"} if isinstance(config, dict) else set()
+        fields = {f.name for cls in self.dataclass_types for f in dataclasses.fields(cls)}
+        given = {g[3:] if g.startswith("no_") and g[3:] in fields else g for g in given} - {"config"}
+        output = super().parse_args_and_config(args, *rest, **kwargs)
+        output[0].given_flags = frozenset(given)
+        return output
+
+
 def make_recipe_parser(script_args_cls, config_cls, **defaults) -> TrlParser:
     """``TrlParser((script_args_cls, config_cls, ModelConfig))`` with ``--config`` YAML support.
 
@@ -67,7 +105,7 @@ def make_recipe_parser(script_args_cls, config_cls, **defaults) -> TrlParser:
     ``bf16=True`` and transformers refuses that on a CPU; on a GPU TRL's defaults apply.
     ``defaults`` are recipe defaults (e.g. ``dtype="bfloat16"``); flags and YAML override them.
     """
-    parser = TrlParser((script_args_cls, config_cls, ModelConfig))
+    parser = RecipeParser((script_args_cls, config_cls, ModelConfig))
     if not accelerator_available():
         defaults = {"bf16": False, "fp16": False, **defaults}
     if defaults:
@@ -280,6 +318,222 @@ def toy_eval(script_args: ToyScriptArguments, task: str, seed: int = 0) -> ToyEv
     return ToyEval(task, num_prompts=script_args.num_eval_prompts, seed=seed)
 
 
+def check_output_dir(path: str | os.PathLike) -> str:
+    """Create ``--output_dir`` if needed; raise a ``ValueError`` naming the path and the problem if it is unusable.
+
+    Refused: an existing file, a path below a file, a folder that cannot be created or written to.
+    """
+    path = os.fspath(path)
+    if not path:
+        raise ValueError("--output_dir is empty; pass the folder to write the run to, e.g. --output_dir outputs/run.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"--output_dir {path!r} is an existing file, not a folder; pass a folder path (it is created if missing)."
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output_dir {path!r} lies below {parent!r}, which is a file; pass a folder path.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output_dir {path!r} cannot be created: {err.strerror or err}.") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {path!r} is not writable; pass a folder you can write to.")
+    return path
+
+
+def flag_is_set(args, name: str, given: frozenset | set = frozenset()) -> bool:
+    """Whether the flag ``name`` was given (on the command line or in YAML) or differs from its dataclass default."""
+    if name in given:
+        return True
+    spec = next(f for f in dataclasses.fields(args) if f.name == name)
+    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+    return getattr(args, name) != default
+
+
+# Flags no recipe uses: the recipes load models unquantised and train on the training split only.
+QUANTIZATION_FLAGS = ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+                      "bnb_4bit_quant_storage")  # fmt: skip
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+              "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")  # fmt: skip
+
+
+def ignored_flags(script_args, model_args: ModelConfig, lora: bool) -> dict[str, str]:
+    """The flags every recipe ignores, with the reason, given its data flags and whether it trains LoRA."""
+    ignored = {name: "the recipes load the model without quantisation" for name in QUANTIZATION_FLAGS}
+    ignored |= {
+        "dataset_test_split": "the recipes train on the training split and evaluate on held-out toy prompts only",
+        "dataset_streaming": "the recipes load --dataset_name in full",
+        "ignore_bias_buffers": "it applies to TRL's DPO script only",
+    }
+    if not script_args.dataset_name:
+        for name in ("dataset_config", "dataset_train_split"):
+            ignored[name] = "it has no effect without --dataset_name"
+    elif getattr(script_args, "num_eval_prompts", 0) > 0:
+        ignored["num_eval_prompts"] = "the held-out evaluation runs on the toy data only (pass 0, or drop the flag)"
+    if lora and not model_args.use_peft:
+        ignored |= {name: "it configures LoRA, which is trained only with --use_peft true" for name in LORA_FLAGS}
+    elif not lora:
+        ignored |= {name: "this recipe does not train LoRA" for name in ("use_peft", *LORA_FLAGS)}
+    return ignored
+
+
+def refuse_ignored_flags(recipe: str, ignored: dict[str, str], *parsed) -> None:
+    """Raise a ``ValueError`` naming the first flag in ``ignored`` that one of the ``parsed`` objects sets."""
+    given = getattr(parsed[0], "given_flags", frozenset())
+    for args in parsed:
+        names = {f.name for f in dataclasses.fields(args)}
+        for name, reason in ignored.items():
+            if name in names and flag_is_set(args, name, given):
+                raise ValueError(
+                    f"{recipe}: --{name} {getattr(args, name)!r} would be ignored: {reason}. Remove the flag."
+                )
+
+
+def resume_checkpoint(training_args: TrainingArguments, output_dir: str | None = None) -> str | None:
+    """The checkpoint ``--resume_from_checkpoint`` names: a path (which must exist), the latest
+    ``checkpoint-*`` in ``output_dir`` for ``true``, or None."""
+    value = resume_arg(training_args)
+    if not value:
+        return None
+    if value is True:
+        output_dir = output_dir or training_args.output_dir
+        found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if found is None:
+            raise ValueError(
+                f"--resume_from_checkpoint true, but {output_dir!r} holds no {PREFIX_CHECKPOINT_DIR}-* folder to resume "
+                "from; pass a checkpoint path, or start without --resume_from_checkpoint."
+            )
+        return found
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint {value!r} is not a folder; pass a checkpoint-* folder or true.")
+    return value
+
+
+def check_run(recipe: str, script_args, training_args: TrainingArguments, model_args: ModelConfig,
+              lora: bool, ignored: dict[str, str] | None = None) -> None:  # fmt: skip
+    """The checks every recipe makes before any work: mixed precision on CPU (:func:`cpu_guard`), a usable
+    ``--output_dir``, no flag the recipe would ignore (the common ones and ``ignored``), a checkpoint to resume."""
+    cpu_guard(training_args)
+    refuse_ignored_flags(recipe, ignored_flags(script_args, model_args, lora) | (ignored or {}),
+                         script_args, training_args, model_args)  # fmt: skip
+    check_output_dir(training_args.output_dir)
+
+
+# ----------------------------------------------------------------------------- which run wrote a checkpoint
+RECORD_FILE = "recipe.json"
+_RUNTIME_KEYS = {"auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+
+
+def _plain(value):
+    """A JSON-ready, order-independent form of a config value (sets sorted, enums by value, objects by type)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return f"<{type(value).__name__}>"  # e.g. SUBNET's masks given as tensors: compared by kind only
+
+
+def adapter_record(config) -> dict | None:
+    """The settings of a PEFT adapter config that shape its weights and training (None for full fine-tuning)."""
+    if config is None:
+        return None
+    return {k: _plain(v) for k, v in sorted(config.to_dict().items()) if k not in _RUNTIME_KEYS}
+
+
+@dataclass
+class RunRecord:
+    """Which recipe, method and adapter wrote a checkpoint; saved as ``recipe.json`` in each one.
+
+    Example:
+        ```py
+        >>> record = RunRecord("mora_sft", "MoRA SFT", adapter=adapter_record(mora_config))
+        >>> record.check_resume(training_args)  # before training: refuses another run's checkpoint
+        >>> trainer = SFTTrainer(..., callbacks=[record.callback()])
+        ```
+    """
+
+    recipe: str
+    method: str
+    adapter: dict | None = None
+
+    def describe(self) -> str:
+        adapter = f"{self.adapter['peft_type']} adapter" if self.adapter else "full fine-tuning"
+        return f"recipe {self.recipe} ({self.method}, {adapter})"
+
+    def save(self, folder: str | os.PathLike) -> None:
+        with open(os.path.join(folder, RECORD_FILE), "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> RunRecord | None:
+        path = os.path.join(folder, RECORD_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            data = json.load(f)
+        return cls(**{k: data.get(k) for k in ("recipe", "method", "adapter")})
+
+    def check(self, checkpoint: str | os.PathLike, compare_adapter: bool = True) -> None:
+        """Raise a ``ValueError`` naming both runs unless ``checkpoint`` was written by this recipe, method and
+        (with ``compare_adapter``) adapter config."""
+        saved = RunRecord.load(checkpoint)
+        if saved is None:
+            raise ValueError(
+                f"Cannot resume from {os.fspath(checkpoint)!r}: it has no {RECORD_FILE}, so it was not written by a "
+                f"recipe of this package (or by an older version), and this run is {self.describe()}. Resume only a "
+                "checkpoint this recipe wrote, or start without --resume_from_checkpoint."
+            )
+        other_kind = compare_adapter and bool(saved.adapter) != bool(self.adapter)
+        if (saved.recipe, saved.method) != (self.recipe, self.method) or other_kind:
+            raise ValueError(
+                f"Cannot resume from {os.fspath(checkpoint)!r}: it was written by {saved.describe()}, but this run is "
+                f"{self.describe()}. Continue it with `python -m recipes.{saved.recipe}`, or start this run without "
+                "--resume_from_checkpoint (or in another --output_dir)."
+            )
+        if compare_adapter and saved.adapter != self.adapter:
+            keys = sorted(set(saved.adapter) | set(self.adapter))
+            diff = "; ".join(
+                f"{k}: {saved.adapter.get(k)!r} in the checkpoint, {self.adapter.get(k)!r} now"
+                for k in keys
+                if saved.adapter.get(k) != self.adapter.get(k)
+            )
+            raise ValueError(
+                f"Cannot resume from {os.fspath(checkpoint)!r}: its {saved.adapter['peft_type']} adapter config differs "
+                f"from this run's ({diff}). Resume with the checkpoint's settings, or start a new run in another "
+                "--output_dir."
+            )
+
+    def check_resume(self, training_args: TrainingArguments, output_dir: str | None = None) -> str | None:
+        """The checkpoint to resume (see :func:`resume_checkpoint`), checked with :meth:`check`; None if not resuming."""
+        checkpoint = resume_checkpoint(training_args, output_dir)
+        if checkpoint is not None:
+            self.check(checkpoint)
+        return checkpoint
+
+    def callback(self) -> TrainerCallback:
+        """A callback that writes this record into every checkpoint the trainer saves."""
+        return _RecordCallback(self)
+
+
+class _RecordCallback(TrainerCallback):
+    def __init__(self, record: RunRecord):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            self.record.save(folder)
+
+
 def resume_arg(training_args: TrainingArguments) -> bool | str | None:
     """``--resume_from_checkpoint`` for ``trainer.train``: a path, True (latest checkpoint in output_dir) or None."""
     value = training_args.resume_from_checkpoint
@@ -288,15 +542,17 @@ def resume_arg(training_args: TrainingArguments) -> bool | str | None:
     return value
 
 
-def train(trainer) -> None:
-    """``trainer.train``, resuming from ``--resume_from_checkpoint`` when given."""
-    trainer.train(resume_from_checkpoint=resume_arg(trainer.args))
+def train(trainer, checkpoint: str | None = None) -> None:
+    """``trainer.train``, resuming from ``checkpoint`` (checked by :meth:`RunRecord.check_resume`) when given."""
+    trainer.train(resume_from_checkpoint=checkpoint)
 
 
-def finish(trainer, script_args: ScriptArguments, results: dict) -> dict:
-    """Save the model or adapter, push it to the Hub when asked, and add the log history to ``results``."""
+def finish(trainer, script_args: ScriptArguments, results: dict, record: RunRecord | None = None) -> dict:
+    """Save the model or adapter (and ``record``), push it to the Hub when asked, add the log history to ``results``."""
     results["log_history"] = trainer.state.log_history
     trainer.save_model(trainer.args.output_dir)
+    if record is not None and trainer.is_world_process_zero():
+        record.save(trainer.args.output_dir)
     if trainer.args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return results

@@ -21,9 +21,12 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from peft_ext import MoraConfig, ReMoraCallback
 from peft_ext.mora.layer import MoraLayer
+from peft_ext.mora.ops import resolve_mora_type
 from recipes.common import (
+    RunRecord,
     ToyScriptArguments,
-    cpu_guard,
+    adapter_record,
+    check_run,
     default_target_modules,
     finish,
     held_out_arithmetic,
@@ -52,7 +55,11 @@ class MoraScriptArguments(ToyScriptArguments):
 
 
 def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args: ModelConfig, callbacks=None) -> dict:
-    cpu_guard(training_args)
+    check_run("mora_sft", script_args, training_args, model_args, lora=False)
+    remora = None
+    if script_args.remora_every_n_steps:
+        remora = ReMoraCallback(every_n_steps=script_args.remora_every_n_steps)
+        remora.next_type(resolve_mora_type(script_args.mora_type))  # fails here, not at the first restart
     model, tokenizer = load_model(model_args, training_args)
     evaluate = toy_eval(script_args, "arithmetic")
     # Toy data: fresh a+b problems, disjoint from the held-out ones.
@@ -60,17 +67,19 @@ def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args:
     train_dataset = resolve_dataset(script_args, make_arithmetic_dataset(1500, seed=2, exclude=exclude))
     config = MoraConfig(r=script_args.mora_r, mora_type=script_args.mora_type, mora_dropout=script_args.mora_dropout,
                         target_modules=script_args.mora_target_modules or default_target_modules(model))  # fmt: skip
+    record = RunRecord("mora_sft", "MoRA SFT", adapter_record(config))
+    checkpoint = record.check_resume(training_args)  # before any training: only this run's own checkpoints
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     results = {"dtype": str(model.dtype)}
     if evaluate:
         results["accuracy_before"] = evaluate(model, tokenizer)
-    callbacks = list(callbacks or [])
-    if script_args.remora_every_n_steps:
-        callbacks.append(ReMoraCallback(every_n_steps=script_args.remora_every_n_steps))
+    callbacks = [*(callbacks or []), record.callback()]
+    if remora:
+        callbacks.append(remora)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
                          callbacks=callbacks)  # fmt: skip
-    train(trainer)
+    train(trainer, checkpoint)
     if evaluate:
         results["accuracy_after"] = evaluate(trainer.model, tokenizer)
     results["trainable_params"], results["all_params"] = model.get_nb_trainable_parameters()
@@ -79,7 +88,7 @@ def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args:
     with whole_model(layer):  # M is partitioned under ZeRO-3
         results["update_rank"] = int(torch.linalg.matrix_rank(layer.get_delta_weight("default").float()))
     results["lora_rank_same_params"] = script_args.mora_r
-    finish(trainer, script_args, results)
+    finish(trainer, script_args, results, record)
     print(f"[mora] { {k: v for k, v in results.items() if k != 'log_history'} }")
     return results
 

@@ -20,7 +20,9 @@ from trl import ModelConfig
 
 from recipes.common import (
     RewardScriptArguments,
-    cpu_guard,
+    RunRecord,
+    adapter_record,
+    check_run,
     finish,
     get_reward_funcs,
     held_out_arithmetic,
@@ -46,8 +48,11 @@ def main(
     model_args: ModelConfig,
     callbacks=None,
 ) -> dict:
-    cpu_guard(training_args)
+    check_run("prefix_grouper_grpo", script_args, training_args, model_args, lora=True)
     model, tokenizer = load_model(model_args, training_args)
+    peft_config = lora_config(model_args, model)
+    record = RunRecord("prefix_grouper_grpo", "Prefix Grouper GRPO", adapter_record(peft_config))
+    checkpoint = record.check_resume(training_args)  # before any training: only this run's own checkpoints
     evaluate = toy_eval(script_args, "arithmetic")
     exclude = held_out_arithmetic(max(script_args.num_eval_prompts, 200))
     train_dataset = resolve_dataset(script_args, make_arithmetic_dataset(1000, seed=3, exclude=exclude))
@@ -58,15 +63,16 @@ def main(
     if evaluate:
         results["accuracy_before"] = evaluate(model, tokenizer)
     trainer = PrefixGrouperGRPOTrainer(model=model, reward_funcs=rewards, args=training_args,
-                                       train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks,
-                                       peft_config=lora_config(model_args, model))  # fmt: skip
-    train(trainer)
+                                       train_dataset=train_dataset, processing_class=tokenizer,
+                                       callbacks=[*(callbacks or []), record.callback()],
+                                       peft_config=peft_config)  # fmt: skip
+    train(trainer, checkpoint)
     if evaluate:
         results["accuracy_after"] = evaluate(trainer.model, tokenizer)
     rewards_logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     if rewards_logged:
         results["reward_first"], results["reward_last"] = rewards_logged[0], rewards_logged[-1]
-    finish(trainer, script_args, results)
+    finish(trainer, script_args, results, record)
     print(f"[prefix-grouper] { {k: v for k, v in results.items() if k != 'log_history'} }")
     return results
 

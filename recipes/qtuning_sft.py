@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from trl import ModelConfig
 
 from recipes.common import (
+    RunRecord,
     ToyScriptArguments,
-    cpu_guard,
+    adapter_record,
+    check_run,
     finish,
     load_model,
     lora_config,
@@ -41,24 +43,27 @@ class QTuningScriptArguments(ToyScriptArguments):
 def main(
     script_args: QTuningScriptArguments, training_args: QTuningConfig, model_args: ModelConfig, callbacks=None
 ) -> dict:
-    cpu_guard(training_args)
+    check_run("qtuning_sft", script_args, training_args, model_args, lora=True)
     model, tokenizer = load_model(model_args, training_args)
+    peft_config = lora_config(model_args, model)
+    record = RunRecord("qtuning_sft", "Q-Tuning SFT", adapter_record(peft_config))
+    checkpoint = record.check_resume(training_args)  # before any training: only this run's own checkpoints
     evaluate = toy_eval(script_args, "arithmetic")
     train_dataset = resolve_dataset(script_args, make_mixed_quality_sft(1024, seed=training_args.seed))
     results = {"dtype": str(model.dtype)}
     if evaluate:
         results["accuracy_before"] = evaluate(model, tokenizer)
     trainer = QTuningSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                                processing_class=tokenizer, callbacks=callbacks,
-                                peft_config=lora_config(model_args, model))  # fmt: skip
-    train(trainer)
+                                processing_class=tokenizer, callbacks=[*(callbacks or []), record.callback()],
+                                peft_config=peft_config)  # fmt: skip
+    train(trainer, checkpoint)
     if evaluate:
         results["accuracy_after"] = evaluate(trainer.model, tokenizer)
     if trainer.eu_records:
         path = os.path.join(training_args.output_dir, "eu_plane.png")
         trainer.plot_eu_plane(path)
         results["eu_plane"] = path
-    finish(trainer, script_args, results)
+    finish(trainer, script_args, results, record)
     print(f"[qtuning] { {k: v for k, v in results.items() if k != 'log_history'} }")
     return results
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -147,6 +148,8 @@ def _redi(out: Path) -> tuple[list, dict]:
     print("[quickstart] REDI: sampling traces from the toy teacher (trained once, then cached)")
     argv = _argv(out / "redi", teacher_model_name_or_path="toy", num_traces_per_prompt=4, num_toy_prompts=1024,
                  teacher_max_new_tokens=48, sft_max_steps=800, num_eval_prompts=200, **stage2)  # fmt: skip
+    if (out / "redi").exists():  # the recipe never overwrites traces: a rerun replaces the quickstart's own run
+        shutil.rmtree(out / "redi")
     r = _run(redi_two_stage, argv, callbacks=[redi_curve])
     # DPO from the same SFT checkpoint, pairs and settings, for comparison.
     sft_path = str(out / "redi" / "sft")
@@ -317,8 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/quickstart", help="where results and plots are written")
     args = parser.parse_args(argv)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from recipes.common import check_output_dir
+
+    out = Path(check_output_dir(args.output_dir))
 
     import datasets
     import torch

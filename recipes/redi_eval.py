@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from recipes.common import ToyEval
+from recipes.common import ToyEval, refuse_ignored_flags
 from recipes.redi_two_stage import get_verifier
 from trl_ext.redi import verify_traces
 
@@ -69,7 +69,7 @@ def accuracy(model, tokenizer, problems: Dataset, verifier, max_new_tokens: int,
     prompts = Dataset.from_dict({"prompt": [render(p) for p in problems["prompt"]], "answer": problems["answer"]})
 
     def score(texts, answers):
-        return verify_traces(texts, answers, verifier)[0]
+        return [float(ok is True) for ok in verify_traces(texts, answers, verifier)[0]]  # raised: counted wrong
 
     return generation_accuracy(model, tokenizer, prompts, score, max_new_tokens, batch_size=batch_size)
 
@@ -77,6 +77,10 @@ def accuracy(model, tokenizer, problems: Dataset, verifier, max_new_tokens: int,
 def main(args: REDIEvalArguments) -> dict[str, float]:
     if not args.model_name_or_path:
         raise ValueError("No model to evaluate; pass --model_name_or_path PATH [PATH ...].")
+    if not args.dataset_name:  # the toy set has its own checker, split and length
+        reason = "the toy held-out set is decoded with its own checker and length; it applies with --dataset_name"
+        names = ("verifier", "dataset_config", "dataset_split", "max_new_tokens", "batch_size")
+        refuse_ignored_flags("redi_eval", dict.fromkeys(names, reason), args)
     if args.dataset_name:
         problems = _problems(args)
         verifier = get_verifier(args)

@@ -12,11 +12,15 @@ Where the traces come from, in order of precedence:
 - nothing: the toy step-by-step traces, whose wrong traces are a correct one with a slipped step.
 
 Every stage writes under ``--output_dir``: ``traces/`` and ``pairs/`` (``save_to_disk``), ``sft/``
-(the stage-1 model) and the REDI model at the top level. ``--skip_sft`` starts REDI from
-``--model_name_or_path``. Both stages read one parsed :class:`~trl_ext.REDIConfig`; stage 1's
+(the stage-1 model) and the REDI model at the top level. Traces are never overwritten: an output
+folder that already holds ``traces/`` is reused only with ``--traces_path <output_dir>/traces``
+(then they stay as they are). ``--skip_sft`` starts REDI from ``--model_name_or_path``, also
+when resuming. Both stages read one parsed :class:`~trl_ext.REDIConfig`; stage 1's
 ``SFTConfig`` is derived from it, with ``--sft_learning_rate``, ``--sft_max_steps`` and
-``--sft_batch_size``. A teacher with no correct trace, or prompts without an answer column,
-stop the run with a clear error before any training.
+``--sft_batch_size``. A teacher with no correct trace, prompts without an answer column, labels
+that are not booleans, or flags that would be ignored (``--verifier`` on labelled traces, teacher
+flags without a teacher, ``--sft_*`` with ``--skip_sft``, ...) stop the run with a clear error
+before any work.
 
     python -m recipes.redi_two_stage --output_dir outputs/redi --max_steps 100
     python -m recipes.redi_two_stage --teacher_model_name_or_path toy --num_traces_per_prompt 4 \\
@@ -39,8 +43,10 @@ from transformers import AutoConfig, AutoTokenizer, TrainingArguments
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from recipes.common import (
+    RunRecord,
     ToyScriptArguments,
-    cpu_guard,
+    adapter_record,
+    check_run,
     finish,
     import_callable,
     load_model,
@@ -49,7 +55,6 @@ from recipes.common import (
     model_init_kwargs,
     model_path,
     refuse_deepspeed_stages,
-    resume_arg,
     toy_eval,
     train,
 )
@@ -59,6 +64,8 @@ from trl_ext.redi import (
     REDITrainer,
     TraceReport,
     Verifier,
+    check_generation_args,
+    check_labels,
     generate_traces,
     label_traces,
     math_verify_checker,
@@ -152,7 +159,7 @@ def load_traces(script_args: REDIScriptArguments, seed: int = 0) -> tuple[Datase
     ``--traces_path``, else the teacher, else ``--dataset_name``, else the toy traces.
     """
     if script_args.traces_path:
-        traces = load_from_disk(script_args.traces_path)
+        traces = _saved_traces(script_args.traces_path)
     elif script_args.teacher_model_name_or_path:
         return sample_traces(script_args, seed)
     elif script_args.dataset_name:
@@ -160,8 +167,53 @@ def load_traces(script_args: REDIScriptArguments, seed: int = 0) -> tuple[Datase
     else:
         return make_reasoning_traces(script_args.num_toy_prompts, seed=seed), None
     if "correct" not in traces.column_names:
-        traces = label_traces(traces, verifier=get_verifier(script_args))
-    return traces, None
+        return label_traces(traces, verifier=get_verifier(script_args)), None
+    if script_args.verifier:
+        source = script_args.traces_path or script_args.dataset_name
+        raise ValueError(
+            f"--verifier {script_args.verifier!r} would be ignored: the traces in {source!r} are already labelled "
+            "(they have a 'correct' column). Remove --verifier, or drop the column to relabel them."
+        )
+    return check_labels(traces), None
+
+
+def _saved_traces(path: str) -> Dataset:
+    """The traces an earlier run saved at ``path``, or a ``ValueError`` naming the path and the problem."""
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"--traces_path {path!r} is not a folder; pass the traces/ folder an earlier run saved (save_to_disk)."
+        )
+    try:
+        return load_from_disk(path)
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"--traces_path {path!r} holds no dataset saved with save_to_disk ({err}); pass an earlier run's traces/."
+        ) from err
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def ignored_flags(script_args: REDIScriptArguments) -> dict[str, str]:
+    """This recipe's flags that the other flags make ineffective, with the reason."""
+    ignored = {}
+    teacher = ("num_traces_per_prompt", "teacher_temperature", "teacher_top_p", "teacher_max_new_tokens",
+               "teacher_batch_size")  # fmt: skip
+    if script_args.traces_path:
+        reason = "--traces_path is given, so its traces are used and no other source is read"
+        ignored |= {name: reason for name in ("teacher_model_name_or_path", "dataset_name", "num_toy_prompts")}
+    if not script_args.teacher_model_name_or_path:
+        ignored |= {name: "it applies only with --teacher_model_name_or_path" for name in teacher}
+    if script_args.dataset_name:
+        ignored["num_toy_prompts"] = "--dataset_name gives the prompts or traces"
+    if not (script_args.traces_path or script_args.teacher_model_name_or_path or script_args.dataset_name):
+        ignored["verifier"] = "the default toy traces are already labelled"
+    if script_args.skip_sft:
+        ignored |= {
+            name: "--skip_sft skips stage 1" for name in ("sft_learning_rate", "sft_max_steps", "sft_batch_size")
+        }
+    return ignored
 
 
 def sft_config(args: REDIConfig, script_args: REDIScriptArguments) -> SFTConfig:
@@ -209,23 +261,50 @@ def sft_stage(
 
 
 def redi_stage(
-    model_path: str, pairs: Dataset, args: REDIConfig, model_args: ModelConfig | None = None, callbacks=None
+    model_path: str,
+    pairs: Dataset,
+    args: REDIConfig,
+    model_args: ModelConfig | None = None,
+    callbacks=None,
+    checkpoint: str | None = None,
 ) -> REDITrainer:
-    """Stage 2: REDI on preference pairs, starting from ``model_path``. Returns the trained trainer."""
+    """Stage 2: REDI on preference pairs, starting from ``model_path`` (resuming ``checkpoint`` if given).
+    Returns the trained trainer."""
     model_args = model_args or ModelConfig()
     args.model_init_kwargs = model_init_kwargs(model_args, args) | (args.model_init_kwargs or {})
     trainer = REDITrainer(model=model_path, args=args, train_dataset=pairs, callbacks=callbacks,
                           peft_config=lora_config(model_args, AutoConfig.from_pretrained(model_path)))  # fmt: skip
-    train(trainer)
+    train(trainer, checkpoint)
     return trainer
 
 
 def main(script_args: REDIScriptArguments, training_args: REDIConfig, model_args: ModelConfig, callbacks=None) -> dict:
-    cpu_guard(training_args)
+    check_run("redi_two_stage", script_args, training_args, model_args, lora=True, ignored=ignored_flags(script_args))
     out = training_args.output_dir
     path = model_path(model_args)
+    # Checks before any work: the traces are never overwritten, the sampling flags work, the resume is ours.
+    traces_dir = os.path.join(out, "traces")
+    in_place = bool(script_args.traces_path) and _same_path(script_args.traces_path, traces_dir)
+    if script_args.traces_path and _same_path(script_args.traces_path, os.path.join(out, "pairs")):
+        raise ValueError(
+            f"--traces_path {script_args.traces_path!r} is this run's pairs/ folder, which the run rewrites; pass "
+            f"the traces/ folder ({traces_dir})."
+        )
+    if os.path.exists(traces_dir) and not in_place:
+        raise ValueError(
+            f"{traces_dir!r} already holds traces from an earlier run, and this run would overwrite them. Reuse them "
+            f"with --traces_path {traces_dir} (add --resume_from_checkpoint true to continue that run's training), or "
+            "pick another --output_dir."
+        )
+    if script_args.teacher_model_name_or_path:
+        check_generation_args(temperature=script_args.teacher_temperature, top_p=script_args.teacher_top_p,
+                              max_new_tokens=script_args.teacher_max_new_tokens,
+                              batch_size=script_args.teacher_batch_size, seed=training_args.seed)  # fmt: skip
+    record = RunRecord("redi_two_stage", "REDI stage 2",
+                       adapter_record(lora_config(model_args, AutoConfig.from_pretrained(path))))  # fmt: skip
+    checkpoint = record.check_resume(training_args)
     sft_path = os.path.join(out, "sft")
-    stage_1_saved = resume_arg(training_args) and os.path.exists(os.path.join(sft_path, "config.json"))
+    stage_1_saved = bool(checkpoint) and os.path.exists(os.path.join(sft_path, "config.json"))
     if not (script_args.skip_sft or stage_1_saved):  # checked before the traces are sampled
         refuse_deepspeed_stages(
             training_args,
@@ -245,15 +324,20 @@ def main(script_args: REDIScriptArguments, training_args: REDIConfig, model_args
             "incorrect trace; sample more traces per prompt (--num_traces_per_prompt), raise --teacher_temperature, "
             "or use more prompts."
         )
-    traces.save_to_disk(os.path.join(out, "traces"))
+    if in_place:  # a dataset cannot overwrite itself; the saved traces stay exactly as they were
+        print(f"[redi] reusing the traces in {traces_dir}")
+    else:
+        traces.save_to_disk(traces_dir)
     pairs.save_to_disk(os.path.join(out, "pairs"))
     seconds["traces and pairs"] = time.perf_counter() - start
     print(f"[redi] {report}")
     start = time.perf_counter()
-    if stage_1_saved:
+    if script_args.skip_sft:
+        print(f"[redi] --skip_sft: stage 2 starts from {path}")
+    elif stage_1_saved:
         print(f"[redi] resuming stage 2: stage 1's model is already saved in {sft_path}")
         path = sft_path
-    elif not script_args.skip_sft:
+    else:
         sft_data = positives(traces).select_columns(["prompt", "completion"])
         path = sft_stage(path, sft_data, training_args, script_args, model_args)
         seconds["SFT"] = time.perf_counter() - start
@@ -263,12 +347,12 @@ def main(script_args: REDIScriptArguments, training_args: REDIConfig, model_args
         model, _ = load_model(model_args, training_args, path=path)
         results["accuracy_after_sft"] = evaluate(model, tokenizer)
     start = time.perf_counter()
-    trainer = redi_stage(path, pairs, training_args, model_args, callbacks)
+    trainer = redi_stage(path, pairs, training_args, model_args, [*(callbacks or []), record.callback()], checkpoint)
     seconds["REDI"] = time.perf_counter() - start
     results["dtype"] = str(trainer.model.dtype)
     if evaluate:
         results["accuracy_after_redi"] = evaluate(trainer.model, tokenizer)
-    finish(trainer, script_args, results)
+    finish(trainer, script_args, results, record)
     results["model_path"] = out
     results["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     print("[redi] stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in results["seconds"].items()))

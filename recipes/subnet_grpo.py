@@ -31,7 +31,9 @@ from peft_ext import SubnetConfig, diff_checkpoints
 from peft_ext.subnet import analysis
 from recipes.common import (
     RewardScriptArguments,
-    cpu_guard,
+    RunRecord,
+    adapter_record,
+    check_run,
     get_reward_funcs,
     load_model,
     make_recipe_parser,
@@ -61,13 +63,37 @@ def _with_output_dir(args: GRPOConfig, path: Path, push_to_hub: bool | None = No
     return new
 
 
-def _stage_resume(resume: bool | str | None, stage_dir: str) -> str | None:
-    """The checkpoint one stage resumes from: the given one if it is in ``stage_dir``, else the stage's latest."""
+def stage_checkpoints(resume: bool | str | None, out: Path) -> dict[str, str | None]:
+    """The checkpoint each stage (``full``, ``subnet``) resumes from, or None where it trains from the start.
+
+    ``true``: each stage's latest checkpoint (at least one must exist). A path: it must be a checkpoint
+    in one of the stage folders; that stage resumes from it. A path in ``full/`` retrains the subnetwork
+    from the start (its masks come from the full run), a path in ``subnet/`` resumes the full stage from
+    its latest checkpoint. Any other path is refused rather than ignored.
+    """
+    stages = {name: out / name for name in ("full", "subnet")}
+    latest = {name: get_last_checkpoint(str(d)) if d.is_dir() else None for name, d in stages.items()}
     if not resume:
-        return None
-    if isinstance(resume, str) and Path(resume).resolve().parent == Path(stage_dir).resolve():
-        return resume
-    return get_last_checkpoint(stage_dir) if os.path.isdir(stage_dir) else None
+        return {name: None for name in stages}
+    if resume is True:
+        if not any(latest.values()):
+            raise ValueError(
+                f"--resume_from_checkpoint true, but neither stage folder ({stages['full']}, {stages['subnet']}) "
+                "holds a checkpoint-* folder; start without --resume_from_checkpoint."
+            )
+        return latest
+    path = Path(resume).resolve()
+    if not path.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder; pass a checkpoint-* folder or true.")
+    if path.parent == stages["full"].resolve():
+        return {"full": str(path), "subnet": None}
+    if path.parent == stages["subnet"].resolve():
+        return {"full": latest["full"], "subnet": str(path)}
+    raise ValueError(
+        f"--resume_from_checkpoint {resume!r} is not a checkpoint of this run's stages: subnet_grpo resumes from "
+        f"{stages['full']}/checkpoint-* (full GRPO) or {stages['subnet']}/checkpoint-* (subnetwork). Pass one of "
+        "those, or true for each stage's latest."
+    )
 
 
 def _mean_reward(trainer, last: int = 10) -> float:
@@ -78,7 +104,7 @@ def _mean_reward(trainer, last: int = 10) -> float:
 def main(
     script_args: SubnetScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, callbacks=None
 ) -> dict:
-    cpu_guard(training_args)
+    check_run("subnet_grpo", script_args, training_args, model_args, lora=False)
     refuse_deepspeed_stages(
         training_args, "recipes.subnet_grpo (full GRPO, then the subnetwork's GRPO)",
         "Launch it with recipes/accelerate_configs/multi_gpu.yaml, or train the subnetwork alone with DeepSpeed: "
@@ -86,6 +112,12 @@ def main(
         "with TRL's GRPOTrainer.",
     )  # fmt: skip
     out = Path(training_args.output_dir)
+    full_record = RunRecord("subnet_grpo", "full GRPO")
+    resume = stage_checkpoints(resume_arg(training_args), out)
+    if resume["full"]:
+        full_record.check(resume["full"])
+    if resume["subnet"]:  # the adapter config is checked once the masks are known, before that stage trains
+        RunRecord("subnet_grpo", "SUBNET GRPO").check(resume["subnet"], compare_adapter=False)
     model, tokenizer = load_model(model_args, training_args)
     train_dataset = resolve_dataset(script_args, make_arithmetic_dataset(320, seed=0))
     rewards = get_reward_funcs(
@@ -98,15 +130,16 @@ def main(
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     load = model_init_kwargs(model_args, training_args) | {"revision": None}  # base is a local folder
-    resume = resume_arg(training_args)
 
     print("[subnet] 1/3 full-parameter GRPO")
     full_args = _with_output_dir(training_args, out / "full", push_to_hub=False)
     full = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(base, **load), reward_funcs=rewards,
-                       args=full_args, train_dataset=train_dataset, processing_class=tokenizer)  # fmt: skip
+                       args=full_args, train_dataset=train_dataset, processing_class=tokenizer,
+                       callbacks=[full_record.callback()])  # fmt: skip
     # Each stage checkpoints in its own folder; a resumed run resumes each from its latest checkpoint.
-    full.train(resume_from_checkpoint=_stage_resume(resume, full_args.output_dir))
+    full.train(resume_from_checkpoint=resume["full"])
     full.save_model(str(out / "full"))
+    full_record.save(out / "full")
 
     print("[subnet] 2/3 selecting the subnetwork from the checkpoint diff")
     diff = diff_checkpoints(base, str(out / "full"), tol=script_args.selection_tol)
@@ -117,13 +150,18 @@ def main(
     masks = {n: m for n, m in diff.masks.items() if m.dim() == 2 and not n.startswith("lm_head")}
 
     print("[subnet] 3/3 retraining only the subnetwork from the base")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, **load), SubnetConfig(mask_source=masks))
+    subnet_config = SubnetConfig(mask_source=masks)
+    sub_record = RunRecord("subnet_grpo", "SUBNET GRPO", adapter_record(subnet_config))
+    if resume["subnet"]:
+        sub_record.check(resume["subnet"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, **load), subnet_config)
     trainable, total = model.get_nb_trainable_parameters()
     sub_args = _with_output_dir(training_args, out / "subnet")
     sub = GRPOTrainer(model=model, reward_funcs=rewards, args=sub_args, train_dataset=train_dataset,
-                      processing_class=tokenizer, callbacks=callbacks)  # fmt: skip
-    sub.train(resume_from_checkpoint=_stage_resume(resume, sub_args.output_dir))
+                      processing_class=tokenizer, callbacks=[*(callbacks or []), sub_record.callback()])  # fmt: skip
+    sub.train(resume_from_checkpoint=resume["subnet"])
     sub.save_model(str(out / "subnet"))
+    sub_record.save(out / "subnet")
     if training_args.push_to_hub:
         sub.push_to_hub(dataset_name=script_args.dataset_name)
 

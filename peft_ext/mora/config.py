@@ -40,6 +40,13 @@ class MoraConfig(PeftConfig):
         layers_to_transform (`list[int]` or `int`, *optional*): only adapt these layer indices.
         layers_pattern (`str` or `list[str]`, *optional*): name of the layer list, used with `layers_to_transform`.
         modules_to_save (`list[str]`, *optional*): extra modules to train fully and save with the adapter.
+        exact_unmerge (`bool`, defaults to `False`): keep a copy of each adapted base weight, in its own dtype
+            and on its device, while the adapter is merged, so that `unmerge` restores the base weight bit for
+            bit. Costs one extra copy of every adapted weight for as long as the adapter stays merged (none
+            after `merge_and_unload`, which frees each copy as it unloads the layer). Without it, `unmerge`
+            subtracts the update again, which in bf16/fp16 leaves rounding drift in the base weight
+            (`benchmarks/results/merge_precision.txt`). Changes made to the base weight while merged are
+            discarded by an exact unmerge.
 
     Example:
         ```py
@@ -108,6 +115,15 @@ class MoraConfig(PeftConfig):
         default=None,
         metadata={"help": "Modules besides the MoRA layers to train fully and save in the adapter, e.g. ['lm_head']."},
     )
+    exact_unmerge: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Keep a copy of each adapted base weight while merged so that unmerge restores it bit-exactly; "
+                "costs one extra copy of every adapted weight while the adapter is merged."
+            )
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,6 +133,8 @@ class MoraConfig(PeftConfig):
         self.mora_type = resolve_mora_type(self.mora_type)
         if not 0.0 <= self.mora_dropout < 1.0:
             raise ValueError(f"mora_dropout={self.mora_dropout!r} must be in [0, 1).")
+        if not isinstance(self.exact_unmerge, bool):
+            raise ValueError(f"exact_unmerge={self.exact_unmerge!r} must be True or False.")
         if self.bias not in ("none", "all", "mora_only"):
             raise ValueError(f"bias={self.bias!r} is not supported; use 'none', 'all' or 'mora_only'.")
         if isinstance(self.target_modules, list):

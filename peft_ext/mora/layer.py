@@ -35,11 +35,12 @@ class MoraLayer(BaseTunerLayer):
 
     Per adapter: ``mora_M[name]``, the only trainable tensor (r_hat x r_hat, zeros at init);
     ``r`` (LoRA-equivalent rank), ``mora_r_hat`` and ``mora_type``; and a dropout. RoPE tables
-    for ``rotation`` are cached per adapter, dtype and device, outside the state dict.
+    for ``rotation`` are cached per adapter, dtype and device, outside the state dict. With
+    ``exact_unmerge``, the base weight before a merge is kept until the unmerge restores it.
     """
 
     adapter_layer_names = ("mora_M",)
-    other_param_names = ("r", "mora_r_hat", "mora_type", "mora_dropout", "mora_rope_cache")
+    other_param_names = ("r", "mora_r_hat", "mora_type", "mora_dropout", "mora_rope_cache", "mora_exact_unmerge")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -49,6 +50,8 @@ class MoraLayer(BaseTunerLayer):
         self.mora_dropout = nn.ModuleDict({})
         self.mora_M = nn.ParameterDict({})
         self.mora_rope_cache: dict[str, dict[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.mora_exact_unmerge: dict[str, bool] = {}
+        self._mora_merge_backup: dict[str, torch.Tensor] = {}  # base weight before merging an exact_unmerge adapter
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -61,6 +64,7 @@ class MoraLayer(BaseTunerLayer):
         self.r[adapter_name] = config.r
         self.mora_r_hat[adapter_name] = r_hat
         self.mora_type[adapter_name] = mora_type
+        self.mora_exact_unmerge[adapter_name] = bool(getattr(config, "exact_unmerge", False))
         self.mora_dropout[adapter_name] = nn.Dropout(config.mora_dropout) if config.mora_dropout > 0 else nn.Identity()
         weight = torch.zeros(r_hat, r_hat)
         if not config.init_weights:
@@ -98,6 +102,9 @@ class MoraLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or the named) adapters' delta to the base weight.
 
+        For an adapter with ``exact_unmerge``, the base weight is copied first, so that :meth:`unmerge`
+        restores it bit for bit.
+
         Args:
             safe_merge (`bool`): merge into a copy first and raise if the result is not finite.
             adapter_names (`list[str]`, *optional*): adapters to merge; all active ones if None.
@@ -112,20 +119,29 @@ class MoraLayer(BaseTunerLayer):
                 merged = weight.data + delta
                 if not torch.isfinite(merged).all():  # PEFT's wording: M may be finite and the sum overflow
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            if self.mora_exact_unmerge.get(name):
+                self._mora_merge_backup[name] = weight.detach().clone()
+            if safe_merge:
                 weight.data = merged
             else:
                 weight.data += delta
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's delta from the base weight again."""
+        """Undo every merge, newest first: restore the saved base weight (``exact_unmerge``, bit-exact) or
+        subtract the adapter's delta again (exact up to rounding in the weight's dtype)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        weight = self.get_base_layer().weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if name in self.mora_M:
-                self.get_base_layer().weight.data -= self.get_delta_weight(name)
+            backup = self._mora_merge_backup.pop(name, None)
+            if backup is not None:
+                with torch.no_grad():
+                    weight.data.copy_(backup)
+            elif name in self.mora_M:
+                weight.data -= self.get_delta_weight(name)
 
     @torch.no_grad()
     def merge_and_reset(self, adapter_name: str, mora_type: str | int | None = None) -> None:
@@ -198,10 +214,10 @@ class MoraLinear(nn.Module, MoraLayer):
                 raise ValueError(
                     f"Cannot load MoRA weight {key!r}: the checkpoint has M of shape {saved}, but this "
                     f"{self.in_features}->{self.out_features} layer with r={self.r[name]}, "
-                    f"mora_type={self.mora_type[name]!r} needs {tuple(param.shape)}. The adapter was trained on a "
-                    "base model with different layer sizes; load it onto the base model named by "
-                    "base_model_name_or_path in its adapter_config.json, or pass ignore_mismatched_sizes=True "
-                    "to skip these weights."
+                    f"mora_type={self.mora_type[name]!r} needs {tuple(param.shape)}. The adapter was saved with "
+                    "another r or mora_type, or trained on a base model with different layer sizes; load it with its "
+                    "own adapter_config.json onto the base model named by base_model_name_or_path there, or pass "
+                    "ignore_mismatched_sizes=True to skip these weights."
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .._loading import discard_new_adapter, load_option, take_pending_mark
+from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
 from .._merging import AtomicSafeMergeMixin
 from .._sharding import raise_partitioned_save
 from .config import MoraConfig
@@ -96,45 +96,62 @@ class MoraModel(AtomicSafeMergeMixin, BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection of every ``mora_M``; refuses a partitioned (DeepSpeed ZeRO-3) M instead of saving it."""
+        """M of every layer plus the layer's ``(in_features, out_features)``, so a load onto a base whose layer
+        sizes differ fails even where r_hat happens to coincide; a partitioned (DeepSpeed ZeRO-3) M is refused
+        instead of saved."""
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for name, module in model.named_modules():
+            if not (isinstance(module, MoraLayer) and adapter_name in module.mora_M):
+                continue
             key = f"{name}.mora_M.{adapter_name}"
-            if isinstance(module, MoraLayer) and key in to_return:
-                r_hat = module.mora_r_hat[adapter_name]
-                if tuple(to_return[key].shape) != (r_hat, r_hat):
-                    raise_partitioned_save(key, to_return[key], (r_hat, r_hat))
+            r_hat = module.mora_r_hat[adapter_name]
+            if key in to_return and tuple(to_return[key].shape) != (r_hat, r_hat):
+                raise_partitioned_save(key, to_return[key], (r_hat, r_hat))
+            shape = torch.tensor([module.in_features, module.out_features], dtype=torch.int64)
+            to_return[f"{name}.{SHAPE_KEY}.{adapter_name}"] = shape
         return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Check every saved M before anything is loaded, so a bad file leaves the model as it was.
+        """Check every saved M and layer shape before anything is loaded, so a bad file leaves the model as it was.
 
         An adapter that this failed load had just added is removed again. Under
-        ``ignore_mismatched_sizes=True``, M of another shape is left to PEFT, which skips it with a warning.
+        ``ignore_mismatched_sizes=True``, a layer saved for other sizes is skipped with a warning, and M of
+        another shape is left to PEFT, which skips it with a warning. Adapters saved without layer shapes
+        (by earlier versions) load as before, checked by M's shape alone.
         """
         fresh = take_pending_mark(config)
         try:
-            _check_saved_adapter(model, adapter_name, state_dict, load_option("ignore_mismatched_sizes"))
+            state_dict, skipped = _check_saved_adapter(
+                model, adapter_name, dict(state_dict), load_option("ignore_mismatched_sizes")
+            )
         except Exception:
             if fresh:
                 discard_new_adapter(model, adapter_name)
             raise
+        warn_skipped(skipped)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
-def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mismatched_sizes: bool = False) -> None:
-    """Raise ``ValueError`` naming the key for a saved M of a module the model lacks, of the wrong shape
-    (unless ``ignore_mismatched_sizes``) or holding NaN or inf; changes nothing."""
+SHAPE_KEY = "mora_shape"
+"""Saved next to each layer's M: the layer's ``(in_features, out_features)`` as an int64 tensor."""
+
+
+def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mismatched_sizes: bool = False):
+    """Check a saved MoRA adapter against ``model`` without changing the model.
+
+    Raises ``ValueError`` naming the key for a saved M or shape of a module the model lacks, a layer
+    saved for other sizes or an M of the wrong shape (both unless ``ignore_mismatched_sizes``), or M
+    holding NaN or inf. Returns the state dict without the shape entries (and without the entries of
+    layers skipped for their sizes) and the skipped layers.
+    """
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, MoraLayer) and adapter_name in module.mora_M:
             layers[name] = module
             layers.setdefault(f"base_model.model.{name}", module)
-    for key, tensor in state_dict.items():
-        stem, _, attr = key.rpartition(".")
-        if attr != "mora_M":
-            continue
+
+    def layer_of(key: str, stem: str):
         module = layers.get(stem)
         if module is None:
             raise ValueError(
@@ -142,14 +159,57 @@ def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mism
                 f"with a MoRA adapter {adapter_name!r}. The adapter was made for another base model (or other "
                 "target_modules); load it onto the base model named by base_model_name_or_path in adapter_config.json."
             )
+        return module
+
+    saved_shapes, skipped = {}, []
+    for key, tensor in list(state_dict.items()):
+        stem, _, attr = key.rpartition(".")
+        if attr != SHAPE_KEY:
+            continue
+        module = layer_of(key, stem)
+        state_dict.pop(key)
+        if tensor.dim() != 1 or tensor.numel() != 2 or tensor.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{key} must hold (in_features, out_features) as 2 integers, got {tensor.dtype} "
+                             f"{tuple(tensor.shape)}; the adapter file is corrupt.")  # fmt: skip
+        saved = tuple(int(d) for d in tensor)
+        saved_shapes[stem] = saved
+        if saved != (module.in_features, module.out_features):
+            name = stem.removeprefix("base_model.model.")
+            if ignore_mismatched_sizes:
+                skipped.append(f"{name}: saved for a {saved[0]}->{saved[1]} layer, this one is "
+                               f"{module.in_features}->{module.out_features}")  # fmt: skip
+                state_dict.pop(f"{stem}.mora_M", None)
+                continue
+            raise ValueError(
+                f"{key}: the adapter was trained on a {saved[0]}->{saved[1]} layer (in_features->out_features), but "
+                f"{name!r} is {module.in_features}->{module.out_features}. Load it onto the base model it was trained "
+                "on (base_model_name_or_path in adapter_config.json), or pass ignore_mismatched_sizes=True to skip "
+                "these modules."
+            )
+    for key, tensor in state_dict.items():
+        stem, _, attr = key.rpartition(".")
+        if attr != "mora_M":
+            continue
+        module = layer_of(key, stem)
         expected = tuple(module.mora_M[adapter_name].shape)
         if tuple(tensor.shape) != expected and not ignore_mismatched_sizes:
+            here = (f"this {module.in_features}->{module.out_features} layer with r={module.r[adapter_name]}, "
+                    f"mora_type={module.mora_type[adapter_name]!r} needs {expected}")  # fmt: skip
+            if stem in saved_shapes:  # same layer sizes: the adapter settings differ
+                cause = (
+                    "The layer sizes match, so the adapter was saved with another r or mora_type than this model's "
+                    f"adapter {adapter_name!r}; load it with its own adapter_config.json (PeftModel.from_pretrained "
+                    "or load_adapter under a new adapter name), or create the adapter with the saved r and mora_type."
+                )
+            else:
+                cause = (
+                    "The adapter was saved with another r or mora_type, or trained on a base model with different layer "
+                    "sizes; load it with its own adapter_config.json onto the base model named by "
+                    "base_model_name_or_path there, or pass ignore_mismatched_sizes=True to skip these weights."
+                )
             raise ValueError(
-                f"Cannot load MoRA weight {key!r}: the checkpoint has M of shape {tuple(tensor.shape)}, but this "
-                f"{module.in_features}->{module.out_features} layer with r={module.r[adapter_name]}, "
-                f"mora_type={module.mora_type[adapter_name]!r} needs {expected}. The adapter was trained on a base model "
-                "with different layer sizes; load it onto the base model named by base_model_name_or_path in its "
-                "adapter_config.json, or pass ignore_mismatched_sizes=True to skip these weights."
+                f"Cannot load MoRA weight {key!r}: the checkpoint has M of shape {tuple(tensor.shape)}, but {here}. "
+                + cause
             )
         if not tensor.is_floating_point():
             raise ValueError(f"{key} has dtype {tensor.dtype}; M is floating point. The file is corrupt.")
@@ -158,3 +218,4 @@ def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mism
                 f"{key} holds NaN or inf values; the adapter is broken. Load an earlier checkpoint, or retrain with a "
                 "lower learning rate or in float32."
             )
+    return state_dict, skipped

@@ -234,7 +234,7 @@ def test_loading_adapter_onto_wrong_base_shape_is_a_clear_error(tmp_path):
     model = toy_peft_model(r=4)
     model.save_pretrained(tmp_path)
     other = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="llama", hidden_size=64, num_hidden_layers=1))
-    with pytest.raises(ValueError, match=r"checkpoint has M of shape .* needs .*base_model_name_or_path"):
+    with pytest.raises(ValueError, match=r"the adapter was trained on a \d+->\d+ layer .*base_model_name_or_path"):
         PeftModel.from_pretrained(other, tmp_path)
     other = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="llama", hidden_size=64, num_hidden_layers=1))
     with pytest.warns(UserWarning, match="ignore_mismatched_sizes=True"):
@@ -270,7 +270,8 @@ def test_save_pretrained_then_load_in_fresh_process(tmp_path):
     model.save_pretrained(adapter)
     assert (adapter / "adapter_model.safetensors").exists()
     tensors = load_file(adapter / "adapter_model.safetensors")
-    assert tensors and all(k.endswith(".mora_M") for k in tensors)
+    assert tensors and all(k.endswith((".mora_M", ".mora_shape")) for k in tensors)
+    assert sum(k.endswith(".mora_M") for k in tensors) == sum(k.endswith(".mora_shape") for k in tensors)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "MORA" and config["mora_type"] == "rotation" and config["r"] == 4
     with torch.no_grad():
@@ -338,3 +339,129 @@ def test_registered_as_peft_type():
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.MORA] is MoraConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.MORA] is MoraModel
     assert peft_ext.MoraConfig is MoraConfig
+
+
+# ---------------------------------------------------------------------------- layer shapes in the saved adapter
+def _mlp_toy(intermediate_size: int):
+    from trl_ext.toy.models import build_toy_model
+
+    return build_toy_model(arch="llama", intermediate_size=intermediate_size, **SIZES).eval()
+
+
+def _toy_logits(model) -> torch.Tensor:
+    ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _saved_mlp_adapter(tmp_path, intermediate_size: int = 128):
+    config = MoraConfig(r=2, mora_type="sharing", target_modules=["up_proj", "down_proj"])  # M = 0 when created
+    model = get_peft_model(_mlp_toy(intermediate_size), config)
+    torch.manual_seed(1)
+    with torch.no_grad():  # "trained" values
+        for name, param in model.named_parameters():
+            if "mora_M" in name:
+                param.normal_(std=0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def test_saved_adapter_records_each_layer_shape_and_refuses_another_base_with_the_same_r_hat(tmp_path):
+    from peft_ext.mora.ops import mora_rank
+
+    # 32 + 128 and 32 + 129 give the same r_hat at r=2, so M alone cannot tell the two bases apart.
+    assert mora_rank(32, 128, 2, "sharing") == mora_rank(32, 129, 2, "sharing") == 17
+    model, path = _saved_mlp_adapter(tmp_path)
+    saved = load_file(path / "adapter_model.safetensors")
+    for name, module in model.named_modules():
+        if isinstance(module, MoraLinear):
+            d_out, d_in = module.get_base_layer().weight.shape
+            assert saved[f"{name}.mora_shape"].tolist() == [d_in, d_out]
+    with pytest.raises(ValueError, match=r"down_proj.mora_shape: the adapter was trained on a 128->32 layer "
+                                         r"\(in_features->out_features\), but 'model.layers.0.mlp.down_proj' is "
+                                         r"129->32\. Load it onto the base model it was trained on"):  # fmt: skip
+        PeftModel.from_pretrained(_mlp_toy(129), path)
+    # The same base loads, and gives the trained model's outputs.
+    torch.testing.assert_close(_toy_logits(PeftModel.from_pretrained(_mlp_toy(128), path)), _toy_logits(model))
+
+
+def test_ignore_mismatched_sizes_skips_layers_saved_for_other_sizes(tmp_path):
+    _, path = _saved_mlp_adapter(tmp_path)
+    base = _mlp_toy(129)
+    reference = _toy_logits(base)
+    with pytest.warns(UserWarning, match=r"saved for a 32->128 layer, this one is 32->129"):
+        loaded = PeftModel.from_pretrained(base, path, ignore_mismatched_sizes=True)
+    # Every adapted layer was skipped, so its M stays zero and the model is the base model.
+    torch.testing.assert_close(_toy_logits(loaded), reference)
+
+
+def test_an_adapter_saved_without_layer_shapes_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    model, path = _saved_mlp_adapter(tmp_path)
+    old = {k: v for k, v in load_file(path / "adapter_model.safetensors").items() if not k.endswith(".mora_shape")}
+    save_file(old, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    torch.testing.assert_close(_toy_logits(PeftModel.from_pretrained(_mlp_toy(128), path)), _toy_logits(model))
+
+
+def test_another_r_on_the_same_layers_is_named_as_such(tmp_path):
+    _, path = _saved_mlp_adapter(tmp_path)
+    other = get_peft_model(
+        _mlp_toy(128), MoraConfig(r=4, mora_type="sharing", target_modules=["up_proj", "down_proj"])
+    )
+    with pytest.raises(
+        ValueError, match=r"The layer sizes match, so the adapter was saved with another r or mora_type"
+    ):
+        other.load_adapter(path, "default", is_trainable=True)
+
+
+# ---------------------------------------------------------------------------- merge precision
+def _adapted_weights(model) -> dict[str, torch.Tensor]:
+    return {
+        n: m.get_base_layer().weight.detach().clone() for n, m in model.named_modules() if isinstance(m, MoraLinear)
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_unmerge_restores_the_base_bit_for_bit_in_half_precision(dtype):
+    def build(exact: bool):
+        base = toy_model_path(arch="llama", **SIZES)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        config = MoraConfig(r=4, mora_type="rotation", target_modules="all-linear", exact_unmerge=exact)
+        model = get_peft_model(model, config)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "mora_M" in name:
+                    param.normal_(std=0.02)
+        return model
+
+    exact, plain = build(True), build(False)
+    original = _adapted_weights(exact)
+    assert all(torch.equal(original[n], w) for n, w in _adapted_weights(plain).items())
+    for round_trip in range(3):
+        exact.merge_adapter()
+        plain.merge_adapter()
+        if round_trip == 0:  # merging is the same with or without the option: the same merged weights
+            assert all(torch.equal(w, _adapted_weights(plain)[n]) for n, w in _adapted_weights(exact).items())
+        exact.unmerge_adapter()
+        plain.unmerge_adapter()
+    assert all(torch.equal(original[n], w) for n, w in _adapted_weights(exact).items())
+    # Without the option the subtraction leaves rounding drift in the base (what the option is for).
+    drifted = sum(int((original[n] != w).sum()) for n, w in _adapted_weights(plain).items())
+    assert drifted > 0
+    assert not any(m._mora_merge_backup for m in exact.modules() if isinstance(m, MoraLinear))  # copies freed
+
+
+def test_exact_unmerge_with_a_second_adapter_merged_on_top():
+    base = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="llama", **SIZES), dtype=torch.bfloat16)
+    model = get_peft_model(base, MoraConfig(r=4, target_modules=["q_proj"], exact_unmerge=True, init_weights=False))
+    model.add_adapter("other", MoraConfig(r=2, target_modules=["q_proj"], init_weights=False))
+    original = _adapted_weights(model)
+    model.base_model.merge_adapter(["default", "other"])
+    model.unmerge_adapter()  # newest first: "other" subtracted, then "default" restored exactly
+    assert all(torch.equal(original[n], w) for n, w in _adapted_weights(model).items())
+    loaded_config = MoraConfig.from_peft_type(**model.peft_config["default"].to_dict())
+    assert loaded_config.exact_unmerge is True
+    with pytest.raises(ValueError, match="exact_unmerge='yes' must be True or False"):
+        MoraConfig(exact_unmerge="yes")

@@ -135,11 +135,26 @@ def _resumed(name: str, tmp_path, tag: str, checkpoint, resume: str, tamper: boo
     return load_file(out / SAVED[name])
 
 
+@pytest.fixture(scope="module")
+def checkpointed_runs(tmp_path_factory):
+    """One run per recipe in SAVED with a checkpoint every 2 of 4 steps: name -> its output_dir."""
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(f"{name}_full")
+            _main(name, _argv(name, out, *RESUME))
+            runs[name] = out
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", SAVED)
-def test_resume_continues_from_the_checkpoint(name, tmp_path):
-    _main(name, _argv(name, tmp_path / "full", *RESUME))
-    full = load_file(tmp_path / "full" / SAVED[name])
-    checkpoint = tmp_path / "full" / "checkpoint-2"
+def test_resume_continues_from_the_checkpoint(name, tmp_path, checkpointed_runs):
+    full_dir = checkpointed_runs(name)
+    full = load_file(full_dir / SAVED[name])
+    checkpoint = full_dir / "checkpoint-2"
     resumed = _resumed(name, tmp_path, "resumed", checkpoint, "true")  # latest checkpoint in output_dir
     tampered = _resumed(name, tmp_path, "tampered", checkpoint, "path", tamper=True)
     diff = max((full[k] - resumed[k]).abs().max().item() for k in full)
@@ -170,6 +185,14 @@ def test_documented_commands_parse(name, flags, monkeypatch):
     monkeypatch.chdir(ROOT)  # --config paths are relative to the repository root
     script_args, training_args, model_args = RECIPES[name].make_parser().parse_args_and_config(args=shlex.split(flags))
     assert training_args.output_dir
+    # ... and sets no flag the recipe would refuse as ignored.
+    from recipes.common import ignored_flags, refuse_ignored_flags
+
+    lora = name in ("qtuning_sft", "prefix_grouper_grpo", "redi_two_stage")
+    ignored = ignored_flags(script_args, model_args, lora)
+    if name == "redi_two_stage":
+        ignored |= redi_two_stage.ignored_flags(script_args)
+    refuse_ignored_flags(name, ignored, script_args, training_args, model_args)
 
 
 def test_redi_stage_one_config_derives_from_the_parsed_redi_config(tmp_path):
@@ -187,14 +210,16 @@ def test_redi_stage_one_config_derives_from_the_parsed_redi_config(tmp_path):
 TEACHER = ("--num_traces_per_prompt 3 --num_toy_prompts 6 --teacher_max_new_tokens 16 --teacher_batch_size 4 "
            "--sft_max_steps 2 --sft_batch_size 4 --max_steps 2 --per_device_train_batch_size 2 --num_eval_prompts 0 "
            "--report_to none --disable_tqdm true --save_strategy no")  # fmt: skip
+STAGE2 = ("--max_steps 2 --per_device_train_batch_size 2 --num_eval_prompts 0 --report_to none --disable_tqdm true "
+          "--save_strategy no")  # fmt: skip
 VERIFIER = "tests.recipes.rewards:even_length"
 
 
-def _redi(tmp_path, *extra: str) -> dict:
+def _redi(tmp_path, *extra: str, flags: str = TEACHER) -> dict:
     from trl_ext.toy import pretrained_toy_model_path
 
     argv = ["--output_dir", str(tmp_path), "--teacher_model_name_or_path", pretrained_toy_model_path(),
-            *shlex.split(TEACHER), *extra]  # fmt: skip
+            *shlex.split(flags), *extra]  # fmt: skip
     return _main("redi_two_stage", argv)
 
 
@@ -207,7 +232,8 @@ def test_redi_recipe_from_a_teacher_saves_every_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     results = _redi(tmp_path / "run", "--verifier", VERIFIER)
     traces = load_from_disk(tmp_path / "run" / "traces")
-    assert set(traces.column_names) == {"prompt", "completion", "answer", "correct"} and len(traces) == 6 * 3
+    assert set(traces.column_names) == {"prompt", "completion", "answer", "correct", "verifier_error"}
+    assert len(traces) == 6 * 3
     # The prompts are the toy problems the flags name, each answered 3 times, labelled by the verifier.
     toy = make_reasoning_traces(6, seed=42, traces_per_prompt=1)
     assert sorted(set(traces["prompt"])) == sorted(toy["prompt"])
@@ -226,7 +252,7 @@ def test_redi_recipe_from_a_teacher_saves_every_stage(tmp_path, monkeypatch):
     import recipes.redi_two_stage as recipe
 
     monkeypatch.setattr(recipe, "generate_traces", lambda *a, **k: pytest.fail("traces were generated again"))
-    again = _main("redi_two_stage", ["--output_dir", str(tmp_path / "again"), *shlex.split(TEACHER),
+    again = _main("redi_two_stage", ["--output_dir", str(tmp_path / "again"), *shlex.split(STAGE2),
                                      "--traces_path", str(tmp_path / "run" / "traces"), "--skip_sft",
                                      "--model_name_or_path", str(tmp_path / "run" / "sft")])  # fmt: skip
     assert again["pairs"] == results["pairs"] and not (tmp_path / "again" / "sft").exists()
@@ -247,7 +273,7 @@ def test_redi_recipe_needs_an_answer_column_for_the_teacher(tmp_path, monkeypatc
     (data / "train.jsonl").write_text('{"prompt": "1+2+3="}\n{"prompt": "4+5+6="}\n')
     monkeypatch.setattr(recipe, "AutoModelForCausalLM", None, raising=False)
     with pytest.raises(ValueError, match="no answer column 'answer'"):
-        _redi(tmp_path / "out", "--dataset_name", str(data))
+        _redi(tmp_path / "out", "--dataset_name", str(data), flags=TEACHER.replace("--num_toy_prompts 6 ", ""))
     assert not (tmp_path / "out" / "sft").exists()
 
 
@@ -271,3 +297,140 @@ def test_multi_stage_recipes_refuse_deepspeed_before_training(name, tmp_path, mo
 
         unset_hf_deepspeed_config()
     assert not (tmp_path / "out" / "sft").exists() and not (tmp_path / "out" / "full").exists()
+
+
+# Which run wrote a checkpoint: recorded in each one, checked before a resume trains anything.
+def test_a_checkpoint_records_its_recipe_and_adapter_and_a_foreign_resume_stops_before_training(
+    tmp_path, checkpointed_runs, monkeypatch
+):
+    from peft_ext import MoraConfig
+    from recipes.common import RECORD_FILE, RunRecord, adapter_record
+
+    checkpoint = checkpointed_runs("mora_sft") / "checkpoint-2"
+    record = RunRecord.load(checkpoint)
+    expected = MoraConfig(r=4, mora_type="rotation", target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    assert (record.recipe, record.method, record.adapter) == ("mora_sft", "MoRA SFT", adapter_record(expected))
+    assert RunRecord.load(checkpointed_runs("mora_sft")).recipe == "mora_sft"  # the final output too
+    assert RunRecord.load(checkpointed_runs("redi_two_stage") / "checkpoint-2").method == "REDI stage 2"
+
+    # Every refusal happens before a trainer is built.
+    for module in RECIPES.values():
+        monkeypatch.setattr(module, "train", lambda *a, **k: pytest.fail("training started"), raising=False)
+    resume = ("--resume_from_checkpoint", str(checkpoint), "--num_eval_prompts", "0")
+    with pytest.raises(ValueError, match=r"written by recipe mora_sft \(MoRA SFT, MORA adapter\), but this run is "
+                                         r"recipe qtuning_sft \(Q-Tuning SFT, full fine-tuning\)"):  # fmt: skip
+        _main("qtuning_sft", _argv("qtuning_sft", tmp_path / "q", *resume))
+    with pytest.raises(ValueError, match=r"recipe mora_sft .* but this run is recipe prefix_grouper_grpo"):
+        _main("prefix_grouper_grpo", _argv("prefix_grouper_grpo", tmp_path / "pg", *resume))
+    with pytest.raises(ValueError, match=r"MORA adapter config differs from this run's \(r: 4 in the checkpoint, 8 "
+                                         r"now\)"):  # fmt: skip
+        _main("mora_sft", _argv("mora_sft", tmp_path / "m", *resume, "--mora_r", "8"))
+    with pytest.raises(ValueError, match=r"mora_type: 'rotation' in the checkpoint, 'sharing' now"):
+        _main("mora_sft", _argv("mora_sft", tmp_path / "m", *resume, "--mora_type", "sharing"))
+    # A checkpoint without a record was not written by a recipe of this package.
+    bare = tmp_path / "bare" / "checkpoint-2"
+    shutil.copytree(checkpoint, bare)
+    (bare / RECORD_FILE).unlink()
+    with pytest.raises(ValueError, match=rf"'{bare}': it has no {RECORD_FILE}"):
+        _main("mora_sft", _argv("mora_sft", tmp_path / "m", "--resume_from_checkpoint", str(bare)))
+    # subnet_grpo refuses a checkpoint outside its stage folders instead of training from scratch.
+    with pytest.raises(
+        ValueError, match=r"is not a checkpoint of this run's stages: subnet_grpo resumes from .*/full/"
+    ):
+        _main("subnet_grpo", _argv("subnet_grpo", tmp_path / "s", *resume))
+    with pytest.raises(ValueError, match="neither stage folder"):
+        _main("subnet_grpo", _argv("subnet_grpo", tmp_path / "s", "--resume_from_checkpoint", "true"))
+    with pytest.raises(ValueError, match=r"holds no checkpoint-\* folder"):
+        _main("mora_sft", _argv("mora_sft", tmp_path / "empty", "--resume_from_checkpoint", "true"))
+
+
+IGNORED = [
+    ("mora_sft", "--use_peft true --lora_r 16", "--use_peft True would be ignored: this recipe does not train LoRA"),
+    ("mora_sft", "--lora_r 16", "--lora_r 16 would be ignored: this recipe does not train LoRA"),
+    ("subnet_grpo", "--use_peft true", "--use_peft True would be ignored"),
+    ("qtuning_sft", "--lora_r 8", "--lora_r 8 would be ignored: it configures LoRA, which is trained only with --use_peft"),
+    ("prefix_grouper_grpo", "--load_in_4bit true", "--load_in_4bit True would be ignored: the recipes load the model "
+                                                   "without quantisation"),  # fmt: skip
+    ("qtuning_sft", "--dataset_test_split validation", "--dataset_test_split 'validation' would be ignored"),
+    ("mora_sft", "--dataset_config main", "--dataset_config 'main' would be ignored: it has no effect without"),
+    ("redi_two_stage", "--verifier toy", "--verifier 'toy' would be ignored: the default toy traces are already"),
+    ("redi_two_stage", "--skip_sft --sft_max_steps 5", "--sft_max_steps 5 would be ignored: --skip_sft skips stage 1"),
+    ("redi_two_stage", "--teacher_temperature 0.5", "--teacher_temperature 0.5 would be ignored: it applies only with"),
+    ("redi_two_stage", "--teacher_model_name_or_path toy --teacher_max_new_tokens 0",
+     "max_new_tokens=0 must be a positive integer"),
+    ("qtuning_sft", "--dataset_name some/data --num_eval_prompts 50",
+     "--num_eval_prompts 50 would be ignored: the held-out evaluation runs on the toy data only"),
+    ("mora_sft", "--remora_every_n_steps 10", "mora_type='rotation', which is not in cycle"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, flags, match", IGNORED, ids=[f"{n}:{f}" for n, f, _ in IGNORED])
+def test_a_flag_the_recipe_would_ignore_is_refused_before_any_work(name, flags, match, tmp_path, monkeypatch):
+    import recipes.common as common
+    import recipes.redi_two_stage as redi
+
+    monkeypatch.setattr(common.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(redi, "toy_teacher_path", lambda *a, **k: pytest.fail("teacher loaded"))
+    argv = ["--output_dir", str(tmp_path / "out"), *shlex.split(flags)]
+    with pytest.raises(ValueError, match=re.escape(match)):
+        _main(name, argv)
+
+
+def test_verifier_on_labelled_traces_is_refused(tmp_path):
+    from datasets import Dataset
+
+    traces = tmp_path / "labelled"
+    Dataset.from_dict({"prompt": ["p"], "completion": ["c"], "answer": [1], "correct": [True]}).save_to_disk(traces)
+    with pytest.raises(ValueError, match=r"--verifier 'toy' would be ignored: the traces in .* are already labelled"):
+        _main("redi_two_stage", ["--output_dir", str(tmp_path / "out"), "--traces_path", str(traces),
+                                 "--verifier", "toy"])  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_an_output_dir_that_is_a_file_is_refused_naming_it(name, tmp_path):
+    file = tmp_path / "results.txt"
+    file.write_text("keep me")
+    with pytest.raises(ValueError, match=rf"--output_dir '{file}' is an existing file, not a folder"):
+        _main(name, _argv(name, file))
+    with pytest.raises(ValueError, match=rf"--output_dir '{file}/run' lies below '{file}', which is a file"):
+        _main(name, _argv(name, file / "run"))
+    assert file.read_text() == "keep me"
+
+
+def test_redi_reuses_traces_in_place_and_never_overwrites_them(tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    from recipes.common import RunRecord
+
+    out = tmp_path / "run"
+    flags = [*shlex.split(STAGE2), "--sft_max_steps", "2", "--sft_batch_size", "4", "--num_toy_prompts", "16"]
+    first = _main("redi_two_stage", ["--output_dir", str(out), *flags])
+    saved = load_from_disk(str(out / "traces")).to_list()
+    # The documented reuse, in the same output folder: works, leaves the traces as they were.
+    again = _main("redi_two_stage", ["--output_dir", str(out), "--traces_path", str(out / "traces"),
+                                     *[f for f in flags if f not in ("--num_toy_prompts", "16")]])  # fmt: skip
+    assert load_from_disk(str(out / "traces")).to_list() == saved and again["pairs"] == first["pairs"]
+    # Without --traces_path, the run would overwrite them: refused before any work.
+    with pytest.raises(ValueError, match=rf"'{out}/traces' already holds traces from an earlier run.*--traces_path"):
+        _main("redi_two_stage", ["--output_dir", str(out), *flags])
+    assert load_from_disk(str(out / "traces")).to_list() == saved
+
+    # --skip_sft with a resume starts stage 2 from --model_name_or_path, not from an older <output_dir>/sft.
+    (out / "checkpoint-1").mkdir()
+    RunRecord.load(out).save(out / "checkpoint-1")  # the record the run wrote at the top level
+    started = []
+
+    def stop(path, *args, **kwargs):
+        started.append(path)
+        raise KeyboardInterrupt
+
+    import recipes.redi_two_stage as recipe
+
+    monkeypatch.setattr(recipe, "redi_stage", stop)
+    student = toy_model_path(arch="llama")
+    with pytest.raises(KeyboardInterrupt):
+        _main("redi_two_stage", ["--output_dir", str(out), "--traces_path", str(out / "traces"), "--skip_sft",
+                                 "--resume_from_checkpoint", "true", "--model_name_or_path", student,
+                                 *shlex.split(STAGE2)])  # fmt: skip
+    assert started == [student]

@@ -75,3 +75,12 @@ def test_documented_commands_parse():
     for flags in commands:
         (args,) = redi_eval.make_parser().parse_args_into_dataclasses(args=shlex.split(flags))
         assert args.model_name_or_path
+
+
+def test_flags_the_toy_set_would_ignore_are_refused():
+    import pytest
+
+    for flags in ("--verifier math", "--max_new_tokens 9", "--dataset_split validation", "--batch_size 3"):
+        argv = ["--model_name_or_path", "/no/such/model", *shlex.split(flags)]
+        with pytest.raises(ValueError, match=rf"redi_eval: {flags.split()[0]} .* would be ignored: the toy held-out"):
+            redi_eval.main(*redi_eval.make_parser().parse_args_into_dataclasses(args=argv))

@@ -58,7 +58,7 @@ def test_k_traces_per_prompt_columns_and_labels(teacher, chat):
     # with greedy decoding of its prompt alone.
     traces, report = generate_traces(model, prompts, _has_digit_of_answer, K, tokenizer=tokenizer,
                                      temperature=1e-6, max_new_tokens=24, batch_size=5, progress=False)  # fmt: skip
-    assert traces.column_names == ["prompt", "completion", "answer", "correct"]
+    assert traces.column_names == ["prompt", "completion", "answer", "correct", "verifier_error"]
     assert len(traces) == K * len(prompts) and report.traces == len(traces) and report.prompts == len(prompts)
     for i, row in enumerate(traces):
         source = prompts[i // K]
@@ -112,7 +112,7 @@ def test_vllm_requested_without_gpu_is_a_clear_error(teacher):
         generate_traces(model, _prompts(1), _has_digit_of_answer, tokenizer=tokenizer, use_vllm=True)
 
 
-def test_a_raising_verifier_marks_that_trace_incorrect_and_is_counted(teacher):
+def test_a_raising_verifier_excludes_that_trace_and_is_counted_by_reason(teacher):
     model, tokenizer = teacher
     calls = []
 
@@ -120,18 +120,27 @@ def test_a_raising_verifier_marks_that_trace_incorrect_and_is_counted(teacher):
         calls.append(completion)
         if len(calls) == 2:
             raise RuntimeError("cannot parse this trace")
-        return True
+        return len(calls) != 3  # the third trace is a real negative
 
     traces, report = generate_traces(model, _prompts(2), flaky, K, tokenizer=tokenizer, max_new_tokens=8,
                                      progress=False)  # fmt: skip
-    assert traces["correct"] == [True, False] + [True] * (2 * K - 2)
-    assert report.verifier_errors == 1 and report.correct == 2 * K - 1
-    assert "verifier raised on 1" in str(report)
+    assert traces["correct"] == [True, None, False] + [True] * (2 * K - 3)
+    assert traces["verifier_error"][1] == "verifier raised RuntimeError: cannot parse this trace"
+    assert report.verifier_errors == 1 and report.verifier_error_reasons == {"verifier raised RuntimeError": 1}
+    assert report.correct == 2 * K - 2 and "verifier raised on 1" in str(report)
+    # The trace the verifier raised on is never a negative (pairing itself: tests/trl_ext/test_redi_data.py).
+    _, data_report = traces_to_pairs(traces, report)
+    assert data_report.pairs.excluded["verifier raised RuntimeError"] == 1
+    assert "excluded 1 traces (verifier raised RuntimeError: 1)" in str(data_report)
+    assert data_report.positives == 2 * K - 2
     # label_traces shares the rule
     calls.clear()
-    labelled = label_traces(traces, flaky)
-    assert labelled["correct"] == traces["correct"]
-    assert verify_traces(["1", "x"], [1, 1], lambda c, a: int(c) == a) == ([True, False], 1)
+    labelled = label_traces(traces.remove_columns(["correct", "verifier_error"]), flaky)
+    assert labelled["correct"] == traces["correct"] and labelled["verifier_error"] == traces["verifier_error"]
+    assert verify_traces(["1", "x"], [1, 1], lambda c, a: int(c) == a) == (
+        [True, None],
+        ["", "verifier raised ValueError: invalid literal for int() with base 10: 'x'"],
+    )
 
 
 def test_no_correct_trace_is_a_clear_error_before_training(teacher):
@@ -193,3 +202,49 @@ def test_toy_teacher_is_cached_by_configuration(tmp_path, monkeypatch):
     other = teacher_module.toy_teacher_path(TeacherConfig(num_train_prompts=8, num_eval_prompts=4, steps=3,
                                                           batch_size=4), progress=False)  # fmt: skip
     assert other != path and len(trained) == 2
+
+
+def test_the_callers_tokenizer_and_model_modes_are_restored_when_generation_raises(teacher, monkeypatch):
+    model, tokenizer = teacher
+    model.train()
+    model.model.embed_tokens.eval()  # a frozen submodule in eval mode must stay so
+    original, tokenizer.padding_side = tokenizer.padding_side, "right"  # generation switches to "left"
+    padding_side = "right"
+
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "generate", broken_generate)
+    modes = {name: m.training for name, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate_traces(model, _prompts(1), _has_digit_of_answer, tokenizer=tokenizer, progress=False)
+    assert tokenizer.padding_side == padding_side
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    monkeypatch.undo()
+    generate_traces(model, _prompts(1), _has_digit_of_answer, 1, tokenizer=tokenizer, max_new_tokens=2,
+                    progress=False)  # fmt: skip
+    assert tokenizer.padding_side == padding_side and {n: m.training for n, m in model.named_modules()} == modes
+    model.eval()
+    tokenizer.padding_side = original
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens=0 must be a positive integer"),
+        (dict(max_new_tokens=2.5), "max_new_tokens=2.5 must be a positive integer"),
+        (dict(batch_size=0), "batch_size=0 must be a positive integer"),
+        (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+        (dict(temperature=float("nan")), "temperature=nan must be a positive finite number"),
+        (dict(num_traces_per_prompt=True), "num_traces_per_prompt=True must be a positive integer"),
+    ],
+)
+def test_generation_arguments_are_checked_before_the_teacher_loads(kwargs, match, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match=match):
+        generate_traces("/no/such/teacher", _prompts(1), _has_digit_of_answer, **kwargs)

@@ -18,20 +18,36 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .data import PairReport, Verifier, build_redi_pairs, verify_traces
+from .data import (
+    ERROR_COLUMN,
+    PairReport,
+    Verifier,
+    build_redi_pairs,
+    check_labels,
+    error_kind,
+    read_labels,
+    verify_traces,
+)
 
 
 @dataclass
 class TraceReport:
-    """What :func:`generate_traces` produced: counts, verifier failures, backend and wall time."""
+    """What :func:`generate_traces` produced: counts, verifier failures, backend and wall time.
+
+    ``verifier_errors`` counts the traces on which the verifier raised (no label: excluded from the
+    pairs and the SFT data), ``verifier_error_reasons`` the same by exception type.
+    """
 
     prompts: int = 0
     traces: int = 0
@@ -39,6 +55,7 @@ class TraceReport:
     verifier_errors: int = 0
     backend: str = "transformers"
     seconds: float = 0.0
+    verifier_error_reasons: dict = field(default_factory=dict)
 
     @property
     def correct_fraction(self) -> float:
@@ -50,7 +67,8 @@ class TraceReport:
         return {**asdict(self), "correct_fraction": self.correct_fraction}
 
     def __str__(self) -> str:
-        errors = f", verifier raised on {self.verifier_errors} (counted incorrect)" if self.verifier_errors else ""
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(self.verifier_error_reasons.items()))
+        errors = f", verifier raised on {self.verifier_errors} ({why}; excluded)" if self.verifier_errors else ""
         return (
             f"{self.traces} traces for {self.prompts} prompts, {self.correct} correct "
             f"({self.correct_fraction:.1%}){errors}; {self.backend}, {self.seconds:.1f} s"
@@ -76,6 +94,7 @@ class TeacherDataReport:
             "pairs": self.pairs.pairs,
             "prompts": self.pairs.prompts,
             "dropped": dict(self.pairs.dropped),
+            "excluded": dict(self.pairs.excluded),
         }
 
     def __str__(self) -> str:
@@ -108,11 +127,21 @@ def _load_teacher(teacher, tokenizer):
 
 
 def _transformers_generate(model, tokenizer, texts, k, temperature, top_p, max_new_tokens, batch_size, progress):
+    modes = [(module, module.training) for module in model.modules()]  # per module: some may be frozen in eval
+    padding_side = tokenizer.padding_side
+    try:
+        model.eval()
+        tokenizer.padding_side = "left"  # generation continues on the right
+        return _generate_batches(model, tokenizer, texts, k, temperature, top_p, max_new_tokens, batch_size, progress)
+    finally:  # the caller's model and tokenizer as they were, also when generation raises
+        tokenizer.padding_side = padding_side
+        for module, training in modes:
+            module.training = training
+
+
+def _generate_batches(model, tokenizer, texts, k, temperature, top_p, max_new_tokens, batch_size, progress):
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Stop at the tokenizer's end token and at the model's own (chat models end a turn with another token).
     eos = model.generation_config.eos_token_id
@@ -139,8 +168,6 @@ def _transformers_generate(model, tokenizer, texts, k, temperature, top_p, max_n
                 )
             out_texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             bar.update(out.shape[0])
-    tokenizer.padding_side = padding_side
-    model.train(was_training)
     return [out_texts[i * k : (i + 1) * k] for i in range(len(texts))]
 
 
@@ -177,14 +204,17 @@ def generate_traces(
         dataset: prompts in ``prompt_column`` (plain strings, or conversational message lists, which
             are rendered with the tokenizer's chat template) and reference answers in ``answer_column``.
         verifier: ``verifier(completion, answer) -> bool``, e.g. :func:`~trl_ext.redi.math_verify_checker`.
-            A trace on which it raises is labelled incorrect and counted in the report.
+            A trace on which it raises gets no label (``correct`` is ``None``, the reason in
+            ``verifier_error``): it is excluded from the pairs and counted in the report. A result
+            that is not a bool (or an int 0/1) raises, naming the value and the row.
         use_vllm: ``None`` uses vLLM when it is installed and a CUDA GPU is present (and ``teacher`` is
             a path); ``False`` always uses ``transformers`` ``generate``.
 
     Returns:
         A dataset with columns ``prompt``, ``completion`` (a string, or an assistant message list for
-        conversational prompts), ``answer`` and ``correct``, traces of one prompt in consecutive rows;
-        and a :class:`TraceReport`.
+        conversational prompts), ``answer``, ``correct`` and ``verifier_error``, traces of one prompt
+        in consecutive rows; and a :class:`TraceReport`. The caller's model keeps its train/eval mode
+        and its tokenizer its padding side, also when generation raises.
 
     Example:
         ```py
@@ -206,12 +236,18 @@ def generate_traces(
             )
     if not callable(verifier):
         raise TypeError(f"verifier={verifier!r} is not callable; pass a function (completion, answer) -> bool.")
-    if not isinstance(num_traces_per_prompt, int) or num_traces_per_prompt < 1:
+    if (
+        not isinstance(num_traces_per_prompt, int)
+        or isinstance(num_traces_per_prompt, bool)
+        or num_traces_per_prompt < 1
+    ):
         raise ValueError(f"num_traces_per_prompt={num_traces_per_prompt!r} must be a positive integer, e.g. 4.")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be positive: traces are sampled (the paper used 0.6-1.0).")
+    check_generation_args(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, seed=seed, use_vllm=use_vllm)  # fmt: skip
     if len(dataset) == 0:
         raise ValueError("The prompt dataset is empty; there is nothing to generate.")
+    if use_vllm and not _vllm_available():
+        raise ValueError("use_vllm=True, but vLLM is not installed or no CUDA GPU is present; pass use_vllm=None.")
 
     start = time.perf_counter()
     model, tokenizer, path = _load_teacher(teacher, tokenizer)
@@ -219,8 +255,6 @@ def generate_traces(
     chat = [_is_conversational(p) for p in prompts]
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) if c else p
              for p, c in zip(prompts, chat)]  # fmt: skip
-    if use_vllm and not _vllm_available():
-        raise ValueError("use_vllm=True, but vLLM is not installed or no CUDA GPU is present; pass use_vllm=None.")
     vllm = (use_vllm if use_vllm is not None else _vllm_available()) and path is not None
     k = num_traces_per_prompt
     if vllm:
@@ -242,16 +276,49 @@ def generate_traces(
             rows["prompt"].append(prompt)
             rows["completion"].append([{"role": "assistant", "content": text}] if is_chat else text)
             rows["answer"].append(answer)
-    rows["correct"], errors = verify_traces(rows["completion"], rows["answer"], verifier)
+    rows["correct"], rows[ERROR_COLUMN] = verify_traces(rows["completion"], rows["answer"], verifier)
+    reasons = Counter(error_kind(r) for r in rows[ERROR_COLUMN] if r)
     report = TraceReport(
         prompts=len(prompts),
         traces=len(rows["prompt"]),
-        correct=sum(rows["correct"]),
-        verifier_errors=errors,
+        correct=sum(ok is True for ok in rows["correct"]),
+        verifier_errors=sum(reasons.values()),
+        verifier_error_reasons=dict(reasons),
         backend="vllm" if vllm else "transformers",
         seconds=time.perf_counter() - start,
     )
     return Dataset.from_dict(rows), report
+
+
+def check_generation_args(
+    temperature: float = 0.8,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    seed: int = 0,
+    use_vllm: bool | None = None,
+) -> None:
+    """Raise a ``ValueError`` naming the value and the fix for a sampling argument that cannot work.
+
+    :func:`generate_traces` calls it before the teacher loads; the REDI recipe calls it before any work.
+    """
+
+    def positive_int(name, value):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+    positive_int("max_new_tokens", max_new_tokens)
+    positive_int("batch_size", batch_size)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r} must be an integer.")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
+        raise ValueError(
+            f"temperature={temperature!r} must be a positive finite number: traces are sampled (the paper used 0.6-1.0)."
+        )
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]; 1.0 samples from the whole distribution.")
+    if use_vllm not in (None, True, False):
+        raise ValueError(f"use_vllm={use_vllm!r} must be None (automatic), True or False.")
 
 
 def require_correct_traces(traces: Dataset, label_column: str = "correct") -> int:
@@ -260,13 +327,14 @@ def require_correct_traces(traces: Dataset, label_column: str = "correct") -> in
     Training on a teacher's data with no correct trace has nothing to imitate, so this stops a run
     before any training.
     """
-    if label_column not in traces.column_names:
-        raise ValueError(f"Column {label_column!r} is missing; the traces have {traces.column_names}.")
-    correct = sum(bool(x) for x in traces[label_column])
+    labels = read_labels(traces, label_column)
+    correct = sum(ok is True for ok in labels)
     if correct == 0:
+        unlabelled = sum(ok is None for ok in labels)
+        raised = f" (the verifier raised on {unlabelled} of them)" if unlabelled else ""
         raise ValueError(
-            f"The teacher produced no correct traces out of {len(traces)}; there is nothing to fine-tune on and no "
-            "pair to build. Check the verifier and the answer column on a few traces, raise max_new_tokens if "
+            f"The teacher produced no correct traces out of {len(traces)}{raised}; there is nothing to fine-tune on "
+            "and no pair to build. Check the verifier and the answer column on a few traces, raise max_new_tokens if "
             "traces are cut off, sample more traces per prompt, or use a stronger teacher."
         )
     return correct
@@ -286,6 +354,7 @@ def traces_to_pairs(
         >>> report.to_dict()["dropped"]
         ```
     """
+    traces = check_labels(traces)  # read once: a "true"/"false" string column is logged once
     correct = require_correct_traces(traces)
     pairs, pair_report = build_redi_pairs(traces, max_length=max_length, tokenizer=tokenizer)
     return pairs, TeacherDataReport(traces=trace_report, pairs=pair_report, positives=correct)
@@ -312,6 +381,7 @@ def teacher_pipeline(
 
 
 __all__ = [
+    "check_generation_args",
     "TeacherDataReport",
     "TraceReport",
     "generate_traces",

@@ -140,15 +140,15 @@ def make_reasoning_traces(
     return Dataset.from_dict(rows)
 
 
-def check_reasoning_answer(completion, answer) -> float:
-    """1.0 when the trace's ``Answer: N`` line equals ``answer``, else 0.0."""
+def check_reasoning_answer(completion, answer) -> bool:
+    """Whether the trace's ``Answer: N`` line equals ``answer`` (a REDI verifier: it returns a real bool)."""
     match = re.search(r"Answer:\s*(-?\d+)", _text(completion))
-    return float(match is not None and int(match.group(1)) == int(answer))
+    return match is not None and int(match.group(1)) == int(answer)
 
 
 def reasoning_reward(completions, answer, **kwargs) -> list[float]:
     """TRL reward function for reasoning traces (see :func:`check_reasoning_answer`)."""
-    return [check_reasoning_answer(c, a) for c, a in zip(completions, answer)]
+    return [float(check_reasoning_answer(c, a)) for c, a in zip(completions, answer)]
 
 
 def make_reasoning_preferences(n_prompts: int = 256, seed: int = 0, max_operand: int = 12) -> Dataset:
