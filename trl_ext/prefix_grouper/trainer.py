@@ -110,7 +110,9 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
             if self._prefix_grouper_count_padding is not None:
                 conventions = [k for k, v in POSITION_CONVENTIONS.items() if v == self._prefix_grouper_count_padding]
             weight = getattr(unwrapped.get_output_embeddings(), "weight", None)
-            vocab_size = weight.size(0) if weight is not None else unwrapped.config.get_text_config().vocab_size
+            # A ZeRO-3 partition holds no rows here; DeepSpeed keeps the full shape in ds_shape
+            shape = getattr(weight, "ds_shape", None) or (weight.shape if weight is not None else None)
+            vocab_size = shape[0] if shape else unwrapped.config.get_text_config().vocab_size
             result = self_check(self._self_check_scores, model, vocab_size, dtype, conventions)
             self._prefix_grouper_count_padding = POSITION_CONVENTIONS[result.position_convention]
             check_sliding_window(unwrapped, self.args, result.sliding_windows)
