@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._mixed_batch import BASE, check_layer_adapter_names, sub_batches
 from .._sharding import check_full_weight
 from .config import MoraConfig
 from .ops import mora_delta_weight, mora_delta_y, mora_rank, num_chunks, resolve_mora_type, rope_cos_sin
@@ -172,6 +173,9 @@ class MoraLinear(nn.Module, MoraLayer):
         self.update_layer(adapter_name, config, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -182,10 +186,24 @@ class MoraLinear(nn.Module, MoraLayer):
         for name in self.active_adapters:
             if name not in self.mora_M:
                 continue
-            M = self.mora_M[name]
-            h = self._cast_input_dtype(self.mora_dropout[name](x), M.dtype)
-            delta = mora_delta_y(h, M, self.out_features, self.mora_type[name], self._rope(name, M))
-            result = result + delta.to(result.dtype)
+            result = result + self._adapter_delta(name, x).to(result.dtype)
+        return result
+
+    def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        M = self.mora_M[name]
+        h = self._cast_input_dtype(self.mora_dropout[name](x), M.dtype)
+        return mora_delta_y(h, M, self.out_features, self.mora_type[name], self._rope(name, M))
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Row ``i`` with adapter ``adapter_names[i]`` only (``"__base__"``: the base layer alone)."""
+        check_layer_adapter_names(self, x, adapter_names, "MoRA")
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in sub_batches(adapter_names, device=x.device).items():
+            if name == BASE or name not in self.mora_M:
+                continue
+            result[rows] = result[rows] + self._adapter_delta(name, x[rows]).to(result.dtype)
         return result
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -5,6 +5,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
 from .._merging import AtomicSafeMergeMixin
+from .._mixed_batch import MixedBatchMixin
 from . import ops
 from .config import SubnetConfig
 from .layer import SubnetLayer, subnet_layer_class
@@ -86,7 +87,7 @@ class _DictMasks:
         return ops.mask_to_indices(mask.cpu())
 
 
-class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
+class SubnetModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
     """Train a sparse subnetwork of a pretrained model: ``W = W0 + scatter(m, v)`` with only ``v`` trainable.
 
     Args:
@@ -105,6 +106,7 @@ class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
     """
 
     prefix: str = "subnet_"
+    mixed_batch_kind = "SUBNET"
     tuner_layer_cls = SubnetLayer
     target_module_mapping: dict = {}
 
