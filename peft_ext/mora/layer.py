@@ -11,6 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._mixed_batch import BASE, check_layer_adapter_names, sub_batches
+from .._quantized import add_to_weight_, float_dtype, quantization_format
 from .._sharding import check_full_weight
 from .config import MoraConfig
 from .ops import mora_delta_weight, mora_delta_y, mora_rank, num_chunks, resolve_mora_type, rope_cos_sin
@@ -88,7 +89,7 @@ class MoraLayer(BaseTunerLayer):
         Half-precision weights on CPU are computed in float32 (slow or missing half kernels).
         """
         M = self.mora_M[adapter_name]
-        dtype = self.get_base_layer().weight.dtype
+        dtype = float_dtype(self.get_base_layer())  # a quantised weight's dequantised dtype
         if M.device.type == "cpu" and M.dtype in (torch.float16, torch.bfloat16):
             M = M.float()
         delta = mora_delta_weight(M, self.in_features, self.out_features, self.mora_type[adapter_name])
@@ -109,7 +110,9 @@ class MoraLayer(BaseTunerLayer):
             weight = self.get_base_layer().weight
             check_full_weight(weight, "merging a MoRA adapter")
             delta = self.get_delta_weight(name)
-            if safe_merge:
+            if quantization_format(self.get_base_layer()) is not None:  # dequantise, add, quantise again
+                add_to_weight_(self.get_base_layer(), delta, safe_merge, name)
+            elif safe_merge:
                 merged = weight.data + delta
                 if not torch.isfinite(merged).all():  # PEFT's wording: M may be finite and the sum overflow
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -126,7 +129,14 @@ class MoraLayer(BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mora_M:
-                self.get_base_layer().weight.data -= self.get_delta_weight(name)
+                self._add_to_base_weight(-self.get_delta_weight(name))
+
+    def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        if quantization_format(base) is not None:
+            add_to_weight_(base, delta)
+        else:
+            base.weight.data += delta
 
     @torch.no_grad()
     def merge_and_reset(self, adapter_name: str, mora_type: str | int | None = None) -> None:
@@ -137,7 +147,7 @@ class MoraLayer(BaseTunerLayer):
         """
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge() before merge_and_reset.")
-        self.get_base_layer().weight.data += self.get_delta_weight(adapter_name)
+        self._add_to_base_weight(self.get_delta_weight(adapter_name))
         self.mora_M[adapter_name].zero_()
         if mora_type is None:
             return

@@ -12,6 +12,7 @@ from torch import nn
 from .._loading import discard_new_adapter, load_option, take_pending_mark
 from .._merging import AtomicSafeMergeMixin
 from .._mixed_batch import MixedBatchMixin
+from .._quantized import check_adaptable
 from .config import MoraConfig
 from .layer import SUPPORTED_LAYERS, MoraLayer, MoraLinear
 from .ops import resolve_mora_type
@@ -67,6 +68,7 @@ class MoraModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
                 f"torch.nn.Linear and transformers Conv1D. Remove it from target_modules={mora_config.target_modules!r} "
                 "or add it to exclude_modules."
             )
+        check_adaptable(base_layer, current_key, "MoRA")
         new_module = MoraLinear(target, adapter_name, mora_config)
         if new_module.fan_in_fan_out != mora_config.fan_in_fan_out:
             warnings.warn(

@@ -6,6 +6,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
 from .._merging import AtomicSafeMergeMixin
 from .._mixed_batch import MixedBatchMixin
+from .._quantized import check_adaptable
 from . import ops
 from .config import SubnetConfig
 from .layer import SubnetLayer, subnet_layer_class
@@ -150,6 +151,7 @@ class SubnetModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
                 module = module.get_base_layer()
             if param_name != "weight" or subnet_layer_class(module) is None:
                 continue
+            check_adaptable(module, module_name, "SUBNET", formats=())
             shape, expected = masks.shape(mask_name), tuple(module.weight.shape)
             if check_shapes and shape != expected:
                 raise ValueError(
@@ -227,6 +229,7 @@ class SubnetModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
         if current_key is None:
             raise ValueError("current_key must not be None.")
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        check_adaptable(base_layer, current_key, "SUBNET", formats=())
         if subnet_layer_class(base_layer) is None:
             raise TypeError(
                 f"target module {current_key!r} is a {type(base_layer).__name__}; the subnet tuner supports "
