@@ -156,6 +156,7 @@ def test_forward_equals_dequantized_reference_and_merge_is_as_good_as_loras(toy_
         model.merge_adapter()
         mora_merge_err = rel(logits(model, IDS), out)
         assert quantization_format(layer.get_base_layer()) == quantization_format(layer.base_layer) is not None
+        merged_out = logits(model, IDS)
         model.unmerge_adapter()
         assert rel(logits(model, IDS), out) < 5 * mora_merge_err + 1e-6
         lora = get_peft_model(load(toy_dir, backend), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
@@ -165,6 +166,12 @@ def test_forward_equals_dequantized_reference_and_merge_is_as_good_as_loras(toy_
         lora_merge_err = rel(logits(lora, IDS), lora_out)
     print(f"{backend}: merge error MoRA {mora_merge_err:.2e}, LoRA {lora_merge_err:.2e}")
     assert mora_merge_err <= 2 * lora_merge_err, (mora_merge_err, lora_merge_err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unloaded = model.merge_and_unload()
+    q_proj = unloaded.model.layers[0].self_attn.q_proj
+    assert quantization_format(q_proj) is not None and not hasattr(q_proj, "mora_M")
+    assert rel(logits(unloaded, IDS), merged_out) < 5 * mora_merge_err + 1e-6
 
 
 @pytest.mark.parametrize("backend", ["bnb_4bit_nf4_dq", "torchao_int8"])
