@@ -15,9 +15,10 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, TrainingArguments
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -93,13 +94,22 @@ def model_path(model_args: ModelConfig) -> str:
 
 
 def model_init_kwargs(model_args: ModelConfig, training_args: TrainingArguments | None = None) -> dict:
-    """``from_pretrained`` keywords from ``ModelConfig``, as TRL's scripts build them."""
-    return dict(
+    """``from_pretrained`` keywords from ``ModelConfig``, as TRL's scripts build them.
+
+    ``--load_in_4bit``/``--load_in_8bit`` load the base through bitsandbytes (on the accelerator, or the CPU).
+    """
+    kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=getattr(training_args, "trust_remote_code", False),
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
     )
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        # bitsandbytes quantises while loading, onto this process's device
+        kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else "cpu"
+    return kwargs
 
 
 def load_model(model_args: ModelConfig, training_args: TrainingArguments | None = None, path: str | None = None):

@@ -256,3 +256,22 @@ def test_redi_recipe_stops_before_training_without_a_pair(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="No REDI pair could be built"):
         _redi(tmp_path, "--verifier", "tests.recipes.rewards:always_correct")
     assert not (tmp_path / "sft").exists()
+
+
+def test_mora_sft_load_in_4bit_trains_on_a_4bit_base(tmp_path, monkeypatch):
+    from peft_ext.mora.layer import MoraLayer
+
+    seen = {}
+    real = mora_sft.get_peft_model
+
+    def spy(model, config):
+        peft_model = real(model, config)
+        layers = [m for m in peft_model.modules() if isinstance(m, MoraLayer)]
+        seen["bases"] = {type(m.get_base_layer()).__name__ for m in layers}
+        return peft_model
+
+    monkeypatch.setattr(mora_sft, "get_peft_model", spy)
+    argv = _argv("mora_sft", tmp_path, "--load_in_4bit", "--use_bnb_nested_quant", "true")
+    results = _main("mora_sft", argv)
+    assert seen["bases"] == {"Linear4bit"}
+    assert (tmp_path / "adapter_model.safetensors").exists() and results["log_history"]
