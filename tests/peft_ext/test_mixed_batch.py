@@ -89,6 +89,7 @@ def test_forward_matches_per_adapter_forwards(two_adapters):
     mixed = model(input_ids, adapter_names=ROWS).logits
     # the adapters differ from each other and from the base, so a silently ignored argument fails
     assert (expected[0] - expected[2]).abs().max() > 1e-2 and (expected[0] - expected[1]).abs().max() > 1e-2
+    print(f"forward: max |mixed - per-adapter| = {(mixed - expected).abs().max():.2e}")
     torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6)
     # calling the tuner directly routes the argument too
     torch.testing.assert_close(model.base_model(input_ids, adapter_names=ROWS).logits, expected, rtol=0, atol=1e-6)
@@ -113,6 +114,10 @@ def test_generate_matches_per_adapter_generate(two_adapters):
     mixed = model.generate(input_ids=input_ids, adapter_names=ROWS, **kwargs)
     assert torch.equal(mixed.sequences, torch.stack(expected_tokens))
     scores = torch.stack([torch.stack([s[i] for s in mixed.scores]) for i in range(len(ROWS))])
+    finite = torch.isfinite(scores)  # min_new_tokens masks EOS with -inf
+    print(
+        f"generate: max |mixed - per-adapter| scores = {(scores - torch.stack(expected_scores))[finite].abs().max():.2e}"
+    )
     torch.testing.assert_close(scores, torch.stack(expected_scores), rtol=0, atol=1e-6)
 
 
