@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._quantized import dense_weight
+
 
 def check_merged_weights_finite(tuner, adapter_names: list[str] | None = None) -> None:
     """Raise PEFT's ``ValueError("NaNs detected ...")`` if merging would make any base weight non-finite.
@@ -26,7 +28,7 @@ def check_merged_weights_finite(tuner, adapter_names: list[str] | None = None) -
         ]
         if not names:
             continue
-        weight = module.get_base_layer().weight.detach()
+        weight = dense_weight(module.get_base_layer()).detach()
         merged = weight.clone()
         with torch.no_grad():
             for name in names:

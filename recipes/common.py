@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from transformers import (
     AutoModelForCausalLM,
@@ -32,7 +33,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -165,13 +166,22 @@ def model_path(model_args: ModelConfig) -> str:
 
 
 def model_init_kwargs(model_args: ModelConfig, training_args: TrainingArguments | None = None) -> dict:
-    """``from_pretrained`` keywords from ``ModelConfig``, as TRL's scripts build them."""
-    return dict(
+    """``from_pretrained`` keywords from ``ModelConfig``, as TRL's scripts build them.
+
+    ``--load_in_4bit``/``--load_in_8bit`` load the base through bitsandbytes (on the accelerator, or the CPU).
+    """
+    kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=getattr(training_args, "trust_remote_code", False),
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
     )
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        # bitsandbytes quantises while loading, onto this process's device
+        kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else "cpu"
+    return kwargs
 
 
 def load_model(model_args: ModelConfig, training_args: TrainingArguments | None = None, path: str | None = None):
@@ -353,16 +363,24 @@ def flag_is_set(args, name: str, given: frozenset | set = frozenset()) -> bool:
     return getattr(args, name) != default
 
 
-# Flags no recipe uses: the recipes load models unquantised and train on the training split only.
+# Quantised loading (bitsandbytes) is for QMoRA in mora_sft; the recipes train on the training split only.
 QUANTIZATION_FLAGS = ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
                       "bnb_4bit_quant_storage")  # fmt: skip
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
               "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")  # fmt: skip
 
 
-def ignored_flags(script_args, model_args: ModelConfig, lora: bool) -> dict[str, str]:
-    """The flags every recipe ignores, with the reason, given its data flags and whether it trains LoRA."""
-    ignored = {name: "the recipes load the model without quantisation" for name in QUANTIZATION_FLAGS}
+def ignored_flags(script_args, model_args: ModelConfig, lora: bool, quantized: bool = False) -> dict[str, str]:
+    """The flags every recipe ignores, with the reason, given its data flags, whether it trains LoRA and whether it
+    trains on a quantised base (``quantized``: mora_sft's QMoRA)."""
+    if not quantized:
+        reason = "only mora_sft trains on a quantised base (QMoRA); this recipe loads the model unquantised"
+        ignored = dict.fromkeys(QUANTIZATION_FLAGS, reason)
+    elif not model_args.load_in_4bit:
+        reason = "it configures 4-bit loading, which is used only with --load_in_4bit true"
+        ignored = dict.fromkeys(QUANTIZATION_FLAGS[2:], reason)
+    else:
+        ignored = {}
     ignored |= {
         "dataset_test_split": "the recipes train on the training split and evaluate on held-out toy prompts only",
         "dataset_streaming": "the recipes load --dataset_name in full",
@@ -413,11 +431,11 @@ def resume_checkpoint(training_args: TrainingArguments, output_dir: str | None =
 
 
 def check_run(recipe: str, script_args, training_args: TrainingArguments, model_args: ModelConfig,
-              lora: bool, ignored: dict[str, str] | None = None) -> None:  # fmt: skip
+              lora: bool, ignored: dict[str, str] | None = None, quantized: bool = False) -> None:  # fmt: skip
     """The checks every recipe makes before any work: mixed precision on CPU (:func:`cpu_guard`), a usable
     ``--output_dir``, no flag the recipe would ignore (the common ones and ``ignored``), a checkpoint to resume."""
     cpu_guard(training_args)
-    refuse_ignored_flags(recipe, ignored_flags(script_args, model_args, lora) | (ignored or {}),
+    refuse_ignored_flags(recipe, ignored_flags(script_args, model_args, lora, quantized) | (ignored or {}),
                          script_args, training_args, model_args)  # fmt: skip
     check_output_dir(training_args.output_dir)
 

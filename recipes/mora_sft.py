@@ -2,6 +2,7 @@
 
     python -m recipes.mora_sft --output_dir outputs/mora --max_steps 100
     python -m recipes.mora_sft --config recipes/configs/mora_sft.yaml
+    python -m recipes.mora_sft --load_in_4bit --bnb_4bit_quant_type nf4 --use_bnb_nested_quant true
     python -m recipes.mora_sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara \\
         --mora_r 8 --mora_type rotation --dtype bfloat16 --push_to_hub true
 
@@ -9,6 +10,8 @@ Defaults to the embedded pretrained toy model and the toy arithmetic data; on th
 it reports held-out accuracy before and after training (``--num_eval_prompts``). Any model
 trains on the toy data when no ``--dataset_name`` is given; the adapter targets the
 architecture's attention and MLP projections unless ``--mora_target_modules`` is set.
+``--load_in_4bit`` (or ``--load_in_8bit``) loads the base through bitsandbytes and trains M on
+the frozen quantised weights (QMoRA).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from peft import get_peft_model
+from peft import get_peft_model, prepare_model_for_kbit_training
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from peft_ext import MoraConfig, ReMoraCallback
@@ -55,7 +58,7 @@ class MoraScriptArguments(ToyScriptArguments):
 
 
 def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args: ModelConfig, callbacks=None) -> dict:
-    check_run("mora_sft", script_args, training_args, model_args, lora=False)
+    check_run("mora_sft", script_args, training_args, model_args, lora=False, quantized=True)
     remora = None
     if script_args.remora_every_n_steps:
         remora = ReMoraCallback(every_n_steps=script_args.remora_every_n_steps)
@@ -69,6 +72,8 @@ def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args:
                         target_modules=script_args.mora_target_modules or default_target_modules(model))  # fmt: skip
     record = RunRecord("mora_sft", "MoRA SFT", adapter_record(config))
     checkpoint = record.check_resume(training_args)  # before any training: only this run's own checkpoints
+    if model_args.load_in_4bit or model_args.load_in_8bit:  # QMoRA: M trains on the frozen quantised base
+        model = prepare_model_for_kbit_training(model, training_args.gradient_checkpointing)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     results = {"dtype": str(model.dtype)}

@@ -10,6 +10,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._mixed_batch import BASE, check_layer_adapter_names, sub_batches
+from .._quantized import add_to_weight_, describe, float_dtype, quantization_format
 from .._sharding import check_full_weight, full_shape
 from .config import MoraConfig
 from .ops import mora_delta_weight, mora_delta_y, mora_rank, num_chunks, resolve_mora_type, rope_cos_sin
@@ -64,7 +66,14 @@ class MoraLayer(BaseTunerLayer):
         self.r[adapter_name] = config.r
         self.mora_r_hat[adapter_name] = r_hat
         self.mora_type[adapter_name] = mora_type
-        self.mora_exact_unmerge[adapter_name] = bool(getattr(config, "exact_unmerge", False))
+        exact_unmerge = bool(getattr(config, "exact_unmerge", False))
+        if exact_unmerge and quantization_format(self.get_base_layer()) is not None:
+            raise ValueError(
+                f"exact_unmerge=True cannot restore a quantised {describe(self.get_base_layer())} bit for bit (its "
+                "quantisation state changes when the merge quantises again); set exact_unmerge=False for a quantised "
+                "base."
+            )
+        self.mora_exact_unmerge[adapter_name] = exact_unmerge
         self.mora_dropout[adapter_name] = nn.Dropout(config.mora_dropout) if config.mora_dropout > 0 else nn.Identity()
         weight = torch.zeros(r_hat, r_hat)
         if not config.init_weights:
@@ -91,7 +100,7 @@ class MoraLayer(BaseTunerLayer):
         Half-precision weights on CPU are computed in float32 (slow or missing half kernels).
         """
         M = self.mora_M[adapter_name]
-        dtype = self.get_base_layer().weight.dtype
+        dtype = float_dtype(self.get_base_layer())  # a quantised weight's dequantised dtype
         if M.device.type == "cpu" and M.dtype in (torch.float16, torch.bfloat16):
             M = M.float()
         delta = mora_delta_weight(M, self.in_features, self.out_features, self.mora_type[adapter_name])
@@ -115,6 +124,10 @@ class MoraLayer(BaseTunerLayer):
             weight = self.get_base_layer().weight
             check_full_weight(weight, "merging a MoRA adapter")
             delta = self.get_delta_weight(name)
+            if quantization_format(self.get_base_layer()) is not None:  # dequantise, add, quantise again
+                add_to_weight_(self.get_base_layer(), delta, safe_merge, name)
+                self.merged_adapters.append(name)
+                continue
             if safe_merge:
                 merged = weight.data + delta
                 if not torch.isfinite(merged).all():  # PEFT's wording: M may be finite and the sum overflow
@@ -141,7 +154,14 @@ class MoraLayer(BaseTunerLayer):
                 with torch.no_grad():
                     weight.data.copy_(backup)
             elif name in self.mora_M:
-                weight.data -= self.get_delta_weight(name)
+                self._add_to_base_weight(-self.get_delta_weight(name))
+
+    def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        if quantization_format(base) is not None:
+            add_to_weight_(base, delta)
+        else:
+            base.weight.data += delta
 
     @torch.no_grad()
     def merge_and_reset(self, adapter_name: str, mora_type: str | int | None = None) -> None:
@@ -153,7 +173,7 @@ class MoraLayer(BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge() before merge_and_reset.")
         check_full_weight(self.get_base_layer().weight, "MoRA's merge_and_reset")
-        self.get_base_layer().weight.data += self.get_delta_weight(adapter_name)
+        self._add_to_base_weight(self.get_delta_weight(adapter_name))
         self.mora_M[adapter_name].zero_()
         if mora_type is None:
             return
@@ -189,6 +209,9 @@ class MoraLinear(nn.Module, MoraLayer):
         self.update_layer(adapter_name, config, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -199,10 +222,24 @@ class MoraLinear(nn.Module, MoraLayer):
         for name in self.active_adapters:
             if name not in self.mora_M:
                 continue
-            M = self.mora_M[name]
-            h = self._cast_input_dtype(self.mora_dropout[name](x), M.dtype)
-            delta = mora_delta_y(h, M, self.out_features, self.mora_type[name], self._rope(name, M))
-            result = result + delta.to(result.dtype)
+            result = result + self._adapter_delta(name, x).to(result.dtype)
+        return result
+
+    def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        M = self.mora_M[name]
+        h = self._cast_input_dtype(self.mora_dropout[name](x), M.dtype)
+        return mora_delta_y(h, M, self.out_features, self.mora_type[name], self._rope(name, M))
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Row ``i`` with adapter ``adapter_names[i]`` only (``"__base__"``: the base layer alone)."""
+        check_layer_adapter_names(self, x, adapter_names, "MoRA")
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in sub_batches(adapter_names, device=x.device).items():
+            if name == BASE or name not in self.mora_M:
+                continue
+            result[rows] = result[rows] + self._adapter_delta(name, x[rows]).to(result.dtype)
         return result
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

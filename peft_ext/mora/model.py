@@ -11,17 +11,20 @@ from torch import nn
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
 from .._merging import AtomicSafeMergeMixin
+from .._mixed_batch import MixedBatchMixin
+from .._quantized import check_adaptable
 from .._sharding import raise_partitioned_save
 from .config import MoraConfig
 from .layer import SUPPORTED_LAYERS, MoraLayer, MoraLinear
 from .ops import resolve_mora_type
 
 
-class MoraModel(AtomicSafeMergeMixin, BaseTuner):
+class MoraModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
     """MoRA model (Jiang et al., 2024, https://huggingface.co/papers/2405.12130), built by `get_peft_model`.
 
     Every target ``nn.Linear``/``Conv1D`` gets one trainable square matrix per adapter. All of
-    PEFT's adapter operations apply: several adapters, `set_adapter`, `disable_adapter()`,
+    PEFT's adapter operations apply: several adapters, `set_adapter`, `disable_adapter()`, mixed-adapter
+    batches (``model(x, adapter_names=[...])``, also in ``generate``),
     `merge_and_unload`, `unmerge_adapter`, `delete_adapter`, `save_pretrained`/`from_pretrained`.
 
     Args:
@@ -42,6 +45,7 @@ class MoraModel(AtomicSafeMergeMixin, BaseTuner):
     """
 
     prefix: str = "mora_"
+    mixed_batch_kind = "MoRA"
     tuner_layer_cls = MoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -65,6 +69,7 @@ class MoraModel(AtomicSafeMergeMixin, BaseTuner):
                 f"torch.nn.Linear and transformers Conv1D. Remove it from target_modules={mora_config.target_modules!r} "
                 "or add it to exclude_modules."
             )
+        check_adaptable(base_layer, current_key, "MoRA")
         new_module = MoraLinear(target, adapter_name, mora_config)
         if new_module.fan_in_fan_out != mora_config.fan_in_fan_out:
             warnings.warn(

@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._mixed_batch import check_layer_adapter_names, sub_batches
 from .._sharding import check_full_weight, full_numel, full_shape
 from . import ops
 
@@ -109,6 +110,19 @@ class SubnetLayer(BaseTunerLayer):
             )
         return names
 
+    def _mixed_sub_batches(self, x: torch.Tensor, adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """Rows per adapter of this layer for a mixed batch (rows of ``"__base__"`` and of absent adapters dropped)."""
+        check_layer_adapter_names(self, x, adapter_names, "SUBNET")
+        groups = {
+            n: rows for n, rows in sub_batches(adapter_names, device=x.device).items() if n in self.subnet_values
+        }
+        waiting = [n for n in groups if n in self._awaiting_masks]
+        if waiting:
+            raise RuntimeError(f"adapter {waiting[0]!r} has no masks loaded yet; load a saved adapter into it first.")
+        if groups:
+            check_full_weight(self.get_base_layer().weight, "the SUBNET forward (it adds the values into the weight)")
+        return groups
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write ``W0[I] + v`` into the base weight; the overwritten entries are kept so unmerge is exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -158,6 +172,9 @@ class Linear(nn.Module, SubnetLayer):
         self.update_layer(adapter_name, indices, init_weights=init_weights, seed=seed)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         names = self._subnets_to_apply()
         if not names:
             return self.base_layer(x, *args, **kwargs)
@@ -171,6 +188,23 @@ class Linear(nn.Module, SubnetLayer):
             [self.subnet_values[n] for n in names],
             fan_in_fan_out=self.fan_in_fan_out,
         )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        """Row ``i`` with adapter ``adapter_names[i]`` only (``"__base__"``: the base layer alone)."""
+        groups = self._mixed_sub_batches(x, adapter_names)
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        for name, rows in groups.items():
+            out = ops.subnet_linear(
+                x[rows],
+                base.weight,
+                base.bias,
+                [self.subnet_indices[name]],
+                [self.subnet_values[name]],
+                fan_in_fan_out=self.fan_in_fan_out,
+            )
+            result[rows] = out.to(result.dtype)
+        return result
 
     def __repr__(self) -> str:
         return "subnet." + super().__repr__()
@@ -186,6 +220,9 @@ class Embedding(nn.Module, SubnetLayer):
         self.update_layer(adapter_name, indices, init_weights=init_weights, seed=seed)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         names = self._subnets_to_apply()
         if not names:
             return self.base_layer(x, *args, **kwargs)
@@ -196,6 +233,19 @@ class Embedding(nn.Module, SubnetLayer):
         return F.embedding(
             x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        """Row ``i`` with adapter ``adapter_names[i]`` only (``"__base__"``: the base layer alone)."""
+        groups = self._mixed_sub_batches(x, adapter_names)
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        for name, rows in groups.items():
+            weight = ops.subnet_weight(base.weight, [(self.subnet_indices[name], self.subnet_values[name])])
+            out = F.embedding(
+                x[rows], weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )
+            result[rows] = out.to(result.dtype)
+        return result
 
     def __repr__(self) -> str:
         return "subnet." + super().__repr__()

@@ -5,6 +5,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
 from .._merging import AtomicSafeMergeMixin
+from .._mixed_batch import MixedBatchMixin
+from .._quantized import check_adaptable
 from .._sharding import full_numel, full_shape, gathered_weight, raise_partitioned_save
 from . import ops
 from .config import SubnetConfig
@@ -87,7 +89,7 @@ class _DictMasks:
         return ops.mask_to_indices(mask.cpu())
 
 
-class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
+class SubnetModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
     """Train a sparse subnetwork of a pretrained model: ``W = W0 + scatter(m, v)`` with only ``v`` trainable.
 
     Args:
@@ -106,6 +108,7 @@ class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
     """
 
     prefix: str = "subnet_"
+    mixed_batch_kind = "SUBNET"
     tuner_layer_cls = SubnetLayer
     target_module_mapping: dict = {}
 
@@ -149,6 +152,7 @@ class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
                 module = module.get_base_layer()
             if param_name != "weight" or subnet_layer_class(module) is None:
                 continue
+            check_adaptable(module, module_name, "SUBNET", formats=())
             shape, expected = masks.shape(mask_name), full_shape(module.weight)
             if check_shapes and shape != expected:
                 raise ValueError(
@@ -227,6 +231,7 @@ class SubnetModel(AtomicSafeMergeMixin, BaseTuner):
         if current_key is None:
             raise ValueError("current_key must not be None.")
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        check_adaptable(base_layer, current_key, "SUBNET", formats=())
         if subnet_layer_class(base_layer) is None:
             raise TypeError(
                 f"target module {current_key!r} is a {type(base_layer).__name__}; the subnet tuner supports "

@@ -189,7 +189,7 @@ def test_documented_commands_parse(name, flags, monkeypatch):
     from recipes.common import ignored_flags, refuse_ignored_flags
 
     lora = name in ("qtuning_sft", "prefix_grouper_grpo", "redi_two_stage")
-    ignored = ignored_flags(script_args, model_args, lora)
+    ignored = ignored_flags(script_args, model_args, lora, quantized=name == "mora_sft")
     if name == "redi_two_stage":
         ignored |= redi_two_stage.ignored_flags(script_args)
     refuse_ignored_flags(name, ignored, script_args, training_args, model_args)
@@ -350,8 +350,9 @@ IGNORED = [
     ("mora_sft", "--lora_r 16", "--lora_r 16 would be ignored: this recipe does not train LoRA"),
     ("subnet_grpo", "--use_peft true", "--use_peft True would be ignored"),
     ("qtuning_sft", "--lora_r 8", "--lora_r 8 would be ignored: it configures LoRA, which is trained only with --use_peft"),
-    ("prefix_grouper_grpo", "--load_in_4bit true", "--load_in_4bit True would be ignored: the recipes load the model "
-                                                   "without quantisation"),  # fmt: skip
+    ("prefix_grouper_grpo", "--load_in_4bit true", "--load_in_4bit True would be ignored: only mora_sft trains on a "
+                                                   "quantised base"),  # fmt: skip
+    ("mora_sft", "--bnb_4bit_quant_type fp4", "--bnb_4bit_quant_type 'fp4' would be ignored: it configures 4-bit"),
     ("qtuning_sft", "--dataset_test_split validation", "--dataset_test_split 'validation' would be ignored"),
     ("mora_sft", "--dataset_config main", "--dataset_config 'main' would be ignored: it has no effect without"),
     ("redi_two_stage", "--verifier toy", "--verifier 'toy' would be ignored: the default toy traces are already"),
@@ -434,3 +435,22 @@ def test_redi_reuses_traces_in_place_and_never_overwrites_them(tmp_path, monkeyp
                                  "--resume_from_checkpoint", "true", "--model_name_or_path", student,
                                  *shlex.split(STAGE2)])  # fmt: skip
     assert started == [student]
+
+
+def test_mora_sft_load_in_4bit_trains_on_a_4bit_base(tmp_path, monkeypatch):
+    from peft_ext.mora.layer import MoraLayer
+
+    seen = {}
+    real = mora_sft.get_peft_model
+
+    def spy(model, config):
+        peft_model = real(model, config)
+        layers = [m for m in peft_model.modules() if isinstance(m, MoraLayer)]
+        seen["bases"] = {type(m.get_base_layer()).__name__ for m in layers}
+        return peft_model
+
+    monkeypatch.setattr(mora_sft, "get_peft_model", spy)
+    argv = _argv("mora_sft", tmp_path, "--load_in_4bit", "--use_bnb_nested_quant", "true")
+    results = _main("mora_sft", argv)
+    assert seen["bases"] == {"Linear4bit"}
+    assert (tmp_path / "adapter_model.safetensors").exists() and results["log_history"]

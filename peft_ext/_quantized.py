@@ -1,0 +1,176 @@
+"""Quantised base layers: which ones a tuner can adapt, their dense weight, and merging into them.
+
+A quantised layer keeps its own forward (the tuner adds its update to the layer's output), so the
+only places that need the dense weight are merging and the checks before it. Supported formats:
+
+- bitsandbytes 4-bit (``Linear4bit``: nf4 or fp4, with or without double quantisation): ``"bnb_4bit"``;
+- bitsandbytes 8-bit (``Linear8bitLt``, LLM.int8): ``"bnb_8bit"``;
+- torchao int8 weight-only (``Int8WeightOnlyConfig``: an ``Int8Tensor`` weight, no activation
+  quantisation), per row or per tensor: ``"torchao_int8"``.
+
+Merging dequantises the weight, adds the update and quantises the sum again in the same format, as
+PEFT's LoRA does; the result carries that format's rounding error, so unmerging is not bit-exact.
+Anything else that is quantised (other torchao formats, integer weights of other libraries) is
+refused when the adapter is created, naming the layer type and the supported formats.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ._compat import unpack_cpu_4bit_weight
+
+QUANTIZED_FORMATS = ("bnb_4bit", "bnb_8bit", "torchao_int8")
+SUPPORTED_TEXT = (
+    "bitsandbytes Linear4bit (nf4/fp4, double quant) and Linear8bitLt, and torchao int8 weight-only "
+    "(Int8WeightOnlyConfig)"
+)
+
+
+def quantization_format(layer: nn.Module) -> str | None:
+    """The quantisation format of ``layer``'s weight: one of :data:`QUANTIZED_FORMATS`, None for a plain
+    floating-point weight, or ``"unsupported"`` for any other quantised or integer weight."""
+    weight = getattr(layer, "weight", None)
+    if weight is None:
+        return None
+    cls = type(weight)
+    if cls.__module__.startswith("bitsandbytes"):
+        if cls.__name__ == "Params4bit":
+            return "bnb_4bit"
+        if cls.__name__ == "Int8Params" and not getattr(weight, "has_fp16_weights", False):
+            return "bnb_8bit"
+        return "unsupported"
+    if cls.__module__.startswith("torchao"):
+        plain_int8 = cls.__name__ == "Int8Tensor" and getattr(weight, "act_quant_kwargs", None) is None
+        return "torchao_int8" if plain_int8 and _torchao_granularity(weight) is not None else "unsupported"
+    if not (weight.is_floating_point() or weight.numel() == 0):
+        return "unsupported"
+    return None
+
+
+def describe(layer: nn.Module) -> str:
+    """``Linear4bit (weight Params4bit)``: the layer type and its weight's type, for messages."""
+    weight = getattr(layer, "weight", None)
+    return f"{type(layer).__name__} (weight {type(weight).__name__}, dtype {getattr(weight, 'dtype', None)})"
+
+
+def check_adaptable(layer: nn.Module, where: str, tuner: str, formats: tuple[str, ...] = QUANTIZED_FORMATS) -> None:
+    """Raise ``TypeError`` if ``layer`` is quantised in a format ``tuner`` does not support (``formats``)."""
+    fmt = quantization_format(layer)
+    if fmt is None or fmt in formats:
+        return
+    supported = SUPPORTED_TEXT if formats == QUANTIZED_FORMATS else "no quantised layers (float weights only)"
+    raise TypeError(
+        f"{tuner} cannot adapt {where!r}: it is a quantised {describe(layer)}. {tuner} supports torch.nn.Linear and "
+        f"transformers Conv1D with floating-point weights, and {supported}. Load the base model unquantised (or in a "
+        "supported format), or remove this module from target_modules."
+    )
+
+
+def _torchao_granularity(weight) -> str | None:
+    block = tuple(weight.block_size)
+    if block == (1, weight.shape[-1]):
+        return "per_row"
+    if block == tuple(weight.shape):
+        return "per_tensor"
+    return None
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as a floating-point tensor in its stored layout (dequantised if quantised)."""
+    fmt = quantization_format(layer)
+    weight = layer.weight
+    if fmt is None:
+        return weight
+    if fmt == "bnb_4bit":
+        import bitsandbytes as bnb
+
+        unpack_cpu_4bit_weight(weight)
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if fmt == "bnb_8bit":
+        import bitsandbytes as bnb
+
+        scb = weight.SCB if getattr(layer.state, "SCB", None) is None else layer.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+    if fmt == "torchao_int8":
+        return weight.dequantize()
+    raise TypeError(f"cannot dequantise the weight of a {describe(layer)}; supported: {SUPPORTED_TEXT}.")
+
+
+def float_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype the layer's weight has once dequantised (its own dtype for a float weight)."""
+    fmt = quantization_format(layer)
+    if fmt == "bnb_4bit":
+        unpack_cpu_4bit_weight(layer.weight)
+        return layer.weight.quant_state.dtype
+    if fmt == "bnb_8bit":
+        return torch.float16 if layer.weight.device.type == "cuda" else torch.float32
+    return layer.weight.dtype
+
+
+def _torchao_config(weight):
+    from torchao.quantization import Int8WeightOnlyConfig, PerRow, PerTensor
+
+    granularity = PerRow() if _torchao_granularity(weight) == "per_row" else PerTensor()
+    return Int8WeightOnlyConfig(granularity=granularity)
+
+
+def check_mergeable(layer: nn.Module, where: str = "layer") -> None:
+    """Raise before anything changes if an update cannot be merged into ``layer``'s (quantised) weight."""
+    fmt = quantization_format(layer)
+    if fmt == "unsupported":
+        raise TypeError(f"cannot merge into {where!r}, a {describe(layer)}; supported: {SUPPORTED_TEXT}.")
+
+
+def replace_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
+    """Store ``dense`` as ``layer``'s weight, quantised again in the layer's format (plain: copied in place)."""
+    fmt = quantization_format(layer)
+    weight = layer.weight
+    if fmt is None:
+        weight.data.copy_(dense.to(weight.dtype))
+        return
+    check_mergeable(layer)
+    device = weight.device
+    if fmt == "bnb_4bit":
+        import bitsandbytes as bnb
+
+        new = bnb.nn.Params4bit(
+            dense.to(float_dtype(layer)).to("cpu"),
+            requires_grad=False,
+            quant_type=weight.quant_type,
+            blocksize=weight.blocksize,
+            compress_statistics=weight.compress_statistics,
+            quant_storage=weight.quant_storage,
+            module=layer,
+        )
+        layer.weight = new.to(device)  # moving an unquantised Params4bit quantises it
+    elif fmt == "bnb_8bit":
+        import bitsandbytes as bnb
+
+        new = bnb.nn.Int8Params(dense.to(torch.float16).to("cpu"), requires_grad=False, has_fp16_weights=False)
+        layer.weight = new.to(device)  # moving an unquantised Int8Params quantises it
+        layer.state.reset_grads()
+        layer.state.SCB = None
+    else:  # torchao int8 weight-only: quantize_ works on modules, so re-quantise the layer itself
+        from torchao.quantization import quantize_
+
+        config = _torchao_config(weight)
+        del layer.weight
+        layer.weight = nn.Parameter(dense.to(weight.dtype), requires_grad=False)
+        quantize_(layer, config)
+
+
+def add_to_weight_(layer: nn.Module, delta: torch.Tensor, safe_merge: bool = False, adapter: str = "") -> None:
+    """``W <- W + delta`` for a quantised layer (dequantise, add, quantise again); refuses a non-finite sum."""
+    merged = dense_weight(layer).detach().float() + delta.float()
+    if safe_merge and not bool(torch.isfinite(merged).all()):
+        raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+    warnings.warn(
+        f"Merging into a quantised {type(layer).__name__} re-quantises the merged weight: outputs carry its rounding "
+        "error, and unmerging does not restore the original weight bit for bit.",
+        stacklevel=3,
+    )
+    replace_dense_weight(layer, merged)

@@ -1,0 +1,235 @@
+"""MoRA on quantised bases (bitsandbytes 4-bit and 8-bit, torchao int8 weight-only); SUBNET refuses them.
+
+The reference for a quantised model is a float model whose weights are the dequantised weights, with
+the same MoRA matrices; merging is compared with PEFT's LoRA merge on the same base.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, TorchAoConfig
+
+from peft_ext import MoraConfig, SubnetConfig
+from peft_ext._quantized import dense_weight, quantization_format
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def quantization(backend: str):
+    if backend == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    if backend == "bnb_8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    quant_type = backend.removeprefix("bnb_4bit_")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type.removesuffix("_dq"),
+        bnb_4bit_use_double_quant=quant_type.endswith("_dq"),
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+BACKENDS = ["bnb_4bit_nf4_dq", "bnb_4bit_fp4", "bnb_8bit", "torchao_int8"]
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    path = tmp_path_factory.mktemp("toy")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def load(path, backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization(backend), device_map="cpu", dtype=torch.float32
+        )
+
+
+def dequantized_copy(path, quantized):
+    """A float model whose every quantised weight is the dequantised weight of ``quantized``."""
+    ref = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+    modules = dict(ref.named_modules())
+    for name, module in quantized.named_modules():
+        if quantization_format(module) is not None:
+            modules[name].weight.data = dense_weight(module).detach().float().clone()
+    return ref
+
+
+def mora_config():
+    return MoraConfig(r=4, target_modules=TARGETS, init_weights=False, mora_type="sharing")
+
+
+def randomize_m(model, seed=0, scale=20.0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mora_M" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen) / p.shape[0])
+
+
+def match_update_norms(lora, mora):
+    """Scale each LoRA B so that its layer's update has the Frobenius norm of the MoRA update there."""
+    mora_layers = dict(mora.named_modules())
+    with torch.no_grad():
+        for name, module in lora.named_modules():
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                target = mora_layers[name].get_delta_weight("default").norm()
+                module.lora_B["default"].weight.mul_(target / module.get_delta_weight("default").norm())
+
+
+def logits(model, ids):
+    # Train mode (no dropout in these models): bitsandbytes' eval-mode CPU kernel computes 4-bit layers in
+    # bf16, an error of the backend's own that test_dense_weight_of_a_repacked_4bit_layer measures apart.
+    model.train()
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def eval_logits(model, ids, disable=None):
+    model.eval()
+    with torch.no_grad():
+        if disable is None:
+            return model(ids).logits.float()
+        with disable.disable_adapter():
+            return model(ids).logits.float()
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_equals_dequantized_reference_and_merge_is_as_good_as_loras(toy_dir, backend):
+    base = load(toy_dir, backend)
+    ref = dequantized_copy(toy_dir, base)
+    ref_base = logits(ref, IDS)
+    base_err = rel(logits(base, IDS), ref_base)  # the backend's own error (LLM.int8: activations)
+    model = get_peft_model(base, mora_config())
+    randomize_m(model)
+    ref_model = get_peft_model(ref, mora_config())
+    randomize_m(ref_model)
+    out = logits(model, IDS)
+    err = rel(out, logits(ref_model, IDS))
+    assert rel(out, ref_base) > 1e-2  # the adapter changes the output
+    print(f"{backend}: forward error vs dequantized reference {err:.2e} (base alone {base_err:.2e})")
+    assert err <= 1e-3, err
+    # Eval mode: LLM.int8 quantises activations, bitsandbytes' CPU 4-bit kernel computes in bf16. That error is
+    # the backend's own (measured and printed); per layer, the adapter adds nothing to it.
+    eval_base_err = rel(eval_logits(model, IDS, disable=model), eval_logits(ref_model, IDS, disable=ref_model))
+    eval_err = rel(eval_logits(model, IDS), eval_logits(ref_model, IDS))
+    print(f"{backend}: eval-mode error {eval_err:.2e} (base alone {eval_base_err:.2e})")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    ref_layer = ref_model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        backend_err = layer.base_layer(x) - ref_layer.base_layer(x)
+        torch.testing.assert_close(layer(x) - ref_layer(x), backend_err, rtol=0, atol=1e-5)
+        expected = layer.base_layer(x) + layer._adapter_delta("default", x)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+
+    # merge: dequantise, add, quantise again; compare with PEFT's LoRA on the same base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.merge_adapter()
+        mora_merge_err = rel(logits(model, IDS), out)
+        assert quantization_format(layer.get_base_layer()) == quantization_format(layer.base_layer) is not None
+        merged_out = logits(model, IDS)
+        model.unmerge_adapter()
+        assert rel(logits(model, IDS), out) < 5 * mora_merge_err + 1e-6
+        lora = get_peft_model(load(toy_dir, backend), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+        match_update_norms(lora, model)  # requantisation error grows with the update; compare like with like
+        lora_out = logits(lora, IDS)
+        lora.merge_adapter()
+        lora_merge_err = rel(logits(lora, IDS), lora_out)
+    print(f"{backend}: merge error MoRA {mora_merge_err:.2e}, LoRA {lora_merge_err:.2e}")
+    assert mora_merge_err <= 2 * lora_merge_err, (mora_merge_err, lora_merge_err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unloaded = model.merge_and_unload()
+    q_proj = unloaded.model.layers[0].self_attn.q_proj
+    assert quantization_format(q_proj) is not None and not hasattr(q_proj, "mora_M")
+    assert rel(logits(unloaded, IDS), merged_out) < 5 * mora_merge_err + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["bnb_4bit_nf4_dq", "torchao_int8"])
+def test_training_reaches_only_m_and_the_loss_falls_and_saved_adapters_load(toy_dir, backend, tmp_path):
+    base = prepare_model_for_kbit_training(load(toy_dir, backend), use_gradient_checkpointing=False)
+    model = get_peft_model(base, MoraConfig(r=4, target_modules=TARGETS)).train()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("mora_M" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        grads = [n for n, p in model.named_parameters() if p.grad is not None]
+        assert grads and all("mora_M" in n for n in grads)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    print(f"{backend}: training loss {[round(x, 3) for x in losses]}")
+    assert losses[-1] < losses[0] - 0.05, losses
+    out = logits(model, IDS)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(load(toy_dir, backend), tmp_path)
+    torch.testing.assert_close(logits(loaded, IDS), out, rtol=0, atol=1e-5)
+
+
+def test_unsupported_quantised_layers_are_refused(toy_dir):
+    base = load(toy_dir, "bnb_4bit_nf4_dq")
+    before = copy.deepcopy(base.model.layers[0].self_attn.q_proj.weight.data)
+    with pytest.raises(TypeError, match="SUBNET cannot adapt .*Linear4bit.*float weights only"):
+        get_peft_model(base, SubnetConfig(target_modules=["q_proj"], density=0.1))
+    assert torch.equal(base.model.layers[0].self_attn.q_proj.weight.data, before)
+
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    net = nn.Sequential(nn.Linear(32, 32))
+    quantize_(net, Int8DynamicActivationInt8WeightConfig())
+    with pytest.raises(TypeError, match="MoRA cannot adapt '0'.*Linear .*Int8Tensor.*supports .*Linear4bit"):
+        get_peft_model(net, MoraConfig(r=2, target_modules=["0"]))
+
+
+def test_dense_weight_of_a_repacked_4bit_layer(toy_dir):
+    """bitsandbytes repacks 4-bit weights for its bf16 CPU kernel on the first eval forward; merging still works."""
+    model = get_peft_model(load(toy_dir, "bnb_4bit_nf4_dq"), mora_config())
+    randomize_m(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    dense = dense_weight(layer.base_layer).clone()
+    expected = logits(model, IDS)
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(IDS).logits  # may repack (CPUs with AVX512-BF16)
+    print(f"4-bit eval-mode (bnb CPU kernel) error: {rel(eval_out, expected):.2e}")
+    # repacking rounds the 4-bit block scales to bf16: the weight bitsandbytes now computes with moved by that much
+    torch.testing.assert_close(dense_weight(layer.base_layer), dense, rtol=2**-7, atol=1e-7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.merge_adapter()
+        fresh = get_peft_model(load(toy_dir, "bnb_4bit_nf4_dq"), mora_config())  # never repacked
+        randomize_m(fresh)
+        fresh.merge_adapter()
+    assert rel(logits(model, IDS), logits(fresh, IDS)) < 0.05
