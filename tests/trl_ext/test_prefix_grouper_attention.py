@@ -7,7 +7,7 @@ query over the allowed keys and the sink.
 
 import pytest
 import torch
-from prefix_grouper_helpers import make_batch
+from prefix_grouper_helpers import assert_close, logps_of, loss_and_grads, make_batch, sharpen_
 
 from trl_ext.prefix_grouper import (
     GroupedAttentionLayout,
@@ -176,3 +176,144 @@ def test_rejects_malformed_window():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=rf"sliding_window={bad!r}"):
             split_attention(q, q, q, layout, sliding_window=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the trainer: stock GRPOTrainer vs PrefixGrouperGRPOTrainer on tiny models of each family (fp32)
+
+WINDOW = 4  # the test batch has prompts of 3 and 7 tokens and blocks of up to 8: the window cuts prefix and blocks
+COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0, bos_token_id=None, eos_token_id=1)  # fmt: skip
+# MLA keys have one head per query head; query/key head dim 8 + 4, value head dim set per family
+MLA = {**COMMON, **dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, head_dim=4)}
+
+
+def family_config(family: str):
+    """A tiny config of each family whose attention uses a window, a sink, a soft-cap or MLA head dims."""
+    from transformers import (
+        DeepseekV2Config, DeepseekV3Config, Gemma2Config, Gemma3TextConfig, Glm4MoeLiteConfig, GptOssConfig,
+        MiniCPM3Config, MistralConfig, Phi3Config, Qwen2Config, Starcoder2Config,
+    )  # fmt: skip
+
+    both = ["full_attention", "sliding_attention"]
+    configs = {
+        "mistral": lambda: MistralConfig(**COMMON, sliding_window=WINDOW),
+        "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        "phi3": lambda: Phi3Config(**COMMON, sliding_window=WINDOW),
+        "starcoder2": lambda: Starcoder2Config(**COMMON, sliding_window=WINDOW, use_bias=True),
+        "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=WINDOW, layer_types=both,
+                                       attn_logit_softcapping=1.5, final_logit_softcapping=None),
+        "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=WINDOW, layer_types=both[::-1]),
+        "gpt_oss": lambda: GptOssConfig(**COMMON, head_dim=8, sliding_window=WINDOW, layer_types=both[::-1],
+                                        num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.0),
+        "deepseek_v2": lambda: DeepseekV2Config(**MLA, v_head_dim=12, n_routed_experts=4,
+                                                num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                                                first_k_dense_replace=1, n_group=1, topk_group=1),
+        "deepseek_v3": lambda: DeepseekV3Config(**MLA, v_head_dim=6, n_routed_experts=4,
+                                                num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                                                first_k_dense_replace=1, n_group=1, topk_group=1),
+        "minicpm3": lambda: MiniCPM3Config(**MLA, v_head_dim=10, dim_model_base=32, scale_emb=1),
+        "glm4_moe_lite": lambda: Glm4MoeLiteConfig(**MLA, v_head_dim=16, n_routed_experts=4,
+                                                   num_experts_per_tok=2, moe_intermediate_size=16,
+                                                   mlp_layer_types=["dense", "sparse"], n_group=1, topk_group=1),
+    }
+    return configs[family]()
+
+
+def family_trainer(family: str, attn: str, grouped: bool, tmp_path, **overrides):
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
+    from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
+
+    config = family_config(family)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = sharpen_(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # sinks large enough to take a real share of the softmax
+        for name, param in model.named_parameters():
+            if name.endswith("sinks"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 2)
+            if family.startswith("gemma") and name.endswith("embed_tokens.weight"):
+                param.mul_(config.hidden_size**-0.5)  # Gemma scales embeddings up by sqrt(hidden): keep logits sane
+    config_cls, trainer_cls = (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (
+        GRPOConfig, GRPOTrainer)  # fmt: skip
+    args = toy_args(config_cls, tmp_path / f"{family}-{attn}-{grouped}", per_device_train_batch_size=8,
+                    num_generations=4, max_completion_length=7, disable_dropout=True, **overrides)  # fmt: skip
+    trainer = trainer_cls(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=make_arithmetic_dataset(8),
+                          processing_class=build_toy_tokenizer())  # fmt: skip
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    return trainer
+
+
+def ablations(model):
+    """Context managers that switch off, in the stock model, each feature the family uses: its sliding window, its
+    soft-cap, its sinks. Each must change the stock log-probs on the test batch, or the comparison proves nothing."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def setting(objects, name, value):
+        saved = [getattr(obj, name) for obj in objects]
+        saved = [old.data if isinstance(old, torch.Tensor) else old for old in saved]  # .data: the old storage
+        for obj, old in zip(objects, saved):
+            if isinstance(old, torch.Tensor):
+                getattr(obj, name).data = torch.full_like(old, value)
+            else:
+                setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for obj, old in zip(objects, saved):
+                if isinstance(old, torch.Tensor):
+                    getattr(obj, name).data = old
+                else:
+                    setattr(obj, name, old)
+
+    found = {}
+    if getattr(model.config, "sliding_window", None):
+        found["sliding window"] = setting([model.config], "sliding_window", 10**6)  # the masks read the config
+    capped = [m for m in model.modules() if getattr(m, "attn_logit_softcapping", None)]
+    if capped:
+        found["soft-cap"] = setting(capped, "attn_logit_softcapping", None)
+    sinks = [m for m in model.modules() if isinstance(getattr(m, "sinks", None), torch.Tensor)]
+    if sinks:
+        found["sinks"] = setting(sinks, "sinks", -1e4)
+    return found
+
+
+CASES = [
+    # sliding-window layers (all layers, or mixed with full layers through layer_types)
+    *[("mistral", a) for a in ("sdpa", "eager")], *[("qwen2", a) for a in ("sdpa", "eager")],
+    *[("phi3", a) for a in ("sdpa", "eager")], *[("starcoder2", a) for a in ("sdpa", "eager")],
+    *[("gemma3", a) for a in ("sdpa", "eager")],
+    ("gemma2", "eager"),  # soft-capping + sliding layers; eager only (as in transformers)
+    ("gpt_oss", "eager"),  # attention sinks + sliding layers; eager only (as in transformers)
+    # MLA: value head dim differs from the query/key head dim
+    *[(f, a) for f in ("deepseek_v2", "deepseek_v3", "minicpm3", "glm4_moe_lite") for a in ("sdpa", "eager")],
+]
+
+
+@pytest.mark.parametrize("family,attn", CASES)
+def test_family_matches_stock_through_the_trainer(family, attn, tmp_path):
+    stock = family_trainer(family, attn, False, tmp_path)
+    grouped = family_trainer(family, attn, True, tmp_path)
+    assert grouped.model.config._attn_implementation == f"prefix_grouper_{attn}"
+    batch = make_batch(seed=3, rows="abababab")  # two prompts (3 and 7 tokens) x 4 completions, left-padded
+    with torch.no_grad():
+        for batch_size in (None, 2):  # whole, and in the chunks TRL scores old and reference log-probs with
+            s_logps, s_ent, _ = logps_of(stock, stock.model, batch, batch_size)
+            g_logps, g_ent, _ = logps_of(grouped, grouped.model, batch, batch_size)
+            assert_close(g_logps, s_logps, what=f"log-probs, batch_size={batch_size}")
+            assert_close(g_ent, s_ent, what=f"entropies, batch_size={batch_size}")
+        for feature, switched_off in ablations(stock.model).items():
+            with switched_off:  # the feature really changes the stock result on this batch
+                assert (logps_of(stock, stock.model, batch)[0] - s_logps).abs().max() > 1e-3, feature
+    s_loss, s_grads = loss_and_grads(stock, batch)
+    g_loss, g_grads = loss_and_grads(grouped, batch)
+    assert_close(g_loss, s_loss, what="loss")
+    for name in s_grads:
+        assert_close(g_grads[name], s_grads[name], what=f"grad of {name}")
