@@ -317,3 +317,60 @@ def test_family_matches_stock_through_the_trainer(family, attn, tmp_path):
     assert_close(g_loss, s_loss, what="loss")
     for name in s_grads:
         assert_close(g_grads[name], s_grads[name], what=f"grad of {name}")
+
+
+def test_rejects_sliding_mask_the_attention_is_not_told_about_at_construction(tmp_path):
+    """Qwen2-MoE builds sliding-window masks for its sliding layers but does not pass the window to its attention
+    function: the grouped forward cannot see the mask, so the model is refused when the trainer is built."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
+    from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
+
+    config = Qwen2MoeConfig(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                            router_aux_loss_coef=0.0, attn_implementation="sdpa")  # fmt: skip
+    assert "sliding_attention" in config.layer_types
+    model = AutoModelForCausalLM.from_config(config)
+    args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(ValueError, match=r"model_type='qwen2_moe'.*sliding_window=None.*sliding_window=4.*stock"):
+        PrefixGrouperGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args,
+                                 train_dataset=make_arithmetic_dataset(8), processing_class=build_toy_tokenizer())
+
+
+def test_rejects_unknown_layer_types_and_bad_windows():
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    from trl_ext.prefix_grouper import install_grouped_attention
+
+    config = Qwen2Config(**COMMON, attn_implementation="sdpa", layer_types=["full_attention", "chunked_attention"])
+    with pytest.raises(ValueError, match=r"model_type='qwen2'.*chunked_attention.*stock `trl.GRPOTrainer`"):
+        install_grouped_attention(AutoModelForCausalLM.from_config(config))
+    model = AutoModelForCausalLM.from_config(MistralConfig(**COMMON, sliding_window=4, attn_implementation="sdpa"))
+    model.config.sliding_window = 0
+    with pytest.raises(ValueError, match=r"model_type='mistral'.*sliding_window=0.*stock `trl.GRPOTrainer`"):
+        install_grouped_attention(model)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v2"])
+def test_bf16_drift_is_no_worse_than_stock(family, tmp_path):
+    """Under bf16 autocast, the grouped gradient (window + sinks, or MLA) is within 2x the stock bf16 gradient's
+    distance from the fp32 gradient, the bound the other architectures meet."""
+    batch = make_batch(seed=12, rows="abababab")
+
+    def gradient(trainer):
+        trainer.model.zero_grad(set_to_none=True)
+        with trainer.accelerator.autocast():
+            loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return torch.cat([p.grad.flatten().double() for p in trainer.model.parameters() if p.requires_grad])
+
+    attn = "eager" if family == "gpt_oss" else "sdpa"
+    reference = gradient(family_trainer(family, attn, False, tmp_path / "fp32"))
+    drift = {}
+    for grouped in (False, True):
+        trainer = family_trainer(family, attn, grouped, tmp_path / "bf16", bf16=True, use_cpu=True)
+        assert trainer.accelerator.mixed_precision == "bf16"
+        drift[grouped] = ((gradient(trainer) - reference).norm() / reference.norm()).item()
+    assert drift[False] > 1e-4  # autocast really ran in bf16
+    assert drift[True] <= 2 * drift[False], drift
