@@ -43,7 +43,7 @@ def reference_attention(q, k, v, packed, scaling, window=None, sinks=None, softc
                 elif seg[a] == 0:
                     ok = seg[b] == 0 and b <= a
                 else:
-                    ok = (seg[b] == 0 or (seg[b] == seg[a] and b <= a))
+                    ok = seg[b] == 0 or (seg[b] == seg[a] and b <= a)
                 if ok and window is not None:
                     ok = pos[a] - pos[b] < window
                 allowed[a, b] = ok
@@ -185,38 +185,75 @@ WINDOW = 4  # the test batch has prompts of 3 and 7 tokens and blocks of up to 8
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0, bos_token_id=None, eos_token_id=1)  # fmt: skip
 # MLA keys have one head per query head; query/key head dim 8 + 4, value head dim set per family
-MLA = {**COMMON, **dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
-                        qk_rope_head_dim=4, head_dim=4)}
+MLA = {
+    **COMMON,
+    **dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, head_dim=4
+    ),
+}
 
 
 def family_config(family: str):
     """A tiny config of each family whose attention uses a window, a sink, a soft-cap or MLA head dims."""
-    from transformers import (
-        DeepseekV2Config, DeepseekV3Config, Gemma2Config, Gemma3TextConfig, Glm4MoeLiteConfig, GptOssConfig,
-        MiniCPM3Config, MistralConfig, Phi3Config, Qwen2Config, Starcoder2Config,
-    )  # fmt: skip
+    import transformers as tf
 
     both = ["full_attention", "sliding_attention"]
     configs = {
-        "mistral": lambda: MistralConfig(**COMMON, sliding_window=WINDOW),
-        "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
-        "phi3": lambda: Phi3Config(**COMMON, sliding_window=WINDOW),
-        "starcoder2": lambda: Starcoder2Config(**COMMON, sliding_window=WINDOW, use_bias=True),
-        "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=WINDOW, layer_types=both,
-                                       attn_logit_softcapping=1.5, final_logit_softcapping=None),
-        "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=WINDOW, layer_types=both[::-1]),
-        "gpt_oss": lambda: GptOssConfig(**COMMON, head_dim=8, sliding_window=WINDOW, layer_types=both[::-1],
-                                        num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.0),
-        "deepseek_v2": lambda: DeepseekV2Config(**MLA, v_head_dim=12, n_routed_experts=4,
-                                                num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                                                first_k_dense_replace=1, n_group=1, topk_group=1),
-        "deepseek_v3": lambda: DeepseekV3Config(**MLA, v_head_dim=6, n_routed_experts=4,
-                                                num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                                                first_k_dense_replace=1, n_group=1, topk_group=1),
-        "minicpm3": lambda: MiniCPM3Config(**MLA, v_head_dim=10, dim_model_base=32, scale_emb=1),
-        "glm4_moe_lite": lambda: Glm4MoeLiteConfig(**MLA, v_head_dim=16, n_routed_experts=4,
-                                                   num_experts_per_tok=2, moe_intermediate_size=16,
-                                                   mlp_layer_types=["dense", "sparse"], n_group=1, topk_group=1),
+        "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=WINDOW),
+        "qwen2": lambda: tf.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+        "phi3": lambda: tf.Phi3Config(**COMMON, sliding_window=WINDOW),
+        "starcoder2": lambda: tf.Starcoder2Config(**COMMON, sliding_window=WINDOW, use_bias=True),
+        "gemma2": lambda: tf.Gemma2Config(
+            **COMMON,
+            head_dim=8,
+            sliding_window=WINDOW,
+            layer_types=both,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=None,
+        ),
+        "gemma3": lambda: tf.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=WINDOW, layer_types=both[::-1]),
+        "gpt_oss": lambda: tf.GptOssConfig(
+            **COMMON,
+            head_dim=8,
+            sliding_window=WINDOW,
+            layer_types=both[::-1],
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=0.0,
+        ),
+        "deepseek_v2": lambda: tf.DeepseekV2Config(
+            **MLA,
+            v_head_dim=12,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(
+            **MLA,
+            v_head_dim=6,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+        "minicpm3": lambda: tf.MiniCPM3Config(**MLA, v_head_dim=10, dim_model_base=32, scale_emb=1),
+        "glm4_moe_lite": lambda: tf.Glm4MoeLiteConfig(
+            **MLA,
+            v_head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            mlp_layer_types=["dense", "sparse"],
+            n_group=1,
+            topk_group=1,
+        ),
     }
     return configs[family]()
 
@@ -287,8 +324,10 @@ def ablations(model):
 
 CASES = [
     # sliding-window layers (all layers, or mixed with full layers through layer_types)
-    *[("mistral", a) for a in ("sdpa", "eager")], *[("qwen2", a) for a in ("sdpa", "eager")],
-    *[("phi3", a) for a in ("sdpa", "eager")], *[("starcoder2", a) for a in ("sdpa", "eager")],
+    *[("mistral", a) for a in ("sdpa", "eager")],
+    *[("qwen2", a) for a in ("sdpa", "eager")],
+    *[("phi3", a) for a in ("sdpa", "eager")],
+    *[("starcoder2", a) for a in ("sdpa", "eager")],
     *[("gemma3", a) for a in ("sdpa", "eager")],
     ("gemma2", "eager"),  # soft-capping + sliding layers; eager only (as in transformers)
     ("gpt_oss", "eager"),  # attention sinks + sliding layers; eager only (as in transformers)
@@ -334,8 +373,13 @@ def test_rejects_sliding_mask_the_attention_is_not_told_about_at_construction(tm
     model = AutoModelForCausalLM.from_config(config)
     args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
     with pytest.raises(ValueError, match=r"model_type='qwen2_moe'.*sliding_window=None.*sliding_window=4.*stock"):
-        PrefixGrouperGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args,
-                                 train_dataset=make_arithmetic_dataset(8), processing_class=build_toy_tokenizer())
+        PrefixGrouperGRPOTrainer(
+            model=model,
+            reward_funcs=arithmetic_reward,
+            args=args,
+            train_dataset=make_arithmetic_dataset(8),
+            processing_class=build_toy_tokenizer(),
+        )
 
 
 def test_rejects_unknown_layer_types_and_bad_windows():

@@ -209,15 +209,15 @@ def _sliding_forward(q, k, v, window: int | None, scale: float) -> tuple[torch.T
     out = q.new_empty(*q.shape[:-1], v.size(-1))
     lse = q.new_empty(q.shape[:-1], dtype=torch.promote_types(q.dtype, torch.float32))
     head = slice(0, window)
-    o, l = _cpu_flash(q[:, :, head], k[:, :, head], v[:, :, head], 0.0, True, scale=scale)
-    out[:, :, head], lse[:, :, head] = o, l.to(lse.dtype)
+    o, o_lse = _cpu_flash(q[:, :, head], k[:, :, head], v[:, :, head], 0.0, True, scale=scale)
+    out[:, :, head], lse[:, :, head] = o, o_lse
     for start, count, size in _chunks(length, window):
         mask = _additive(_chunk_band(size, size + window - 1, window, q.device), q.dtype)
         kc, _ = _chunk_keys(k, start, count, size, window)
         vc, _ = _chunk_keys(v, start, count, size, window)
-        o, l = _cpu_flash(_chunk_queries(q, start, count, size), kc, vc, 0.0, False, attn_mask=mask, scale=scale)
+        o, o_lse = _cpu_flash(_chunk_queries(q, start, count, size), kc, vc, 0.0, False, attn_mask=mask, scale=scale)
         rows = slice(start, start + count * size)
-        out[:, :, rows], lse[:, :, rows] = _unchunk(o, count), _unchunk(l, count).to(lse.dtype)
+        out[:, :, rows], lse[:, :, rows] = _unchunk(o, count), _unchunk(o_lse, count)
     return out, lse
 
 
@@ -236,9 +236,8 @@ def _sliding_backward(grad, q, k, v, out, lse, window: int | None, scale: float)
         mask = _additive(_chunk_band(size, size + window - 1, window, q.device), q.dtype)
         kc, index = _chunk_keys(k, start, count, size, window)
         vc, _ = _chunk_keys(v, start, count, size, window)
-        chunk = lambda x: _chunk_queries(x, start, count, size).contiguous()  # noqa: E731
-        dq, dk, dv = _cpu_flash_backward(chunk(grad), chunk(q), kc, vc, chunk(out), chunk(lse),
-                                         0.0, False, attn_mask=mask, scale=scale)  # fmt: skip
+        grad_c, q_c, out_c, lse_c = (_chunk_queries(x, start, count, size).contiguous() for x in (grad, q, out, lse))
+        dq, dk, dv = _cpu_flash_backward(grad_c, q_c, kc, vc, out_c, lse_c, 0.0, False, attn_mask=mask, scale=scale)
         grad_q[:, :, start : start + count * size] = _unchunk(dq, count)
         grad_k.index_add_(2, index, _unchunk(dk, count))
         grad_v.index_add_(2, index, _unchunk(dv, count))
@@ -281,13 +280,13 @@ class _SplitAttention(torch.autograd.Function):
         out = q.new_empty(q.size(0), q.size(2), q.size(1), v.size(-1)).transpose(1, 2)
         lse = q.new_empty(q.shape[:-1], dtype=acc)
         if width:
-            o, l = _sliding_forward(q[:, :, :width], k[:, :, :width], v[:, :, :width], window, scale)
-            out[:, :, :width], lse[:, :, :width] = o, l
+            o, o_lse = _sliding_forward(q[:, :, :width], k[:, :, :width], v[:, :, :width], window, scale)
+            out[:, :, :width], lse[:, :, :width] = o, o_lse
         if blocks:
             tail = slice(width, None)
-            o, l = _sliding_forward(_to_blocks(q[:, :, tail], blocks), _to_blocks(k[:, :, tail], blocks),
-                                    _to_blocks(v[:, :, tail], blocks), window, scale)  # fmt: skip
-            out[:, :, tail], lse[:, :, tail] = _from_blocks(o, blocks), _from_blocks(l, blocks)
+            o, o_lse = _sliding_forward(_to_blocks(q[:, :, tail], blocks), _to_blocks(k[:, :, tail], blocks),
+                                        _to_blocks(v[:, :, tail], blocks), window, scale)  # fmt: skip
+            out[:, :, tail], lse[:, :, tail] = _from_blocks(o, blocks), _from_blocks(o_lse, blocks)
             for n, plan in enumerate(plans):
                 if plan.hi <= plan.lo:
                     continue  # a one-token prompt: no prefix keys
@@ -295,7 +294,9 @@ class _SplitAttention(torch.autograd.Function):
                                       attn_mask=_prefix_mask(plan, window, q), scale=scale)  # fmt: skip
                 o_b, l_b = _queries_a(out, n, width, blocks, plan), _queries_a(lse, n, width, blocks, plan)
                 merged = torch.logaddexp(l_a, l_b)
-                o_b.copy_(o_a.to(acc) * (l_a - merged).exp_()[..., None] + o_b.to(acc) * (l_b - merged).exp_()[..., None])
+                o_b.copy_(
+                    o_a.to(acc) * (l_a - merged).exp_()[..., None] + o_b.to(acc) * (l_b - merged).exp_()[..., None]
+                )
                 l_b.copy_(merged)
         if sinks is not None:
             merged = torch.logaddexp(lse, sinks.detach().to(acc)[None, :, None])
@@ -329,10 +330,9 @@ class _SplitAttention(torch.autograd.Function):
             for n, plan in enumerate(plans):
                 if plan.hi <= plan.lo:
                     continue
-                view = lambda x: _queries_a(x, n, width, blocks, plan)  # noqa: E731
-                dq, dk, dv = _cpu_flash_backward(view(grad), view(q), *_keys_a(k, v, n, blocks, plan), view(out),
-                                                 view(lse), 0.0, False, attn_mask=_prefix_mask(plan, window, q),
-                                                 scale=scale)  # fmt: skip
+                grad_a, q_a, out_a, lse_a = (_queries_a(x, n, width, blocks, plan) for x in (grad, q, out, lse))
+                dq, dk, dv = _cpu_flash_backward(grad_a, q_a, *_keys_a(k, v, n, blocks, plan), out_a, lse_a, 0.0,
+                                                 False, attn_mask=_prefix_mask(plan, window, q), scale=scale)  # fmt: skip
                 _queries_a(grad_q, n, width, blocks, plan).add_(dq)
                 grad_k[n, :, plan.lo : plan.hi] += dk.sum(0)
                 grad_v[n, :, plan.lo : plan.hi] += dv.sum(0)
@@ -674,7 +674,9 @@ def _grouped_forward(base: str) -> Callable:
         window = _stock_window(module, kwargs.get("sliding_window"))
         softcap = kwargs.get("softcap")
         if softcap is not None and base == "sdpa":
-            raise _unsupported(module, f"softcap={softcap} needs attn_implementation='eager' (sdpa has no soft-capping)")
+            raise _unsupported(
+                module, f"softcap={softcap} needs attn_implementation='eager' (sdpa has no soft-capping)"
+            )
         if getattr(module, "is_causal", True) is False:
             raise _unsupported(module, "the attention is not causal")
         layout.calls += 1
