@@ -143,7 +143,8 @@ def main(argv=None):
         f"{HEADS} heads x {HEAD_DIM} ({KV_HEADS} KV heads), fp32, sdpa; toy vocabulary",
         f"batch: one group, P={cli.prompt}, R={cli.completion}, G={cli.group}; log-prob forward (with entropies) + "
         "backward through each trainer's _get_per_token_logps_and_entropies",
-        f"method: one fresh worker process per (round, side), {cli.rounds} rounds alternating the order; time = "
+        f"method: one fresh worker process per (round, side) with torch threads = OMP_NUM_THREADS = {cli.threads} "
+        f"(the header's thread line is the parent's), {cli.rounds} rounds alternating the order; time = "
         "process CPU seconds of the measured step; peak = growth of ru_maxrss over its value after model, inputs "
         "and warm-up",
         f"max |log-prob difference| stock vs grouped: {diff:.2e}",
