@@ -418,3 +418,21 @@ def test_bf16_drift_is_no_worse_than_stock(family, tmp_path):
         drift[grouped] = ((gradient(trainer) - reference).norm() / reference.norm()).item()
     assert drift[False] > 1e-4  # autocast really ran in bf16
     assert drift[True] <= 2 * drift[False], drift
+
+
+def test_rejects_sinks_without_eager():
+    """Stock sdpa does not apply attention sinks: the grouped sdpa function refuses a layer that passes them."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    from trl_ext.prefix_grouper import register_grouped_attention
+    from trl_ext.prefix_grouper.attention import LAYOUT_KWARG
+
+    register_grouped_attention()
+    grouped_sdpa = AttentionInterface._global_mapping["prefix_grouper_sdpa"]
+    layer = AutoModelForCausalLM.from_config(family_config("gpt_oss")).model.layers[0].self_attn
+    packed = packed_batch()
+    q = torch.randn(packed.num_rows, 4, packed.seq_len, 8)
+    layout = GroupedAttentionLayout.from_packed(packed)
+    with pytest.raises(ValueError, match=r"model_type='gpt_oss'.*sinks need attn_implementation='eager'.*stock"):
+        grouped_sdpa(layer, q, q[:, :2], q[:, :2], None, sliding_window=layer.sliding_window, s_aux=layer.sinks,
+                     **{LAYOUT_KWARG: layout})  # fmt: skip

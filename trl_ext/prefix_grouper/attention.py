@@ -2,22 +2,35 @@
 
 :func:`split_attention` runs, on a packed row (see :mod:`trl_ext.prefix_grouper.layout`),
 
-1. the prefix self-attention once: causal SDPA over the prefix area;
+1. the prefix self-attention once: causal attention over the prefix area;
 2. every block's queries against ``[prefix K/V; own K/V]``, in one of two exact ways:
 
-   - ``"merged"`` (the CPU default): one fused-kernel call of all blocks' queries against the shared prefix keys
-     (no mask, grouped-query heads native, the prefix K/V never copied) and one causal fused-kernel call per block
-     against its own keys (blocks as batch entries), merged through their log-sum-exp. The backward calls each
-     part's backward kernel with the merged output and log-sum-exp, which gives the exact gradient of the joint
-     softmax.
-   - ``"lower_right"`` (the default on CUDA and other devices): public SDPA per block over the concatenated
-     ``[prefix; block]`` keys with a lower-right aligned causal bias, which CUDA's flash and memory-efficient kernels
-     apply inside the kernel.
+   - ``"merged"`` (the CPU default): fused-kernel calls for the parts (all blocks' queries against the shared prefix
+     keys, GQA native and the prefix K/V never copied; each block against its own keys, causal, blocks as batch
+     entries), merged through their log-sum-exp. The backward calls each part's backward kernel with the merged
+     output and log-sum-exp, which gives the exact gradient of the joint softmax.
+   - ``"lower_right"`` (the default on CUDA and other devices): public SDPA per row, each block a batch entry over
+     the concatenated ``[prefix; block]`` keys with a lower-right aligned causal bias, which CUDA's flash and
+     memory-efficient kernels apply inside the kernel.
 
-No score tensor is materialised: activation memory grows with tokens x width, as with stock ``sdpa``. Work per
-group is ``P^2/2 + G*R*(P + R/2)`` query-key pairs instead of the stock ``G*(P+R)^2/2``; no (query, key) pair of
-two sibling completions is ever formed. With attention dropout on, :func:`materialized_split_attention` (explicit
-score matrices) is used instead.
+Layer features, each exact against the stock forward:
+
+- sliding windows (Mistral, Qwen2 with ``use_sliding_window``, Phi-3, StarCoder2, Gemma 2/3 and GPT-OSS sliding
+  layers): a query sees keys fewer than ``sliding_window`` positions back, counted in the stock row (a block token
+  ``i`` sits ``prefix_length + i - j`` positions after prefix token ``j``), as transformers' ``sliding_window_overlay``.
+  Past the window, self-attention goes in query chunks of ``window`` (a shared ``window x 2 window`` band mask),
+  and only the first ``window - 1`` queries of a block see prefix keys, the last ``window - 1`` of them through a
+  ``window x window`` band shared by every block: work and memory grow with tokens x window;
+- attention sinks (GPT-OSS ``s_aux``): one more term, with a zero value, in every query's log-sum-exp;
+- MLA (``v_head_dim != qk_head_dim``: DeepSeek-V2/V3, MiniCPM3, GLM-4-MoE-lite): the fused kernels get zero-padded
+  head dims; the output has the value head dim;
+- logit soft-capping (Gemma 2, eager): no fused kernel can apply it, so it runs
+  :func:`materialized_split_attention`, one block's score matrix at a time.
+
+No score tensor of block queries x prefix keys is materialised: activation memory grows with tokens x width, as with
+stock ``sdpa``. Work per group is ``P^2/2 + G*R*(P + R/2)`` query-key pairs instead of the stock ``G*(P+R)^2/2``
+(less with a window); no (query, key) pair of two sibling completions is ever formed. With attention dropout on,
+:func:`materialized_split_attention` (explicit score matrices, one block at a time) is used instead.
 
 It is plugged into transformers through the attention-function registry: :func:`install_grouped_attention`
 registers ``"prefix_grouper_sdpa"`` and ``"prefix_grouper_eager"`` (on first use, not at import) and switches the
@@ -677,6 +690,10 @@ def _grouped_forward(base: str) -> Callable:
             raise _unsupported(
                 module, f"softcap={softcap} needs attn_implementation='eager' (sdpa has no soft-capping)"
             )
+        if kwargs.get("s_aux") is not None and base == "sdpa":
+            raise _unsupported(module, "attention sinks need attn_implementation='eager' (sdpa does not apply them)")
+        if kwargs.get("position_bias") is not None:
+            raise _unsupported(module, "its attention adds a position bias, which the split attention does not")
         if getattr(module, "is_causal", True) is False:
             raise _unsupported(module, "the attention is not causal")
         layout.calls += 1
@@ -736,10 +753,8 @@ def install_grouped_attention(model) -> str:
         raise fail(f"layer_types {other_layers} mix tokens in ways the shared-prefix layout does not reproduce")
     window = getattr(config, "sliding_window", None)
     if "sliding_attention" in layer_types or (not layer_types and window is not None):
-        try:
-            _check_window(window)
-        except ValueError as err:
-            raise fail(f"its sliding-window layers have {err}") from None
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise fail(f"its sliding-window layers have sliding_window={window!r}; set a positive integer")
     if getattr(config, "reorder_and_upcast_attn", False):
         raise fail("reorder_and_upcast_attn=True bypasses the attention-function registry")
 
