@@ -436,3 +436,29 @@ def test_rejects_sinks_without_eager():
     with pytest.raises(ValueError, match=r"model_type='gpt_oss'.*sinks need attn_implementation='eager'.*stock"):
         grouped_sdpa(layer, q, q[:, :2], q[:, :2], None, sliding_window=layer.sliding_window, s_aux=layer.sinks,
                      **{LAYOUT_KWARG: layout})  # fmt: skip
+
+
+@pytest.mark.parametrize("family,attn", [("gpt_oss", "eager"), ("deepseek_v2", "sdpa")])
+def test_lower_right_kernel_through_the_trainer(family, attn, tmp_path, monkeypatch):
+    """The CUDA kernel (public SDPA), forced on CPU: windows + sinks, and MLA, match stock through the trainer."""
+    from_packed = GroupedAttentionLayout.from_packed.__func__
+    kernels = []
+
+    def lower_right(cls, packed):
+        layout = from_packed(cls, packed)
+        layout.kernel = "lower_right"
+        kernels.append(layout)
+        return layout
+
+    monkeypatch.setattr(GroupedAttentionLayout, "from_packed", classmethod(lower_right))
+    stock = family_trainer(family, attn, False, tmp_path)
+    grouped = family_trainer(family, attn, True, tmp_path)
+    batch = make_batch(seed=3, rows="abababab")
+    with torch.no_grad():
+        for batch_size in (None, 2):
+            expected = logps_of(stock, stock.model, batch, batch_size)[0]
+            assert_close(logps_of(grouped, grouped.model, batch, batch_size)[0], expected, what="log-probs")
+    assert kernels and all(layout.calls for layout in kernels)
+    s_grads, g_grads = loss_and_grads(stock, batch)[1], loss_and_grads(grouped, batch)[1]
+    for name in s_grads:
+        assert_close(g_grads[name], s_grads[name], what=f"grad of {name}")
