@@ -495,52 +495,69 @@ def _sink_key(k, sinks, scale, pad):
     return torch.cat([zeros_before, column, zeros_after], dim=-1)
 
 
+def _sliding_sdpa(q, k, v, window, scale, sinks=None, k_before=None, v_before=None) -> torch.Tensor:
+    """Causal public-SDPA attention of equal-length sequences (``k``, ``v`` with one head per query head), limited
+    to ``window`` when given; ``k_before``/``v_before`` are keys right before every sequence (a block's prefix keys
+    within reach), seen causally from its first queries.
+
+    The first ``window`` queries run in one call against ``[before; first window keys]``: with the lower-right causal
+    bias (applied inside CUDA's flash and memory-efficient kernels) when no window cuts and there is no sink, else
+    one ``(window x keys)`` boolean mask. Later queries go in chunks of ``window`` against the ``2 window - 1`` keys
+    in reach, through one shared band mask. Sinks are an extra key of every call (see :func:`_with_sink`).
+    """
+    length, device = q.size(2), q.device
+    before = k_before.size(2) if k_before is not None else 0
+    head = length if window is None else min(length, window)
+    kh, vh = k[:, :, :head], v[:, :, :head]
+    if before:
+        kh, vh = torch.cat([k_before, kh], dim=2), torch.cat([v_before, vh], dim=2)
+    qh = q[:, :, :head]
+    if sinks is None and (window is None or before + head - 1 < window):
+        outs = [F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(head, before + head),
+                                               scale=scale)]  # fmt: skip
+    else:
+        # positions counted from the first key before the sequence
+        allowed = _sliding_allowed(before + torch.arange(head, device=device),
+                                   torch.arange(before + head, device=device), window)  # fmt: skip
+        if sinks is not None:
+            qh, kh, vh, allowed = _with_sink(qh, kh, vh, sinks, scale, allowed)
+        outs = [F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale)]
+    if head < length:
+        for start, count, size in _chunks(length, window):
+            qc = _chunk_queries(q, start, count, size)
+            kc, vc = _chunk_keys(k, start, count, size, window)[0], _chunk_keys(v, start, count, size, window)[0]
+            allowed = _chunk_band(size, size + window - 1, window, device)
+            if sinks is not None:
+                qc, kc, vc, allowed = _with_sink(qc, kc, vc, sinks, scale, allowed)
+            outs.append(_unchunk(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=allowed, scale=scale), count))
+    return torch.cat(outs, dim=2)
+
+
 def _lower_right_split_attention(query, key, value, layout, plans, window, sinks, scaling) -> torch.Tensor:
     """The split attention through public SDPA (autograd through SDPA): the path for CUDA and other devices.
 
-    The prefix self-attention is causal SDPA (with a sliding-window mask when the window cuts it). Block queries run
-    in one SDPA call per packed row, each block a batch entry whose keys are the row's prefix keys within reach
-    followed by the block (the prefix K/V are copied once per block). Without a window or sink, CUDA's flash and
-    memory-efficient kernels apply the lower-right causal bias inside the kernel; otherwise SDPA gets one
-    ``(W, keys)`` boolean mask shared by every block. Sinks are an extra key (see :func:`_with_sink`).
-    Returns ``(N, H, L, D)``.
+    The prefix self-attention is causal SDPA. Block queries run in one SDPA call per packed row, each block a batch
+    entry whose keys are the row's prefix keys within reach followed by the block (the prefix K/V are copied once per
+    block), with a lower-right causal bias. Windows and sinks go through :func:`_sliding_sdpa`: masks of at most
+    ``window x 2 window``. Returns ``(N, H, L, D)``.
     """
-    width, block, blocks = layout.prefix_width, layout.block_width, layout.num_blocks
+    width, blocks = layout.prefix_width, layout.num_blocks
     rep = query.size(1) // key.size(1)
-    device = query.device
     parts = []
     if width:
         q, k, v = query[:, :, :width], repeat_kv(key[:, :, :width], rep), repeat_kv(value[:, :, :width], rep)
-        if window is None and sinks is None:
-            parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling))
-        else:
-            positions = torch.arange(width, device=device)
-            allowed = _sliding_allowed(positions, positions, window)
-            if sinks is not None:
-                q, k, v, allowed = _with_sink(q, k, v, sinks, scaling, allowed)
-            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling))
+        parts.append(_sliding_sdpa(q, k, v, window, scaling, sinks))
     if blocks:
         rows = []
         for n, plan in enumerate(plans):
             q = _to_blocks(query[n : n + 1, :, width:], blocks)
-            k = _to_blocks(key[n : n + 1, :, width:], blocks)
-            v = _to_blocks(value[n : n + 1, :, width:], blocks)
-            reach = plan.hi - plan.lo
-            if reach:
-                k = torch.cat([key[n : n + 1, :, plan.lo : plan.hi].expand(blocks, -1, -1, -1), k], dim=2)
-                v = torch.cat([value[n : n + 1, :, plan.lo : plan.hi].expand(blocks, -1, -1, -1), v], dim=2)
-            k, v = repeat_kv(k, rep), repeat_kv(v, rep)
-            if window is None and sinks is None:
-                bias = causal_lower_right(block, k.size(2))
-            else:
-                # Positions counted from the row's first prefix token; block query i sits at hi + i
-                key_positions = torch.cat([torch.arange(plan.lo, plan.hi, device=device),
-                                           plan.hi + torch.arange(block, device=device)])  # fmt: skip
-                bias = _sliding_allowed(plan.hi + torch.arange(block, device=device), key_positions, window)
-                if sinks is not None:
-                    q, k, v, bias = _with_sink(q, k, v, sinks, scaling, bias)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
-            rows.append(_from_blocks(out, blocks))
+            k = repeat_kv(_to_blocks(key[n : n + 1, :, width:], blocks), rep)
+            v = repeat_kv(_to_blocks(value[n : n + 1, :, width:], blocks), rep)
+            k_before = v_before = None
+            if plan.hi > plan.lo:
+                k_before = repeat_kv(key[n : n + 1, :, plan.lo : plan.hi], rep).expand(blocks, -1, -1, -1)
+                v_before = repeat_kv(value[n : n + 1, :, plan.lo : plan.hi], rep).expand(blocks, -1, -1, -1)
+            rows.append(_from_blocks(_sliding_sdpa(q, k, v, window, scaling, sinks, k_before, v_before), blocks))
         parts.append(torch.cat(rows))
     return torch.cat(parts, dim=2)
 
