@@ -273,7 +273,7 @@ def family_trainer(family: str, attn: str, grouped: bool, tmp_path, **overrides)
     with torch.no_grad():  # sinks large enough to take a real share of the softmax
         for name, param in model.named_parameters():
             if name.endswith("sinks"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 2)
+                param.copy_(torch.randn(param.shape, generator=gen))
             if family.startswith("gemma") and name.endswith("embed_tokens.weight"):
                 param.mul_(config.hidden_size**-0.5)  # Gemma scales embeddings up by sqrt(hidden): keep logits sane
     config_cls, trainer_cls = (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (
