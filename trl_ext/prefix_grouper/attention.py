@@ -2,22 +2,35 @@
 
 :func:`split_attention` runs, on a packed row (see :mod:`trl_ext.prefix_grouper.layout`),
 
-1. the prefix self-attention once: causal SDPA over the prefix area;
+1. the prefix self-attention once: causal attention over the prefix area;
 2. every block's queries against ``[prefix K/V; own K/V]``, in one of two exact ways:
 
-   - ``"merged"`` (the CPU default): one fused-kernel call of all blocks' queries against the shared prefix keys
-     (no mask, grouped-query heads native, the prefix K/V never copied) and one causal fused-kernel call per block
-     against its own keys (blocks as batch entries), merged through their log-sum-exp. The backward calls each
-     part's backward kernel with the merged output and log-sum-exp, which gives the exact gradient of the joint
-     softmax.
-   - ``"lower_right"`` (the default on CUDA and other devices): public SDPA per block over the concatenated
-     ``[prefix; block]`` keys with a lower-right aligned causal bias, which CUDA's flash and memory-efficient kernels
-     apply inside the kernel.
+   - ``"merged"`` (the CPU default): fused-kernel calls for the parts (all blocks' queries against the shared prefix
+     keys, GQA native and the prefix K/V never copied; each block against its own keys, causal, blocks as batch
+     entries), merged through their log-sum-exp. The backward calls each part's backward kernel with the merged
+     output and log-sum-exp, which gives the exact gradient of the joint softmax.
+   - ``"lower_right"`` (the default on CUDA and other devices): public SDPA per row, each block a batch entry over
+     the concatenated ``[prefix; block]`` keys with a lower-right aligned causal bias, which CUDA's flash and
+     memory-efficient kernels apply inside the kernel.
 
-No score tensor is materialised: activation memory grows with tokens x width, as with stock ``sdpa``. Work per
-group is ``P^2/2 + G*R*(P + R/2)`` query-key pairs instead of the stock ``G*(P+R)^2/2``; no (query, key) pair of
-two sibling completions is ever formed. With attention dropout on, :func:`materialized_split_attention` (explicit
-score matrices) is used instead.
+Layer features, each exact against the stock forward:
+
+- sliding windows (Mistral, Qwen2 with ``use_sliding_window``, Phi-3, StarCoder2, Gemma 2/3 and GPT-OSS sliding
+  layers): a query sees keys fewer than ``sliding_window`` positions back, counted in the stock row (a block token
+  ``i`` sits ``prefix_length + i - j`` positions after prefix token ``j``), as transformers' ``sliding_window_overlay``.
+  Past the window, self-attention goes in query chunks of ``window`` (a shared ``window x 2 window`` band mask),
+  and only the first ``window - 1`` queries of a block see prefix keys, the last ``window - 1`` of them through a
+  ``window x window`` band shared by every block: work and memory grow with tokens x window;
+- attention sinks (GPT-OSS ``s_aux``): one more term, with a zero value, in every query's log-sum-exp;
+- MLA (``v_head_dim != qk_head_dim``: DeepSeek-V2/V3, MiniCPM3, GLM-4-MoE-lite): the fused kernels get zero-padded
+  head dims; the output has the value head dim;
+- logit soft-capping (Gemma 2, eager): no fused kernel can apply it, so it runs
+  :func:`materialized_split_attention`, one block's score matrix at a time.
+
+No score tensor of block queries x prefix keys is materialised: activation memory grows with tokens x width, as with
+stock ``sdpa``. Work per group is ``P^2/2 + G*R*(P + R/2)`` query-key pairs instead of the stock ``G*(P+R)^2/2``
+(less with a window); no (query, key) pair of two sibling completions is ever formed. With attention dropout on,
+:func:`materialized_split_attention` (explicit score matrices, one block at a time) is used instead.
 
 It is plugged into transformers through the attention-function registry: :func:`install_grouped_attention`
 registers ``"prefix_grouper_sdpa"`` and ``"prefix_grouper_eager"`` (on first use, not at import) and switches the
@@ -46,6 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -70,10 +84,14 @@ class GroupedAttentionLayout:
         num_blocks (`int`): block slots per row.
         prefix_key_padding (`torch.BoolTensor` of shape `(N, prefix_width)` or `None`): True on prefix-area
             padding of rows whose prompt is shorter than the widest one; `None` when there is none.
-        max_position (`int`): largest position id in the batch (checked against sliding windows).
+        prefix_lengths (`list[int]` or `None`): real prefix tokens of each row (``prompt length - 1``); `None` reads
+            them from ``prefix_key_padding`` (all ``prefix_width`` when that is `None`). Sliding windows count
+            distances from them: block token ``i`` of row ``n`` sits ``prefix_lengths[n] + i - j`` positions after
+            prefix token ``j``, as in the stock row.
+        max_position (`int`): largest position id in the batch.
         calls (`int`): incremented by every attention layer that ran the split attention, so the caller can check
             that the model really routed its attention through it.
-        kernel (`str`): how block queries attend to ``[prefix; own block]``: ``"merged"`` (two CPU fused-kernel calls
+        kernel (`str`): how block queries attend to ``[prefix; own block]``: ``"merged"`` (CPU fused-kernel calls
             merged through their log-sum-exp), ``"lower_right"`` (public SDPA with a lower-right causal bias, the
             path for CUDA and other devices), or ``"auto"`` (``"merged"`` on CPU, ``"lower_right"`` elsewhere).
     """
@@ -82,6 +100,7 @@ class GroupedAttentionLayout:
     block_width: int
     num_blocks: int
     prefix_key_padding: torch.Tensor | None = None
+    prefix_lengths: list[int] | None = None
     max_position: int = 0
     calls: int = 0
     kernel: str = "auto"
@@ -98,88 +117,250 @@ class GroupedAttentionLayout:
             block_width=packed.block_width,
             num_blocks=packed.num_blocks,
             prefix_key_padding=padding,
+            prefix_lengths=packed.prefix_lengths.tolist(),
             max_position=int(packed.position_ids.max()) if packed.position_ids.numel() else 0,
         )
 
+    def row_prefix_lengths(self, rows: int) -> list[int]:
+        """Real prefix tokens of each of the ``rows`` packed rows."""
+        if self.prefix_lengths is not None:
+            if len(self.prefix_lengths) != rows:
+                raise ValueError(
+                    f"The layout has prefix_lengths for {len(self.prefix_lengths)} rows but the input has {rows}; "
+                    "build the layout from the same PackedGroups as the input ids."
+                )
+            return list(self.prefix_lengths)
+        if self.prefix_key_padding is not None:
+            return (~self.prefix_key_padding).sum(-1).tolist()
+        return [self.prefix_width] * rows
 
-def split_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    layout: GroupedAttentionLayout,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Attention over packed rows: prefix self-attention once, then each block over ``[prefix; own block]``.
 
-    Every part runs in a fused attention kernel; no score matrix is materialised (see the module docstring for the
-    kernels used on each device). With attention ``dropout > 0`` it falls back to
-    :func:`materialized_split_attention`, which forms the scores explicitly.
+@dataclass(frozen=True)
+class _RowPlan:
+    """Which prefix keys the block queries of one packed row see: keys ``[lo, hi)`` for the first ``queries`` queries
+    of every block, through ``mask`` (None: all of them)."""
 
-    Args:
-        query (`torch.Tensor` of shape `(N, H, L, D)`): ``L = prefix_width + num_blocks * block_width``.
-        key, value (`torch.Tensor` of shape `(N, H_kv, L, D)`): ``H`` must be a multiple of ``H_kv`` (GQA).
-        layout ([`GroupedAttentionLayout`]): the row strides.
-        scaling (`float`, *optional*): score scale, defaults to ``D ** -0.5``.
-        dropout (`float`): dropout on the attention probabilities (pass 0 outside training).
+    lo: int
+    hi: int
+    queries: int
+    window_cut: bool
 
-    Returns:
-        `torch.Tensor` of shape `(N, L, H, D)`, the layout transformers' attention functions return.
+
+def _row_plans(lengths: list[int], block_width: int, window: int | None) -> list[_RowPlan]:
+    """Per row, the prefix keys within reach of block queries.
+
+    Block query ``i`` sits ``length + i - j`` positions after prefix key ``j``; the stock sliding-window mask keeps
+    distances below ``window``. So when ``length + block_width - 1 >= window`` only queries ``i < window - 1`` see any
+    prefix key, and only the last ``window - 1`` of them, through a band mask.
     """
-    _check_shapes(query, layout)
-    device = query.device.type
-    if torch.is_autocast_enabled(device):
-        # What SDPA does under autocast: run the kernels in the autocast dtype (rotary embeddings may have left
-        # the queries and keys in fp32 while the values are already in bf16)
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    if dropout:
-        _warn_dropout_once()
-        return materialized_split_attention(query, key, value, layout, scaling=scaling, dropout=dropout)
-    batch, heads, seq_len, dim = query.shape
-    rep = heads // key.size(1)
-    width, blocks = layout.prefix_width, layout.num_blocks
-    scaling = dim**-0.5 if scaling is None else scaling
-    output = query.new_empty(batch, seq_len, heads, dim)
-    if width:
-        # Prefix area: right-padded, so plain causal attention is exact for its real tokens
-        prefix_out = F.scaled_dot_product_attention(
-            query[:, :, :width],
-            repeat_kv(key[:, :, :width], rep),
-            repeat_kv(value[:, :, :width], rep),
-            is_causal=True,
-            scale=scaling,
-        )
-        output[:, :width] = prefix_out.transpose(1, 2)
-    if blocks:
-        tail = slice(width, None)
-        kernel = (
-            layout.kernel if layout.kernel != "auto" else ("merged" if query.device.type == "cpu" else "lower_right")
-        )
-        if kernel == "merged":
-            prefix_mask = None
-            if layout.prefix_key_padding is not None:
-                prefix_mask = torch.zeros(layout.prefix_key_padding.shape, dtype=query.dtype, device=query.device)
-                prefix_mask = prefix_mask.masked_fill(layout.prefix_key_padding, float("-inf"))[:, None, None, :]
-            out = _PrefixAndBlockAttention.apply(
-                query[:, :, tail], key[:, :, :width], value[:, :, :width], key[:, :, tail], value[:, :, tail],
-                prefix_mask, blocks, scaling,
-            )  # fmt: skip
-        elif kernel == "lower_right":
-            out = _lower_right_block_attention(query, key, value, layout, scaling)
+    plans = []
+    for length in lengths:
+        if window is None or length + block_width - 1 < window:
+            plans.append(_RowPlan(0, length, block_width, False))
         else:
-            raise ValueError(f"kernel={kernel!r} is not one of 'auto', 'merged', 'lower_right'.")
-        output[:, tail] = out.transpose(1, 2)
-    return output
+            reach = min(window - 1, length)
+            plans.append(_RowPlan(length - reach, length, min(block_width, window - 1), True))
+    return plans
 
 
-def _check_shapes(query: torch.Tensor, layout: GroupedAttentionLayout) -> None:
-    width, block, blocks = layout.prefix_width, layout.block_width, layout.num_blocks
-    if query.size(2) != width + blocks * block:
-        raise ValueError(
-            f"Packed rows have {query.size(2)} positions but the layout describes {width} + {blocks} * {block}; "
-            "build the layout from the same PackedGroups as the input ids."
-        )
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _prefix_band(queries: int, keys: int, window: int, device) -> torch.Tensor:
+    """Allowed (block query ``i``, prefix key ``t``) pairs of a window-cut row: keys are the last ``keys`` prefix
+    tokens, so the distance is ``keys + i - t`` and must stay below ``window``."""
+    i = torch.arange(queries, device=device)[:, None]
+    t = torch.arange(keys, device=device)[None, :]
+    return keys + i - t < window
+
+
+def _chunk_band(queries: int, keys: int, window: int, device) -> torch.Tensor:
+    """Allowed pairs of a query chunk whose keys start ``window - 1`` positions before it: ``a <= b <= a + window - 1``."""
+    a = torch.arange(queries, device=device)[:, None]
+    b = torch.arange(keys, device=device)[None, :]
+    return (b >= a) & (b <= a + window - 1)
+
+
+def _chunks(length: int, window: int) -> list[tuple[int, int, int]]:
+    """Query chunks ``(start, count, size)`` after the first ``window`` positions of a sliding self-attention."""
+    full, rest = divmod(length - window, window)
+    chunks = [(window, full, window)] if full else []
+    if rest:
+        chunks.append((window + full * window, 1, rest))
+    return chunks
+
+
+def _chunk_keys(x: torch.Tensor, start: int, count: int, size: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` chunks of keys, each ``size + window - 1`` long and starting ``window - 1`` before its queries, as
+    batch entries ``(B * count, h, size + window - 1, D)``; also the gathered sequence indices."""
+    span = size + window - 1
+    index = start - window + 1 + size * torch.arange(count, device=x.device)[:, None]
+    index = (index + torch.arange(span, device=x.device)[None, :]).flatten()
+    return x.index_select(2, index).unflatten(2, (count, span)).transpose(1, 2).flatten(0, 1), index
+
+
+def _chunk_queries(x: torch.Tensor, start: int, count: int, size: int) -> torch.Tensor:
+    return x[:, :, start : start + count * size].unflatten(2, (count, size)).transpose(1, 2).flatten(0, 1)
+
+
+def _unchunk(x: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of :func:`_chunk_queries` (without the offset)."""
+    return x.unflatten(0, (-1, count)).transpose(1, 2).flatten(2, 3)
+
+
+def _sliding_forward(q, k, v, window: int | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal self-attention of equal-length sequences, limited to the last ``window`` keys; returns (out, lse).
+
+    Beyond the window, queries go in chunks of ``window``: the first chunk is plain causal, every other chunk sees
+    the ``window - 1`` keys before it and itself through one shared ``(window x 2 window)`` band mask, so work and
+    memory grow with ``length x window``.
+    """
+    length = q.size(2)
+    if window is None or length <= window:
+        return _cpu_flash(q, k, v, 0.0, True, scale=scale)
+    out = q.new_empty(*q.shape[:-1], v.size(-1))
+    lse = q.new_empty(q.shape[:-1], dtype=torch.promote_types(q.dtype, torch.float32))
+    head = slice(0, window)
+    o, o_lse = _cpu_flash(q[:, :, head], k[:, :, head], v[:, :, head], 0.0, True, scale=scale)
+    out[:, :, head], lse[:, :, head] = o, o_lse
+    for start, count, size in _chunks(length, window):
+        mask = _additive(_chunk_band(size, size + window - 1, window, q.device), q.dtype)
+        kc, _ = _chunk_keys(k, start, count, size, window)
+        vc, _ = _chunk_keys(v, start, count, size, window)
+        o, o_lse = _cpu_flash(_chunk_queries(q, start, count, size), kc, vc, 0.0, False, attn_mask=mask, scale=scale)
+        rows = slice(start, start + count * size)
+        out[:, :, rows], lse[:, :, rows] = _unchunk(o, count), _unchunk(o_lse, count)
+    return out, lse
+
+
+def _sliding_backward(grad, q, k, v, out, lse, window: int | None, scale: float):
+    """Backward of :func:`_sliding_forward` given the (possibly merged) ``out`` and ``lse`` of its queries."""
+    length = q.size(2)
+    if window is None or length <= window:
+        return _cpu_flash_backward(grad, q, k, v, out, lse, 0.0, True, scale=scale)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    head = slice(0, window)
+    dq, dk, dv = _cpu_flash_backward(grad[:, :, head].contiguous(), q[:, :, head], k[:, :, head], v[:, :, head],
+                                     out[:, :, head].contiguous(), lse[:, :, head].contiguous(), 0.0, True,
+                                     scale=scale)  # fmt: skip
+    grad_q[:, :, head], grad_k[:, :, head], grad_v[:, :, head] = dq, dk, dv
+    for start, count, size in _chunks(length, window):
+        mask = _additive(_chunk_band(size, size + window - 1, window, q.device), q.dtype)
+        kc, index = _chunk_keys(k, start, count, size, window)
+        vc, _ = _chunk_keys(v, start, count, size, window)
+        grad_c, q_c, out_c, lse_c = (_chunk_queries(x, start, count, size).contiguous() for x in (grad, q, out, lse))
+        dq, dk, dv = _cpu_flash_backward(grad_c, q_c, kc, vc, out_c, lse_c, 0.0, False, attn_mask=mask, scale=scale)
+        grad_q[:, :, start : start + count * size] = _unchunk(dq, count)
+        grad_k.index_add_(2, index, _unchunk(dk, count))
+        grad_v.index_add_(2, index, _unchunk(dv, count))
+    return grad_q, grad_k, grad_v
+
+
+def _queries_a(x: torch.Tensor, n: int, width: int, blocks: int, plan: _RowPlan) -> torch.Tensor:
+    """The block queries of row ``n`` that see prefix keys (a view): all of them as one sequence ``(1, h, G*W, ...)``
+    when the window does not cut; else the first ``plan.queries`` of every block, blocks as batch entries
+    ``(G, h, queries, ...)``, so that one ``(queries x keys)`` band mask serves every block."""
+    if not plan.window_cut:
+        return x[n : n + 1, :, width:]
+    return x[n, :, width:].unflatten(1, (blocks, -1))[:, :, : plan.queries].transpose(0, 1)
+
+
+def _keys_a(k: torch.Tensor, v: torch.Tensor, n: int, blocks: int, plan: _RowPlan):
+    """The prefix keys and values within reach of row ``n``'s block queries, shaped for :func:`_queries_a`."""
+    k, v = k[n : n + 1, :, plan.lo : plan.hi], v[n : n + 1, :, plan.lo : plan.hi]
+    if plan.window_cut:
+        k, v = k.expand(blocks, -1, -1, -1), v.expand(blocks, -1, -1, -1)
+    return k, v
+
+
+class _SplitAttention(torch.autograd.Function):
+    """The whole split attention of packed rows in CPU fused-kernel calls, merged through their log-sum-exp.
+
+    Parts: the prefix self-attention (causal, sliding-window when the layer has one); every block against its own
+    keys (causal, blocks as batch entries); per row, the block queries against the prefix keys within reach (no mask
+    without a window, GQA native, the prefix K/V never copied; a ``(queries x window)`` band when the window cuts).
+    Attention sinks add one more term to each query's log-sum-exp. The merged output is
+    ``o = sum_p o_p * exp(lse_p - lse)`` with ``lse = logsumexp(lse_p, sink)``. Backward calls each part's backward
+    kernel with the *merged* output and log-sum-exp, which is exactly the gradient of the joint softmax restricted to
+    that part's keys; the gradients of the parts add up, and a sink's gradient is ``-sum p_sink * (dO . O)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, width, blocks, plans, window, scale):
+        acc = torch.promote_types(q.dtype, torch.float32)  # merge in at least fp32
+        # (N, H, L, D) viewed from (N, L, H, D) memory: the layout the attention function returns, without a copy
+        out = q.new_empty(q.size(0), q.size(2), q.size(1), v.size(-1)).transpose(1, 2)
+        lse = q.new_empty(q.shape[:-1], dtype=acc)
+        if width:
+            o, o_lse = _sliding_forward(q[:, :, :width], k[:, :, :width], v[:, :, :width], window, scale)
+            out[:, :, :width], lse[:, :, :width] = o, o_lse
+        if blocks:
+            tail = slice(width, None)
+            o, o_lse = _sliding_forward(_to_blocks(q[:, :, tail], blocks), _to_blocks(k[:, :, tail], blocks),
+                                        _to_blocks(v[:, :, tail], blocks), window, scale)  # fmt: skip
+            out[:, :, tail], lse[:, :, tail] = _from_blocks(o, blocks), _from_blocks(o_lse, blocks)
+            for n, plan in enumerate(plans):
+                if plan.hi <= plan.lo:
+                    continue  # a one-token prompt: no prefix keys
+                o_a, l_a = _cpu_flash(_queries_a(q, n, width, blocks, plan), *_keys_a(k, v, n, blocks, plan), 0.0, False,
+                                      attn_mask=_prefix_mask(plan, window, q), scale=scale)  # fmt: skip
+                o_b, l_b = _queries_a(out, n, width, blocks, plan), _queries_a(lse, n, width, blocks, plan)
+                merged = torch.logaddexp(l_a, l_b)
+                o_b.copy_(
+                    o_a.to(acc) * (l_a - merged).exp_()[..., None] + o_b.to(acc) * (l_b - merged).exp_()[..., None]
+                )
+                l_b.copy_(merged)
+        if sinks is not None:
+            merged = torch.logaddexp(lse, sinks.detach().to(acc)[None, :, None])
+            out.copy_(out.to(acc) * (lse - merged).exp_()[..., None])
+            lse = merged
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.width, ctx.blocks, ctx.plans, ctx.window, ctx.scale = width, blocks, plans, window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        width, blocks, plans, window, scale = ctx.width, ctx.blocks, ctx.plans, ctx.window, ctx.scale
+        grad = grad_out
+        tail = slice(width, None)
+        if blocks:  # first, so that its block-major copies are freed before the gradients are allocated
+            to_blocks = lambda x: _to_blocks(x[:, :, tail], blocks).contiguous()  # noqa: E731
+            grads_b = _sliding_backward(to_blocks(grad), to_blocks(q), to_blocks(k), to_blocks(v), to_blocks(out),
+                                        to_blocks(lse), window, scale)  # fmt: skip
+        # every position is written by the prefix or the block part before part A adds to it
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if blocks:
+            for full, part in zip((grad_q, grad_k, grad_v), grads_b):
+                full[:, :, tail] = _from_blocks(part, blocks)
+            del grads_b
+        if width:
+            head = slice(0, width)
+            parts = (grad[:, :, head], q[:, :, head], k[:, :, head], v[:, :, head], out[:, :, head], lse[:, :, head])
+            grad_q[:, :, head], grad_k[:, :, head], grad_v[:, :, head] = _sliding_backward(*parts, window, scale)
+        if blocks:
+            for n, plan in enumerate(plans):
+                if plan.hi <= plan.lo:
+                    continue
+                grad_a, q_a, out_a, lse_a = (_queries_a(x, n, width, blocks, plan) for x in (grad, q, out, lse))
+                dq, dk, dv = _cpu_flash_backward(grad_a, q_a, *_keys_a(k, v, n, blocks, plan), out_a, lse_a, 0.0,
+                                                 False, attn_mask=_prefix_mask(plan, window, q), scale=scale)  # fmt: skip
+                _queries_a(grad_q, n, width, blocks, plan).add_(dq)
+                grad_k[n, :, plan.lo : plan.hi] += dk.sum(0)
+                grad_v[n, :, plan.lo : plan.hi] += dv.sum(0)
+        grad_sinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # d lse / d sink = p_sink, and d o / d sink = -p_sink * o (the sink's value is zero)
+            p_sink = (sinks.detach().to(lse.dtype)[None, :, None] - lse).exp()
+            grad_sinks = -(p_sink * (grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1)).sum((0, 2)).to(sinks.dtype)
+        return grad_q, grad_k, grad_v, grad_sinks, None, None, None, None, None
+
+
+def _prefix_mask(plan: _RowPlan, window: int | None, like: torch.Tensor) -> torch.Tensor | None:
+    if not plan.window_cut:
+        return None
+    return _additive(_prefix_band(plan.queries, plan.hi - plan.lo, window, like.device), like.dtype)
 
 
 def _to_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -196,86 +377,189 @@ _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-class _PrefixAndBlockAttention(torch.autograd.Function):
-    """Block queries over ``[prefix; own block]`` as two fused-kernel calls merged through their log-sum-exp.
+def _equal_head_dims(query, key, value):
+    """Zero-pad queries/keys or values to one head dim (fused kernels need it; MLA models have ``v_head_dim !=
+    qk_head_dim``). Zero columns change no score and no output column that is kept."""
+    qk_dim, v_dim = query.size(-1), value.size(-1)
+    if v_dim < qk_dim:
+        value = F.pad(value, (0, qk_dim - v_dim))
+    elif qk_dim < v_dim:
+        query, key = F.pad(query, (0, v_dim - qk_dim)), F.pad(key, (0, v_dim - qk_dim))
+    return query, key, value
 
-    Part A: every block query against the shared prefix keys (no mask, GQA native, prefix K/V never copied).
-    Part B: each block against its own keys, causal (blocks are batch entries). The merged output is
-    ``o = o_A * exp(lse_A - lse) + o_B * exp(lse_B - lse)`` with ``lse = logaddexp(lse_A, lse_B)``. Backward calls
-    each part's backward kernel with the *merged* output and log-sum-exp, which is exactly the gradient of the joint
-    softmax restricted to that part's keys; the query gradients of the two parts add up.
+
+def split_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: GroupedAttentionLayout,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed rows: prefix self-attention once, then each block over ``[prefix; own block]``.
+
+    Every part runs in a fused attention kernel; no score matrix is materialised (see the module docstring for the
+    kernels used on each device). With attention ``dropout > 0`` or a logit ``softcap`` it falls back to
+    :func:`materialized_split_attention`, which forms the scores explicitly, one block at a time.
+
+    Args:
+        query (`torch.Tensor` of shape `(N, H, L, D)`): ``L = prefix_width + num_blocks * block_width``.
+        key (`torch.Tensor` of shape `(N, H_kv, L, D)`), value (`torch.Tensor` of shape `(N, H_kv, L, D_v)`): ``H``
+            must be a multiple of ``H_kv`` (GQA); ``D_v`` may differ from ``D`` (MLA).
+        layout ([`GroupedAttentionLayout`]): the row strides and prefix lengths.
+        scaling (`float`, *optional*): score scale, defaults to ``D ** -0.5``.
+        dropout (`float`): dropout on the attention probabilities (pass 0 outside training).
+        sliding_window (`int`, *optional*): a query sees only keys fewer than ``sliding_window`` positions back
+            (transformers' ``sliding_window_overlay``), counted in the stock row.
+        sinks (`torch.Tensor` of shape `(H,)`, *optional*): attention-sink logits (GPT-OSS ``s_aux``), one extra
+            softmax term per head with a zero value.
+        softcap (`float`, *optional*): logit soft-capping ``softcap * tanh(score / softcap)`` (Gemma 2).
+
+    Returns:
+        `torch.Tensor` of shape `(N, L, H, D_v)`, the layout transformers' attention functions return.
     """
+    _check_shapes(query, layout)
+    _check_window(sliding_window)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # What SDPA does under autocast: run the kernels in the autocast dtype (rotary embeddings may have left
+        # the queries and keys in fp32 while the values are already in bf16)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if dropout or softcap is not None:
+        if dropout:
+            _warn_dropout_once()
+        return materialized_split_attention(query, key, value, layout, scaling=scaling, dropout=dropout,
+                                            sliding_window=sliding_window, sinks=sinks, softcap=softcap)  # fmt: skip
+    v_dim = value.size(-1)
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    query, key, value = _equal_head_dims(query, key, value)
+    width, blocks = layout.prefix_width, layout.num_blocks
+    plans = _row_plans(layout.row_prefix_lengths(query.size(0)), layout.block_width, sliding_window)
+    kernel = layout.kernel if layout.kernel != "auto" else ("merged" if device == "cpu" else "lower_right")
+    if kernel == "merged":
+        out = _SplitAttention.apply(query, key, value, sinks, width, blocks, plans, sliding_window, scaling)
+    elif kernel == "lower_right":
+        out = _lower_right_split_attention(query, key, value, layout, plans, sliding_window, sinks, scaling)
+    else:
+        raise ValueError(f"kernel={kernel!r} is not one of 'auto', 'merged', 'lower_right'.")
+    if out.size(-1) != v_dim:
+        out = out[..., :v_dim]
+    return out.transpose(1, 2).contiguous()
 
-    @staticmethod
-    def forward(ctx, q, k_prefix, v_prefix, k_blocks, v_blocks, prefix_mask, blocks, scale):
-        lse_b_parts = _cpu_flash(
-            _to_blocks(q, blocks), _to_blocks(k_blocks, blocks), _to_blocks(v_blocks, blocks), 0.0, True, scale=scale
+
+def _check_shapes(query: torch.Tensor, layout: GroupedAttentionLayout) -> None:
+    width, block, blocks = layout.prefix_width, layout.block_width, layout.num_blocks
+    if query.size(2) != width + blocks * block:
+        raise ValueError(
+            f"Packed rows have {query.size(2)} positions but the layout describes {width} + {blocks} * {block}; "
+            "build the layout from the same PackedGroups as the input ids."
         )
-        out_b, lse_b = _from_blocks(lse_b_parts[0], blocks), _from_blocks(lse_b_parts[1][..., None], blocks)[..., 0]
-        mask = None
-        if k_prefix.size(2):
-            if prefix_mask is not None:
-                mask = prefix_mask.expand(q.size(0), q.size(1), q.size(2), k_prefix.size(2))
-            out_a, lse_a = _cpu_flash(q, k_prefix, v_prefix, 0.0, False, attn_mask=mask, scale=scale)
-            if prefix_mask is not None:
-                # A row whose prompt is one token long has an empty prefix: the kernel reports lse 0 there
-                empty = torch.isinf(prefix_mask).all(-1)[:, :, :1].expand_as(lse_a)
-                lse_a = lse_a.masked_fill(empty, float("-inf"))
-            lse = torch.logaddexp(lse_a, lse_b)
-            acc = torch.promote_types(q.dtype, torch.float32)  # merge in at least fp32
-            out = out_a.to(acc) * (lse_a - lse).exp_()[..., None] + out_b.to(acc) * (lse_b - lse).exp_()[..., None]
-            out = out.to(q.dtype)
-        else:
-            out, lse = out_b, lse_b
-        ctx.save_for_backward(q, k_prefix, v_prefix, k_blocks, v_blocks, mask, out, lse)
-        ctx.blocks, ctx.scale = blocks, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k_prefix, v_prefix, k_blocks, v_blocks, mask, out, lse = ctx.saved_tensors
-        blocks, scale = ctx.blocks, ctx.scale
-        grad_out = grad_out.contiguous()
-        grads_b = _cpu_flash_backward(
-            _to_blocks(grad_out, blocks), _to_blocks(q, blocks), _to_blocks(k_blocks, blocks),
-            _to_blocks(v_blocks, blocks), _to_blocks(out, blocks), _to_blocks(lse[..., None], blocks)[..., 0],
-            0.0, True, scale=scale,
-        )  # fmt: skip
-        grad_q = _from_blocks(grads_b[0], blocks)
-        grad_k_prefix = grad_v_prefix = None
-        if k_prefix.size(2):
-            grad_q_a, grad_k_prefix, grad_v_prefix = _cpu_flash_backward(
-                grad_out, q, k_prefix, v_prefix, out, lse, 0.0, False, attn_mask=mask, scale=scale
-            )
-            grad_q = grad_q + grad_q_a
-        grad_k_blocks, grad_v_blocks = _from_blocks(grads_b[1], blocks), _from_blocks(grads_b[2], blocks)
-        return grad_q, grad_k_prefix, grad_v_prefix, grad_k_blocks, grad_v_blocks, None, None, None
 
 
-def _lower_right_block_attention(query, key, value, layout: GroupedAttentionLayout, scaling: float) -> torch.Tensor:
-    """Block queries over ``[prefix; own block]`` through public SDPA with a lower-right causal bias.
+def _check_window(window) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"sliding_window={window!r} must be a positive integer or None.")
 
-    One SDPA call per packed row, each block a batch entry whose keys are the row's real prefix followed by the
-    block (the prefix K/V are copied once per block). On CUDA, SDPA runs the lower-right causal bias inside its
-    flash or memory-efficient kernel; elsewhere it builds a ``(W, prefix + W)`` boolean mask shared by every block.
+
+def _sliding_allowed(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Allowed (query, key) pairs from their positions: causal, and within ``window`` when there is one."""
+    distance = queries[:, None] - keys[None, :]
+    allowed = distance >= 0
+    return allowed & (distance < window) if window is not None else allowed
+
+
+def _with_sink(q, k, v, sinks, scale, allowed):
+    """Append a sink key to public-SDPA inputs (``k``, ``v`` with one head per query head): a key whose score is
+    exactly the sink logit and whose value is zero. Queries get one extra dim equal to 1 (padded to 8 for the fused
+    kernels) and the sink key ``sink / scale`` there; every other key has 0 there, so its score is unchanged."""
+    pad = 8
+    ones = torch.zeros(*q.shape[:-1], pad, dtype=q.dtype, device=q.device)
+    ones[..., 0] = 1
+    q = torch.cat([q, ones], dim=-1)
+    k = F.pad(k, (0, pad))
+    sink_key = _sink_key(k, sinks, scale, pad)
+    k = torch.cat([sink_key, k], dim=2)
+    v = torch.cat([v.new_zeros(v.size(0), v.size(1), 1, v.size(-1)), v], dim=2)
+    allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], 1), allowed], dim=-1)
+    return q, k, v, allowed
+
+
+def _sink_key(k, sinks, scale, pad):
+    column = (sinks.to(k.dtype) / scale)[None, :, None, None].expand(k.size(0), -1, 1, 1)
+    zeros_before = k.new_zeros(k.size(0), k.size(1), 1, k.size(-1) - pad)
+    zeros_after = k.new_zeros(k.size(0), k.size(1), 1, pad - 1)
+    return torch.cat([zeros_before, column, zeros_after], dim=-1)
+
+
+def _sliding_sdpa(q, k, v, window, scale, sinks=None, k_before=None, v_before=None) -> torch.Tensor:
+    """Causal public-SDPA attention of equal-length sequences (``k``, ``v`` with one head per query head), limited
+    to ``window`` when given; ``k_before``/``v_before`` are keys right before every sequence (a block's prefix keys
+    within reach), seen causally from its first queries.
+
+    The first ``window`` queries run in one call against ``[before; first window keys]``: with the lower-right causal
+    bias (applied inside CUDA's flash and memory-efficient kernels) when no window cuts and there is no sink, else
+    one ``(window x keys)`` boolean mask. Later queries go in chunks of ``window`` against the ``2 window - 1`` keys
+    in reach, through one shared band mask. Sinks are an extra key of every call (see :func:`_with_sink`).
+    """
+    length, device = q.size(2), q.device
+    before = k_before.size(2) if k_before is not None else 0
+    head = length if window is None else min(length, window)
+    kh, vh = k[:, :, :head], v[:, :, :head]
+    if before:
+        kh, vh = torch.cat([k_before, kh], dim=2), torch.cat([v_before, vh], dim=2)
+    qh = q[:, :, :head]
+    if sinks is None and (window is None or before + head - 1 < window):
+        outs = [F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(head, before + head),
+                                               scale=scale)]  # fmt: skip
+    else:
+        # positions counted from the first key before the sequence
+        allowed = _sliding_allowed(before + torch.arange(head, device=device),
+                                   torch.arange(before + head, device=device), window)  # fmt: skip
+        if sinks is not None:
+            qh, kh, vh, allowed = _with_sink(qh, kh, vh, sinks, scale, allowed)
+        outs = [F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale)]
+    if head < length:
+        for start, count, size in _chunks(length, window):
+            qc = _chunk_queries(q, start, count, size)
+            kc, vc = _chunk_keys(k, start, count, size, window)[0], _chunk_keys(v, start, count, size, window)[0]
+            allowed = _chunk_band(size, size + window - 1, window, device)
+            if sinks is not None:
+                qc, kc, vc, allowed = _with_sink(qc, kc, vc, sinks, scale, allowed)
+            outs.append(_unchunk(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=allowed, scale=scale), count))
+    return torch.cat(outs, dim=2)
+
+
+def _lower_right_split_attention(query, key, value, layout, plans, window, sinks, scaling) -> torch.Tensor:
+    """The split attention through public SDPA (autograd through SDPA): the path for CUDA and other devices.
+
+    The prefix self-attention is causal SDPA. Block queries run in one SDPA call per packed row, each block a batch
+    entry whose keys are the row's prefix keys within reach followed by the block (the prefix K/V are copied once per
+    block), with a lower-right causal bias. Windows and sinks go through :func:`_sliding_sdpa`: masks of at most
+    ``window x 2 window``. Returns ``(N, H, L, D)``.
     """
     width, blocks = layout.prefix_width, layout.num_blocks
     rep = query.size(1) // key.size(1)
-    lengths = [width] * query.size(0)
-    if layout.prefix_key_padding is not None:
-        lengths = (~layout.prefix_key_padding).sum(-1).tolist()
-    outputs = []
-    for n, length in enumerate(lengths):
-        q = _to_blocks(query[n : n + 1, :, width:], blocks)
-        k = _to_blocks(key[n : n + 1, :, width:], blocks)
-        v = _to_blocks(value[n : n + 1, :, width:], blocks)
-        if length:
-            k = torch.cat([key[n : n + 1, :, :length].expand(blocks, -1, -1, -1), k], dim=2)
-            v = torch.cat([value[n : n + 1, :, :length].expand(blocks, -1, -1, -1), v], dim=2)
-        bias = causal_lower_right(q.size(2), k.size(2))
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=bias, scale=scaling)
-        outputs.append(_from_blocks(out, blocks))
-    return torch.cat(outputs)
+    parts = []
+    if width:
+        q, k, v = query[:, :, :width], repeat_kv(key[:, :, :width], rep), repeat_kv(value[:, :, :width], rep)
+        parts.append(_sliding_sdpa(q, k, v, window, scaling, sinks))
+    if blocks:
+        rows = []
+        for n, plan in enumerate(plans):
+            q = _to_blocks(query[n : n + 1, :, width:], blocks)
+            k = repeat_kv(_to_blocks(key[n : n + 1, :, width:], blocks), rep)
+            v = repeat_kv(_to_blocks(value[n : n + 1, :, width:], blocks), rep)
+            k_before = v_before = None
+            if plan.hi > plan.lo:
+                k_before = repeat_kv(key[n : n + 1, :, plan.lo : plan.hi], rep).expand(blocks, -1, -1, -1)
+                v_before = repeat_kv(value[n : n + 1, :, plan.lo : plan.hi], rep).expand(blocks, -1, -1, -1)
+            rows.append(_from_blocks(_sliding_sdpa(q, k, v, window, scaling, sinks, k_before, v_before), blocks))
+        parts.append(torch.cat(rows))
+    return torch.cat(parts, dim=2)
 
 
 _dropout_warned = False
@@ -291,6 +575,24 @@ def _warn_dropout_once() -> None:
         )
 
 
+def _explicit_attention(q, k, v, allowed, sinks, scale: float, softcap: float | None, dropout: float):
+    """Eager attention of one query chunk (``k``, ``v`` with one head per query head) against its keys: scores,
+    soft-cap, mask, softmax in at least fp32 with the sink logit as one more column, dropout, values."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.to(torch.promote_types(q.dtype, torch.float32)).masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    probs = probs.to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout, training=True)
+    return probs @ v
+
+
 def materialized_split_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -298,66 +600,56 @@ def materialized_split_attention(
     layout: GroupedAttentionLayout,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """The split attention with explicit score matrices: the path for attention dropout, and a test reference.
+    """The split attention with explicit score matrices: the path for attention dropout and logit soft-capping.
 
-    Same arguments and result as :func:`split_attention`. Scores against the shared prefix keys are formed for all
-    blocks' queries at once (``(G*W) x prefix``), plus one ``W x W`` causal square per block, joined in one softmax.
-    Memory grows with queries x keys, so :func:`split_attention` uses it only when dropout is on.
+    Same arguments and result as :func:`split_attention`. Scores are formed one block at a time (each block's
+    queries against the prefix keys within reach and its own keys, ``W x (prefix + W)``) and the prefix in chunks of
+    queries, joined in one eager softmax. With gradients on, each piece is recomputed in the backward
+    (activation checkpointing, which also replays the dropout mask), so memory holds one piece's scores at a time.
     """
     _check_shapes(query, layout)
-    batch, heads, seq_len, dim = query.shape
-    kv_heads = key.size(1)
-    rep = heads // kv_heads
+    _check_window(sliding_window)
+    batch, heads, seq_len, _ = query.shape
+    rep = heads // key.size(1)
     width, block, blocks = layout.prefix_width, layout.block_width, layout.num_blocks
-    scaling = dim**-0.5 if scaling is None else scaling
-    output = query.new_empty(batch, seq_len, heads, dim)
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    plans = _row_plans(layout.row_prefix_lengths(batch), block, sliding_window)
+    device = query.device
+    checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
 
-    k_prefix, v_prefix = key[:, :, :width], value[:, :, :width]
-    if width:
-        prefix_out = F.scaled_dot_product_attention(
-            query[:, :, :width],
-            repeat_kv(k_prefix, rep),
-            repeat_kv(v_prefix, rep),
-            is_causal=True,
-            scale=scaling,
-            dropout_p=dropout,
-        )
-        output[:, :width] = prefix_out.transpose(1, 2)
+    def piece(q, k, v, allowed):
+        args = (q, repeat_kv(k, rep), repeat_kv(v, rep), allowed, sinks, scaling, softcap, dropout)
+        if checkpointed:
+            return checkpoint(_explicit_attention, *args, use_reentrant=False)
+        return _explicit_attention(*args)
 
+    parts = []
+    chunk = max(block, 64)
+    for start in range(0, width, chunk):
+        stop = min(start + chunk, width)
+        lo = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        allowed = _sliding_allowed(torch.arange(start, stop, device=device), torch.arange(lo, stop, device=device),
+                                   sliding_window)  # fmt: skip
+        parts.append(piece(query[:, :, start:stop], key[:, :, lo:stop], value[:, :, lo:stop], allowed))
     if blocks:
-        # Query heads h = kv * rep + r share key head kv (the repeat_kv convention): view them per KV head instead
-        # of repeating the keys. Scores against the shared prefix keys, for all blocks' queries at once, and one
-        # W x W square per block; the two parts share one softmax, computed by hand so neither is copied.
-        q_blocks = (query[:, :, width:] * scaling).reshape(batch, kv_heads, rep, blocks * block, dim)
-        k_blocks = key[:, :, width:].reshape(batch, kv_heads, 1, blocks, block, dim)
-        v_blocks = value[:, :, width:].reshape(batch, kv_heads, 1, blocks, block, dim)
-        to_prefix = q_blocks @ k_prefix[:, :, None].transpose(-1, -2)  # (N, H_kv, rep, G*W, width)
-        to_self = q_blocks.view(batch, kv_heads, rep, blocks, block, dim) @ k_blocks.transpose(-1, -2)
-        if layout.prefix_key_padding is not None:
-            to_prefix.masked_fill_(layout.prefix_key_padding[:, None, None, None, :], float("-inf"))
-        future = torch.ones(block, block, dtype=torch.bool, device=query.device).triu(1)
-        to_self.masked_fill_(future, float("-inf"))
-        # Softmax in at least fp32, like the eager implementations. The shift is a constant of the softmax, so it
-        # carries no gradient; every row has its diagonal key, so it is finite.
-        compute_dtype = torch.promote_types(query.dtype, torch.float32)
-        to_prefix, to_self = to_prefix.to(compute_dtype), to_self.to(compute_dtype)
-        shift = to_self.amax(-1).flatten(-2, -1)
-        if width:
-            shift = torch.maximum(shift, to_prefix.amax(-1))
-        shift = shift.detach()[..., None]
-        e_prefix = (to_prefix - shift).exp_()
-        e_self = (to_self - shift.view(*to_self.shape[:-1], 1)).exp_()
-        norm = e_prefix.sum(-1, keepdim=True) + e_self.sum(-1).flatten(-2, -1)[..., None]
-        if dropout:
-            e_prefix = F.dropout(e_prefix, p=dropout, training=True)
-            e_self = F.dropout(e_self, p=dropout, training=True)
-        e_prefix, e_self = e_prefix.to(query.dtype), e_self.to(query.dtype)
-        out = e_prefix @ v_prefix[:, :, None] + (e_self @ v_blocks).flatten(3, 4)
-        out = out / norm.to(query.dtype)
-        output[:, width:] = out.reshape(batch, heads, blocks * block, dim).transpose(1, 2)
-
-    return output
+        rows = []
+        for n, plan in enumerate(plans):
+            key_positions = torch.cat([torch.arange(plan.lo, plan.hi, device=device),
+                                       plan.hi + torch.arange(block, device=device)])  # fmt: skip
+            allowed = _sliding_allowed(plan.hi + torch.arange(block, device=device), key_positions, sliding_window)
+            row = []
+            for g in range(blocks):
+                cols = slice(width + g * block, width + (g + 1) * block)
+                k = torch.cat([key[n : n + 1, :, plan.lo : plan.hi], key[n : n + 1, :, cols]], dim=2)
+                v = torch.cat([value[n : n + 1, :, plan.lo : plan.hi], value[n : n + 1, :, cols]], dim=2)
+                row.append(piece(query[n : n + 1, :, cols], k, v, allowed))
+            rows.append(torch.cat(row, dim=2))
+        parts.append(torch.cat(rows))
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
 
 
 def _unsupported(module: torch.nn.Module, what: str) -> ValueError:
@@ -373,6 +665,34 @@ def _eager_forward(module: torch.nn.Module) -> Callable:
     return fn
 
 
+def _stock_window(module: torch.nn.Module, given: int | None) -> int | None:
+    """The sliding window of this layer's stock mask, which the attention function does not see in a packed forward.
+
+    transformers builds one mask per layer type: ``create_sliding_window_causal_mask`` (window
+    ``config.sliding_window``) for layers whose ``config.layer_types`` entry is ``"sliding_attention"``, or for every
+    layer of a model without ``layer_types`` whose ``config.sliding_window`` is set (Mistral, Phi-3, StarCoder2).
+    The window the layer passes to its attention function (``sliding_window=``) must agree; a model where it does not
+    is refused rather than guessed.
+    """
+    config = getattr(module, "config", None)
+    layer = getattr(module, "layer_idx", None)
+    if config is None or layer is None:
+        return given
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        sliding = layer_types[layer] == "sliding_attention"
+        expected = getattr(config, "sliding_window", None) if sliding else None
+    else:
+        expected = getattr(config, "sliding_window", None)
+    if given != expected:
+        raise _unsupported(
+            module,
+            f"layer {layer} passes sliding_window={given} to its attention but its stock mask uses "
+            f"sliding_window={expected}",
+        )
+    return expected
+
+
 def _grouped_forward(base: str) -> Callable:
     def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         layout = kwargs.pop(LAYOUT_KWARG, None)
@@ -381,19 +701,22 @@ def _grouped_forward(base: str) -> Callable:
                 raise _unsupported(module, "its attention layers do not receive the keyword arguments of the forward")
             base_fn = sdpa_attention_forward if base == "sdpa" else _eager_forward(module)
             return base_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if kwargs.get("softcap") is not None:
-            raise _unsupported(module, "attention logit soft-capping is not implemented in the split attention")
-        if kwargs.get("s_aux") is not None:
-            raise _unsupported(module, "attention sinks are not implemented in the split attention")
-        window = kwargs.get("sliding_window")
-        if window is not None and layout.max_position >= window:
+        window = _stock_window(module, kwargs.get("sliding_window"))
+        softcap = kwargs.get("softcap")
+        if softcap is not None and base == "sdpa":
             raise _unsupported(
-                module, f"sliding_window={window} is shorter than the sequences ({layout.max_position})"
+                module, f"softcap={softcap} needs attn_implementation='eager' (sdpa has no soft-capping)"
             )
+        if kwargs.get("s_aux") is not None and base == "sdpa":
+            raise _unsupported(module, "attention sinks need attn_implementation='eager' (sdpa does not apply them)")
+        if kwargs.get("position_bias") is not None:
+            raise _unsupported(module, "its attention adds a position bias, which the split attention does not")
         if getattr(module, "is_causal", True) is False:
             raise _unsupported(module, "the attention is not causal")
         layout.calls += 1
-        return split_attention(query, key, value, layout, scaling=scaling, dropout=dropout), None
+        out = split_attention(query, key, value, layout, scaling=scaling, dropout=dropout, sliding_window=window,
+                              sinks=kwargs.get("s_aux"), softcap=softcap)  # fmt: skip
+        return out, None
 
     attention_forward.__name__ = f"prefix_grouper_{base}_attention_forward"
     return attention_forward
@@ -442,9 +765,13 @@ def install_grouped_attention(model) -> str:
     if getattr(config, "is_encoder_decoder", False) or config.get_text_config() is not config:
         raise fail("only text-only decoder models are supported")
     layer_types = getattr(config, "layer_types", None) or []
-    other_layers = sorted(set(layer_types) - {"full_attention"})
+    other_layers = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if other_layers:
         raise fail(f"layer_types {other_layers} mix tokens in ways the shared-prefix layout does not reproduce")
+    window = getattr(config, "sliding_window", None)
+    if "sliding_attention" in layer_types or (not layer_types and window is not None):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise fail(f"its sliding-window layers have sliding_window={window!r}; set a positive integer")
     if getattr(config, "reorder_and_upcast_attn", False):
         raise fail("reorder_and_upcast_attn=True bypasses the attention-function registry")
 
