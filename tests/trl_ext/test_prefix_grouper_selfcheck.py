@@ -14,7 +14,6 @@ from trl_ext.prefix_grouper.attention import LAYOUT_KWARG, GroupedAttentionLayou
 from trl_ext.prefix_grouper.layout import find_groups, pack_groups, ungroup
 from trl_ext.prefix_grouper.selfcheck import (
     RTOL,
-    sliding_windows_supported,
     tolerance,
     zero_parameters_perturbed,
 )
@@ -206,18 +205,10 @@ def mistral(window):
     return lambda: tiny_model("mistral", num_key_value_heads=2, sliding_window=window, max_position_embeddings=64)
 
 
-def test_sliding_window_is_refused_at_construction_or_exact(tmp_path):
-    if sliding_windows_supported():
-        stock = trainer_for_model(mistral(6)(), False, tmp_path)
-        grouped = trainer_for_model(mistral(6)(), True, tmp_path)
-        compare(stock, grouped, make_batch(seed=8), batch_size=3)
-        return
-    # Longer than the self-check's rows, shorter than what the run can score: refused from the bound, not at a step
-    with pytest.raises(ValueError, match=rf"model_type='mistral'.*sliding_window=16.*up to 64 tokens.*{FALLBACK}"):
-        trainer_for_model(mistral(16)(), True, tmp_path)
-    # A window no sequence of the run can outgrow is exact
-    stock = trainer_for_model(mistral(32)(), False, tmp_path, vllm_max_model_length=32)
-    grouped = trainer_for_model(mistral(32)(), True, tmp_path, vllm_max_model_length=32)
+def test_sliding_window_shorter_than_the_rows_is_exact(tmp_path):
+    # The window cuts inside the prompts and the completions of the batch: applied by position, as stock does
+    stock = trainer_for_model(mistral(6)(), False, tmp_path)
+    grouped = trainer_for_model(mistral(6)(), True, tmp_path)
     compare(stock, grouped, make_batch(seed=8), batch_size=3)
 
 
@@ -257,15 +248,17 @@ def test_self_check_leaves_training_mode_and_weights_alone(training, tmp_path):
     assert all(module.training == training for module in trainer.model.modules())
 
 
-def test_sliding_window_passed_by_the_layers_is_caught_even_when_the_config_hides_it(tmp_path):
-    # Mistral applies config.sliding_window whatever use_sliding_window says: the windows the attention layers
-    # receive during the self-check count, not only what the config claims
-    model = mistral(32)()
-    model.config.use_sliding_window = False
-    if sliding_windows_supported():
-        pytest.skip("the split attention applies sliding windows")
-    with pytest.raises(ValueError, match=rf"model_type='mistral'.*sliding_window=32.*up to 64 tokens.*{FALLBACK}"):
-        trainer_for_model(model, True, tmp_path)
+def test_sliding_window_passed_by_the_layers_is_applied_even_when_the_config_hides_it(tmp_path):
+    # Mistral applies config.sliding_window whatever use_sliding_window says: the window the attention layers
+    # receive is the one applied, not what the config claims
+    def build():
+        model = mistral(6)()
+        model.config.use_sliding_window = False
+        return model
+
+    stock = trainer_for_model(build(), False, tmp_path)
+    grouped = trainer_for_model(build(), True, tmp_path)
+    compare(stock, grouped, make_batch(seed=8), batch_size=3)
 
 
 def test_tolerance_dtype_is_the_least_precise_compute_dtype():
@@ -288,6 +281,12 @@ def phimoe(window):
 def test_sliding_window_applied_through_the_mask_only_is_refused(tmp_path, monkeypatch):
     # PhiMoE applies its window through the attention mask alone: the split attention never sees it, whatever
     # windows it supports, so a window the sequences can outgrow is refused when the trainer is built
-    with pytest.raises(ValueError, match=rf"model_type='phimoe'.*sliding_window=32.*attention mask only.*{FALLBACK}"):
+    # (refused by the layer's window check, or failing that by the config check)
+    refusal = (
+        rf"model_type='phimoe'.*(stock mask uses sliding_window=32|sliding_window=32.*attention mask only).*{FALLBACK}"
+    )
+    with pytest.raises(ValueError, match=refusal):
         trainer_for_model(phimoe(32)(), True, tmp_path)
-    assert stock_and_grouped_differ(phimoe(4), tmp_path, monkeypatch) > 0.1
+    # Without the self-check, the split attention itself refuses the window it is not given: never silent
+    with pytest.raises(ValueError, match="passes sliding_window=None to its attention but its stock mask uses"):
+        stock_and_grouped_differ(phimoe(4), tmp_path, monkeypatch)

@@ -357,25 +357,6 @@ def longest_sequence(args, config) -> tuple[int | None, str]:
     return None, "nothing in the config bounds it"
 
 
-def sliding_windows_supported() -> bool:
-    """Whether the installed split attention accepts a sliding window shorter than the sequence (a tiny probe)."""
-    from transformers import AttentionInterface
-
-    from .attention import GROUPED_IMPLEMENTATIONS, GroupedAttentionLayout, register_grouped_attention
-
-    register_grouped_attention()
-    attention = AttentionInterface._global_mapping[GROUPED_IMPLEMENTATIONS["sdpa"]]
-    module = torch.nn.Module()
-    module.is_causal = True
-    layout = GroupedAttentionLayout(prefix_width=3, block_width=2, num_blocks=1, max_position=4)
-    states = torch.randn(1, 1, 5, 4, generator=torch.Generator().manual_seed(0))
-    try:
-        attention(module, states, states, states, None, sliding_window=2, **{"prefix_grouper_layout": layout})
-    except Exception:  # noqa: BLE001 -- any refusal or failure means: not supported
-        return False
-    return True
-
-
 def config_window_applies(config) -> bool:
     """Whether the config's ``sliding_window`` is applied by some layer: with ``layer_types``, only when one of them
     is a sliding type (those decide, e.g. Qwen2's ``max_window_layers``); without, unless
@@ -393,11 +374,10 @@ def check_sliding_window(model: torch.nn.Module, args, seen: tuple[int, ...] | s
     """Refuse, when the trainer is built, a sliding window that the run's sequences can outgrow and the split
     attention does not apply; it would otherwise be ignored, or stop the run at the first longer batch.
 
-    Two kinds of windows: those the attention layers pass as the ``sliding_window`` argument (``seen`` during the
-    self-check), which count while the split attention does not apply windows (see
-    :func:`sliding_windows_supported`); and a config ``sliding_window`` that applies (:func:`config_window_applies`)
-    but never reaches the attention function, because the model applies it through the attention mask only, which
-    the split attention does not read: that one always counts.
+    The windows the attention layers pass as the ``sliding_window`` argument (``seen`` during the self-check) are
+    applied exactly by the split attention. What counts is a config ``sliding_window`` that applies
+    (:func:`config_window_applies`) but never reaches the attention function, because the model applies it through
+    the attention mask only, which the split attention does not read.
 
     Raises:
         ValueError: naming the model type, the window, the bound on the sequences and the fallback.
@@ -405,8 +385,6 @@ def check_sliding_window(model: torch.nn.Module, args, seen: tuple[int, ...] | s
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config()
     windows = {}
-    if seen and not sliding_windows_supported():
-        windows.update({window: "the split attention does not apply sliding windows" for window in seen})
     if config_window_applies(config) and config.sliding_window not in seen:
         windows[config.sliding_window] = "the model applies it through the attention mask only, which the split "
         windows[config.sliding_window] += "attention does not read"
