@@ -66,3 +66,35 @@ def discard_new_adapter(model, adapter_name: str) -> None:
         peft_config.clear()
     else:
         model.delete_adapter(adapter_name)
+
+
+# ----------------------------------------------------------------------------- names of wrapped models
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+# Prefixes that only ever lead a name: PeftModel's, and DDP's ``module`` (elsewhere it may be a real module name).
+_LEADING_PREFIXES = (("base_model", "model"), ("module",))
+
+
+def strip_wrappers(name: str) -> str:
+    """``name`` as the unwrapped base model names it.
+
+    Drops the segments that FSDP1, activation checkpointing and ``torch.compile`` insert anywhere in a
+    name, and the leading ``module.`` (DDP) and ``base_model.model.`` (PeftModel), so that names taken
+    from a wrapped model, its state dict or a masks file compare equal.
+    """
+    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _LEADING_PREFIXES:
+            if len(parts) > len(prefix) and tuple(parts[: len(prefix)]) == prefix:
+                parts, changed = parts[len(prefix) :], True
+    return ".".join(parts)
+
+
+def saved_key(key: str) -> str:
+    """A saved adapter key without wrapper segments; led by ``base_model.model.`` when the model is a PeftModel."""
+    parts = [part for part in key.split(".") if part not in _WRAPPER_SEGMENTS]
+    if parts[:1] == ["module"]:
+        parts = parts[1:]
+    stripped = strip_wrappers(key)
+    return f"base_model.model.{stripped}" if parts[:2] == ["base_model", "model"] else stripped

@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
+from .._loading import discard_new_adapter, load_option, saved_key, take_pending_mark, warn_skipped
 from .._merging import AtomicSafeMergeMixin
 from .._mixed_batch import MixedBatchMixin
 from .._quantized import check_adaptable
@@ -113,7 +113,7 @@ class MoraModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
             if key in to_return and tuple(to_return[key].shape) != (r_hat, r_hat):
                 raise_partitioned_save(key, to_return[key], (r_hat, r_hat))
             shape = torch.tensor([module.in_features, module.out_features], dtype=torch.int64)
-            to_return[f"{name}.{SHAPE_KEY}.{adapter_name}"] = shape
+            to_return[saved_key(f"{name}.{SHAPE_KEY}.{adapter_name}")] = shape
         return to_return
 
     @classmethod

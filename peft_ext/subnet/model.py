@@ -4,6 +4,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
+from .._loading import saved_key as _saved_key
+from .._loading import strip_wrappers as _strip_wrappers
 from .._merging import AtomicSafeMergeMixin
 from .._mixed_batch import MixedBatchMixin
 from .._quantized import check_adaptable
@@ -15,29 +17,9 @@ from .masks import MaskFile, find_mask_name
 
 _ENCODED_KEYS = {"indices": "subnet_indices", "bitmap": "subnet_bitmap"}
 _SAVED_ATTRS = ("subnet_values", "subnet_indices", "subnet_bitmap", "subnet_shape")
+
+
 # Modules that wrap others and insert their attribute into names: FSDP1, activation checkpointing, torch.compile.
-_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
-# Prefixes that only ever lead a name: PeftModel's, and DDP's ``module`` (elsewhere it may be a real module name).
-_LEADING_PREFIXES = (("base_model", "model"), ("module",))
-
-
-def _strip_wrappers(name: str) -> str:
-    """``name`` as the unwrapped base model names it.
-
-    Drops the segments that FSDP1, activation checkpointing and ``torch.compile`` insert anywhere in a
-    name, and the leading ``module.`` (DDP) and ``base_model.model.`` (PeftModel), so that names taken
-    from a wrapped model, its state dict or a masks file compare equal.
-    """
-    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _LEADING_PREFIXES:
-            if len(parts) > len(prefix) and tuple(parts[: len(prefix)]) == prefix:
-                parts, changed = parts[len(prefix) :], True
-    return ".".join(parts)
-
-
 def _adaptable(module) -> bool:
     """Whether the tuner can adapt ``module`` (or, for an adapted layer, its base layer)."""
     if isinstance(module, BaseTunerLayer):
@@ -330,15 +312,6 @@ class SubnetModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
                 key = model_keys.get(_strip_wrappers(key) + f".{adapter_name}", key)
             renamed[key] = tensor
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, renamed)
-
-
-def _saved_key(key: str) -> str:
-    """A saved adapter key without wrapper segments; led by ``base_model.model.`` when the model is a PeftModel."""
-    parts = [part for part in key.split(".") if part not in _WRAPPER_SEGMENTS]
-    if parts[:1] == ["module"]:
-        parts = parts[1:]
-    stripped = _strip_wrappers(key)
-    return f"base_model.model.{stripped}" if parts[:2] == ["base_model", "model"] else stripped
 
 
 def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mismatched_sizes: bool = False):

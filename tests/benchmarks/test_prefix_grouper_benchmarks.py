@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -14,7 +15,10 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture
 def scripts(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
     yield
+    # The scripts set torch's thread count (--threads); later tests compare results across processes at the default
+    torch.set_num_threads(threads)
 
 
 def test_gpu_check_smoke_runs_every_section_on_cpu(scripts, tmp_path, monkeypatch):
