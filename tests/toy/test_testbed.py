@@ -160,3 +160,24 @@ def test_pretraining_reaches_stated_heldout_accuracy():
     random_texts = _greedy_answers(random_model, tok, held["prompt"][:50])
     assert sum(arithmetic_reward(random_texts, held["answer"][:50])) <= 2
     assert metrics["heldout_accuracy_before"] <= 0.05
+
+
+def test_build_once_never_caches_an_incomplete_build(tmp_path):
+    from trl_ext.toy.models import build_once
+
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError, match=r"wrote no config.json \(in .*\); nothing was cached"):
+        build_once(target, "config.json", lambda tmp: (tmp.mkdir(), (tmp / "tokenizer.json").write_text("{}")))
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    built = build_once(target, "config.json", lambda tmp: (tmp.mkdir(), (tmp / "config.json").write_text("{}")))
+    assert built == str(target) and (target / "config.json").exists()
+
+
+def test_build_once_refuses_to_build_under_zero3_init(tmp_path, monkeypatch):
+    import transformers.integrations
+
+    from trl_ext.toy.models import build_once
+
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(RuntimeError, match="ZeRO-3 init is active"):
+        build_once(tmp_path / "model", "config.json", lambda tmp: pytest.fail("built under ZeRO-3"))

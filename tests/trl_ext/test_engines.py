@@ -34,8 +34,19 @@ RTOL = 1e-5
 def runs(tmp_path_factory):
     """One launch: DDP first (the reference), then the three engines, in the same two processes."""
     root = tmp_path_factory.mktemp("engines")
+    build_toy_models()
     run_distributed(SCRIPT, str(root), ",".join(("ddp", *ENGINES)), engines=True, timeout=900)
     return root
+
+
+def build_toy_models() -> None:
+    """Build the launch's toy models here first: under ZeRO-3 init the processes could not build them."""
+    from _engines_train import GPT2, ZERO3_MODELS
+
+    toy_model_path(), toy_model_path(**GPT2), pretrained_toy_model_path()
+    for sizes in ZERO3_MODELS.values():
+        if sizes:
+            toy_model_path(**sizes)
 
 
 def _norm(tensors: dict, keys) -> float:

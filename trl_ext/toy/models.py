@@ -34,15 +34,32 @@ def build_once(path: Path, marker: str, build: Callable[[Path], object]) -> str:
     """``path`` as a string, after ``build(tmp)`` has filled it unless ``path/marker`` already exists.
 
     The build writes to a temporary sibling that is renamed into place, so concurrent processes
-    never see a half-written model; if another process finished first, its copy is kept.
+    never see a half-written model; if another process finished first, its copy is kept. A build that did
+    not write ``marker`` is discarded with an error instead of being cached.
+
+    Raises:
+        RuntimeError: when the build is needed under DeepSpeed ZeRO-3 init (the model would be saved
+            partitioned, i.e. empty), or when it did not write ``marker``.
     """
-    if not (path / marker).exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build(tmp)
-        try:
-            tmp.rename(path)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if (path / marker).exists():
+        return str(path)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise RuntimeError(
+            f"{path} is not cached yet, and DeepSpeed ZeRO-3 init is active in this process: a toy model built "
+            "now would be saved partitioned (empty). Build it first in a process without ZeRO-3, e.g. call the "
+            "same toy_model_path / pretrained_toy_model_path before the distributed launch."
+        )
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    build(tmp)
+    if not (tmp / marker).exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"building {path.name} wrote no {marker} (in {tmp}); nothing was cached.")
+    try:
+        tmp.rename(path)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
 
@@ -167,11 +184,4 @@ def toy_model_path(spec: ToyModelSpec | None = None, **sizes) -> str:
     """
     spec = spec or ToyModelSpec(**sizes)
     path = cache_dir() / "models" / f"{spec.arch}-random-{spec.key()}"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_toy_model(tmp, spec)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process won the race; its copy is identical
-            pass
-    return str(path)
+    return build_once(path, "config.json", lambda tmp: save_toy_model(tmp, spec))
