@@ -42,11 +42,10 @@ HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM, KV_HEADS = 1024, 4096, 16, 64, 4
 def build_trainer(grouped: bool, window: int, max_len: int, output_dir: str):
     """A stock or grouped GRPO trainer around one random sliding-window Mistral layer (fp32, sdpa), in train mode."""
     import torch
+    from timing import make_trainer  # benchmarks/timing.py
     from transformers import AutoModelForCausalLM, MistralConfig
-    from trl import GRPOConfig, GRPOTrainer
 
-    from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-    from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
+    from trl_ext.toy import build_toy_tokenizer
 
     tokenizer = build_toy_tokenizer()
     torch.manual_seed(0)
@@ -56,15 +55,7 @@ def build_trainer(grouped: bool, window: int, max_len: int, output_dir: str):
         max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         attn_implementation="sdpa",
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    config_cls, trainer_cls = (
-        (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
-    )
-    args = toy_args(config_cls, output_dir, per_device_train_batch_size=4, num_generations=4, disable_dropout=True)
-    trainer = trainer_cls(model=model, reward_funcs=arithmetic_reward, args=args,
-                          train_dataset=make_arithmetic_dataset(8), processing_class=tokenizer)  # fmt: skip
-    trainer.model.train()
-    return trainer
+    return make_trainer(grouped, AutoModelForCausalLM.from_config(config, dtype=torch.float32), output_dir)
 
 
 def worker(job: dict) -> dict:

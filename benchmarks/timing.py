@@ -34,14 +34,18 @@ from trl_ext.toy import (
 
 
 # ---------------------------------------------------------------------------- Prefix Grouper
-def make_trainer(grouped: bool, spec: ToyModelSpec, output_dir: str):
-    """A stock or grouped GRPO trainer around a fresh random toy model (fp32, sdpa), in train mode."""
+def make_trainer(grouped: bool, spec: ToyModelSpec | torch.nn.Module, output_dir: str):
+    """A stock or grouped GRPO trainer, in train mode, around ``spec``: a model built from a config (with the toy
+    tokenizer's vocabulary), or a fresh random toy model of that spec (fp32, sdpa)."""
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 
-    model = build_toy_model(spec)
-    model.config._attn_implementation = "sdpa"
+    if isinstance(spec, torch.nn.Module):
+        model = spec
+    else:
+        model = build_toy_model(spec)
+        model.config._attn_implementation = "sdpa"
     config_cls, trainer_cls = (
         (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
     )
