@@ -235,7 +235,8 @@ class MoraLinear(nn.Module, MoraLayer):
     ) -> torch.Tensor:
         """Row ``i`` with adapter ``adapter_names[i]`` only (``"__base__"``: the base layer alone)."""
         check_layer_adapter_names(self, x, adapter_names, "MoRA")
-        result = self.base_layer(x, *args, **kwargs)
+        # A copy: quantised base layers may return a view made under no_grad, which autograd forbids editing
+        result = self.base_layer(x, *args, **kwargs).clone()
         for name, rows in sub_batches(adapter_names, device=x.device).items():
             if name == BASE or name not in self.mora_M:
                 continue

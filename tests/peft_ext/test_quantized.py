@@ -233,3 +233,28 @@ def test_dense_weight_of_a_repacked_4bit_layer(toy_dir):
         randomize_m(fresh)
         fresh.merge_adapter()
     assert rel(logits(model, IDS), logits(fresh, IDS)) < 0.05
+
+
+@pytest.mark.parametrize("backend", ["bnb_4bit_nf4_dq", "bnb_8bit"])
+def test_mixed_adapter_batch_on_a_quantised_base_with_gradients_enabled(toy_dir, backend):
+    # bitsandbytes may return a view made under no_grad: each adapter's rows must not be written into it
+    model = get_peft_model(load(toy_dir, backend), mora_config(), adapter_name="a")
+    model.add_adapter("b", mora_config())
+    randomize_m(model, seed=3)
+    model.eval()
+    ids = torch.randint(0, 96, (3, 6), generator=torch.Generator().manual_seed(1))
+    model(ids, adapter_names=["a", "__base__", "b"])  # gradients on, as in an eval loop without no_grad
+    # One layer against the same batch through one adapter at a time: LLM.int8 picks outlier columns over the
+    # batch, and bitsandbytes repacks 4-bit weights at the first eval forward (done above), so only the same
+    # layer input, after that first forward, gives the same base output
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(2))
+    mixed = layer(x, adapter_names=["a", "__base__", "b"])
+    model.set_adapter("a")
+    only_a = layer(x)
+    with model.disable_adapter():
+        base = layer(x)
+    model.set_adapter("b")
+    only_b = layer(x)
+    torch.testing.assert_close(mixed, torch.stack([only_a[0], base[1], only_b[2]]), atol=1e-6, rtol=1e-6)
+    assert (only_a[0] - base[0]).abs().max() > 1e-2  # the adapters really change the rows they serve

@@ -370,6 +370,29 @@ def test_state_dict_of_an_fsdp2_model(row, tmp_path, gloo_group):
     _round_trip_from(model, model, row, tmp_path, expected)
 
 
+def test_state_dict_of_an_activation_checkpointed_model(row, tmp_path):
+    # torch's checkpoint wrapper (as FSDP's activation checkpointing applies it) drops its segment from the
+    # state dict's keys: the saved adapter must still hold every trained tensor, under unwrapped names
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = attach(make_mlp(), row, "default", tmp_path, seed=1)
+    with torch.no_grad():  # trained values, not the seeded initial ones a fresh adapter would also have
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    expected = out(model)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, BaseTunerLayer))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
+    torch.testing.assert_close(out(model), expected, atol=0, rtol=0)
+    state = get_peft_model_state_dict(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len([k for k in state if "_checkpoint_wrapped_module" not in k]) >= len(trainable), sorted(state)
+    fresh = attach(make_mlp(), row, "default", tmp_path, seed=5)
+    result = set_peft_model_state_dict(fresh, state)
+    assert not result.unexpected_keys
+    torch.testing.assert_close(out(fresh), expected, atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------- training
 def test_gradient_checkpointing_gives_the_same_gradients(row, tmp_path):
     ids = torch.randint(5, 60, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -135,3 +135,13 @@ def test_a_completion_labelled_both_ways_in_one_group_is_excluded_and_counted():
     assert list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])) == [("q", "c", "d")]
     assert report.excluded == {"same completion labelled both correct and incorrect": 2}
     assert report.dropped == {"no incorrect trace": 1}
+
+
+@pytest.mark.parametrize("max_length", [0, -3])
+def test_a_max_length_that_keeps_no_trace_is_refused_not_ignored(max_length):
+    traces = Dataset.from_dict({"prompt": ["p", "p"], "completion": ["x=3", "long wrong"], "answer": ["3", "3"],
+                                "correct": [True, False]})  # fmt: skip
+    with pytest.raises(ValueError, match=rf"max_length={max_length} keeps no trace.*pass None for no limit"):
+        build_redi_pairs(traces, min_length=0, max_length=max_length)
+    pairs, _ = build_redi_pairs(traces, min_length=0, max_length=4)  # the limit applies: "long wrong" is too long
+    assert len(pairs) == 0

@@ -274,8 +274,11 @@ def build_redi_pairs(
                 f"Column {col!r} is missing; the traces have {traces.column_names}. "
                 f"Label them first with label_traces(...) or pass {col.split('_')[0]}_column=..."
             )
-    if max_length is not None and max_length < min_length:
-        raise ValueError(f"max_length={max_length} is below min_length={min_length}.")
+    if max_length is not None and (max_length < 1 or max_length < min_length):
+        raise ValueError(
+            f"max_length={max_length} keeps no trace (it must be at least 1 and at least min_length={min_length}); "
+            "pass None for no limit."
+        )
 
     def length(text) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer else len(text)
@@ -310,7 +313,11 @@ def build_redi_pairs(
                 report.excluded[CONTRADICTION] += 1
                 continue
             usable.append((text, ok))
-        kept = [(t, ok) for t, ok in usable if min_length <= length(t) <= (max_length or float("inf"))]
+        kept = [
+            (t, ok)
+            for t, ok in usable
+            if min_length <= length(t) <= (float("inf") if max_length is None else max_length)
+        ]
         chosen = next((t for t, ok in kept if ok), None)
         rejected = next((t for t, ok in kept if not ok), None)
         if not usable:
