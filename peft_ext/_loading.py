@@ -98,3 +98,25 @@ def saved_key(key: str) -> str:
         parts = parts[1:]
     stripped = strip_wrappers(key)
     return f"base_model.model.{stripped}" if parts[:2] == ["base_model", "model"] else stripped
+
+
+def adapter_tensor_key(to_return: dict, state_dict: dict, module_name: str, param_key: str, what: str) -> str:
+    """The key in ``to_return`` of ``module_name``'s adapter tensor ``param_key`` (e.g. ``"mora_M.default"``).
+
+    PEFT selects adapter tensors by module names; a wrapper whose state dict drops its segment (activation
+    checkpointing) hides them from that selection, so a missed tensor is taken from ``state_dict`` by its
+    unwrapped name and added to ``to_return``.
+
+    Raises:
+        RuntimeError: naming ``what`` when neither dict holds it.
+    """
+    wanted = strip_wrappers(f"{module_name}.{param_key}")
+    for source in (to_return, state_dict):
+        for key in source:
+            if key.endswith(param_key) and strip_wrappers(key) == wanted:
+                to_return[key] = source[key]
+                return key
+    raise RuntimeError(
+        f"the state dict passed to get_peft_model_state_dict has no {what} of {module_name!r} (expected a key "
+        f"ending in {wanted!r}); pass the model's own state dict, or none."
+    )

@@ -9,7 +9,14 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .._loading import discard_new_adapter, load_option, saved_key, strip_wrappers, take_pending_mark, warn_skipped
+from .._loading import (
+    adapter_tensor_key,
+    discard_new_adapter,
+    load_option,
+    saved_key,
+    take_pending_mark,
+    warn_skipped,
+)
 from .._merging import AtomicSafeMergeMixin
 from .._mixed_batch import MixedBatchMixin
 from .._quantized import check_adaptable
@@ -105,25 +112,12 @@ class MoraModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
         sizes differ fails even where r_hat happens to coincide; a partitioned (DeepSpeed ZeRO-3) M is refused
         instead of saved."""
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        # PEFT selects M by the module names; a wrapper whose state dict drops its segment (activation
-        # checkpointing) hides M from that selection, so it is looked up by the unwrapped names too.
-        suffix = f".mora_M.{adapter_name}"
-        state_keys = {strip_wrappers(k): k for k in state_dict if k.endswith(suffix)}
-        selected = {strip_wrappers(k): k for k in to_return if k.endswith(suffix)}
         for name, module in model.named_modules():
             if not (isinstance(module, MoraLayer) and adapter_name in module.mora_M):
                 continue
-            wanted = strip_wrappers(name + suffix)
-            if wanted not in selected:
-                if wanted not in state_keys:
-                    raise RuntimeError(
-                        f"the state dict passed to get_peft_model_state_dict has no M of the MoRA adapter "
-                        f"{adapter_name!r} of {name!r} (expected a key ending in {wanted!r}); pass the model's own "
-                        "state dict, or none."
-                    )
-                selected[wanted] = state_keys[wanted]
-                to_return[state_keys[wanted]] = state_dict[state_keys[wanted]]
-            key = selected[wanted]
+            key = adapter_tensor_key(
+                to_return, state_dict, name, f"mora_M.{adapter_name}", f"M of the MoRA adapter {adapter_name!r}"
+            )
             r_hat = module.mora_r_hat[adapter_name]
             if tuple(to_return[key].shape) != (r_hat, r_hat):
                 raise_partitioned_save(key, to_return[key], (r_hat, r_hat))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from .._loading import discard_new_adapter, load_option, take_pending_mark, warn_skipped
+from .._loading import adapter_tensor_key, discard_new_adapter, load_option, take_pending_mark, warn_skipped
 from .._loading import saved_key as _saved_key
 from .._loading import strip_wrappers as _strip_wrappers
 from .._merging import AtomicSafeMergeMixin
@@ -251,26 +251,18 @@ class SubnetModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
         """Values from the model state dict plus each layer's mask as int32/int64 indices or a bitmap."""
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         storage = getattr(config, "storage", "auto")
-        # PEFT selects the values by the module names; a wrapper whose state dict drops its segment (activation
-        # checkpointing) hides them from that selection, so they are looked up by their unwrapped names too.
-        suffix = f".subnet_values.{adapter_name}"
-        values_keys = {_strip_wrappers(k): k for k in state_dict if k.endswith(suffix)}
-        selected = {_strip_wrappers(k) for k in to_return if k.endswith(suffix)}
         for name, module in model.named_modules():
             if not isinstance(module, SubnetLayer) or adapter_name not in module.subnet_indices:
                 continue
             if adapter_name in module._awaiting_masks:
                 raise RuntimeError(f"adapter {adapter_name!r} of {name!r} has no masks loaded; nothing to save.")
-            wanted = _strip_wrappers(name + suffix)
-            if wanted not in selected:
-                if wanted not in values_keys:
-                    raise RuntimeError(
-                        f"the state dict passed to get_peft_model_state_dict has no values of the SUBNET adapter "
-                        f"{adapter_name!r} of {name!r} (expected a key ending in {wanted!r}); pass the model's own "
-                        "state dict, or none."
-                    )
-                to_return[values_keys[wanted]] = state_dict[values_keys[wanted]]
-            values_key = next(k for k in to_return if _strip_wrappers(k) == wanted)
+            values_key = adapter_tensor_key(
+                to_return,
+                state_dict,
+                name,
+                f"subnet_values.{adapter_name}",
+                f"values of the SUBNET adapter {adapter_name!r}",
+            )
             expected = (module.subnet_indices[adapter_name].numel(),)
             if tuple(to_return[values_key].shape) != expected:
                 raise_partitioned_save(values_key, to_return[values_key], expected)
