@@ -155,3 +155,16 @@ def recording(path: str | os.PathLike, argv: list[str] | None = None):
     finally:
         sys.stdout = tee.stream
     print(f"saved to {write_results(path, ''.join(tee.parts), header=header)}")
+
+
+def run_worker(script: str, job: dict) -> dict:
+    """Run ``script --worker <job as JSON>`` in a fresh process with ``job["threads"]`` threads; return the JSON
+    its last output line holds (one process per measurement, so each side's peak memory is its own)."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], capture_output=True, text=True,
+                          env=env, cwd=Path(script).resolve().parents[1])  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"worker {job} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 from harness import RESULTS, write_results
 
 HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM, KV_HEADS = 1024, 4096, 16, 64, 4
@@ -82,12 +81,7 @@ def worker(job: dict) -> dict:
 
 
 def run_worker(job: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    if done.returncode:
-        raise RuntimeError(f"worker {job} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return harness.run_worker(__file__, job)
 
 
 def main(argv=None):

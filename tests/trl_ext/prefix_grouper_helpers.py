@@ -176,3 +176,18 @@ def dense_reference_mask(packed, dtype: torch.dtype = torch.float32) -> torch.Te
     """
     allowed = attention_allowed(packed.segment_ids)[:, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+def peak_backward_bytes(fn) -> int:
+    """Peak bytes of live CPU tensors while ``fn().sum().backward()`` runs, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn().sum().backward()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())  # fmt: skip
+    live = top = 0
+    for event in events:
+        live += event.nbytes()
+        top = max(top, live)
+    return top

@@ -7,7 +7,7 @@ query over the allowed keys and the sink.
 
 import pytest
 import torch
-from prefix_grouper_helpers import assert_close, logps_of, loss_and_grads, make_batch, sharpen_
+from prefix_grouper_helpers import assert_close, logps_of, loss_and_grads, make_batch, peak_backward_bytes, sharpen_
 
 from trl_ext.prefix_grouper import (
     GroupedAttentionLayout,
@@ -137,7 +137,6 @@ def test_softcap_takes_the_materialized_path_exactly(window):
 
 def test_window_never_materialises_block_by_prefix_scores():
     """Peak memory of the windowed fused path stays far below one (G*R x P) score tensor."""
-    from torch.profiler import ProfilerActivity, profile
 
     prefix, block, blocks, heads, dim, window = 1024, 257, 8, 4, 16, 128
     layout = GroupedAttentionLayout(prefix_width=prefix, block_width=block, num_blocks=blocks)
@@ -146,16 +145,7 @@ def test_window_never_materialises_block_by_prefix_scores():
                for _ in range(3))  # fmt: skip
     score_bytes = heads * blocks * block * prefix * 4
 
-    def peak(fn):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn().sum().backward()
-        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns())  # fmt: skip
-        live = top = 0
-        for event in events:
-            live += event.nbytes()
-            top = max(top, live)
-        return top
+    peak = peak_backward_bytes
 
     def dense():  # the control: one explicit score tensor of all block queries against the prefix keys
         scores = q[:, :, prefix:] @ k[:, :, :prefix].transpose(-1, -2)

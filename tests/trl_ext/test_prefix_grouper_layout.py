@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from prefix_grouper_helpers import dense_reference_mask, make_batch, model_path, sharpen_
+from prefix_grouper_helpers import dense_reference_mask, make_batch, model_path, peak_backward_bytes, sharpen_
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
@@ -261,7 +261,6 @@ def test_split_attention_without_padding_or_prefix(kernel):
 
 def test_split_attention_never_materialises_scores():
     """Peak memory of the fused path stays O(tokens x width): far below one (G*R x P) score tensor."""
-    from torch.profiler import ProfilerActivity, profile
 
     prefix, block, blocks, heads, dim = 1024, 257, 8, 4, 16
     packed_len = prefix + blocks * block
@@ -270,16 +269,7 @@ def test_split_attention_never_materialises_scores():
     q, k, v = (torch.randn(1, heads, packed_len, dim, generator=gen, requires_grad=True) for _ in range(3))
     score_bytes = heads * blocks * block * prefix * 4  # one fp32 score tensor of block queries x prefix keys
 
-    def peak(fn):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn().sum().backward()
-        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns())  # fmt: skip
-        live = top = 0
-        for event in events:
-            live += event.nbytes()
-            top = max(top, live)
-        return top
+    peak = peak_backward_bytes
 
     def dense():  # one explicit score tensor of all block queries against the prefix keys
         return (q[:, :, prefix:] @ k[:, :, :prefix].transpose(-1, -2)).softmax(-1) @ v[:, :, :prefix]
