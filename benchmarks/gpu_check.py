@@ -154,8 +154,8 @@ def trainer_pair(model_factory, device, tmp: str, **overrides):
 
     from trl import GRPOConfig, GRPOTrainer
 
+    from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
     from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-    from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
 
     model = model_factory().to(device)
     trainers = []

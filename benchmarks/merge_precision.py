@@ -33,7 +33,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peft_ext import MoraConfig, SubnetConfig  # importing peft_ext registers MORA and SUBNET
-from trl_ext.toy.models import build_toy_model
+from peft_trl_testbed.models import build_toy_model
 
 
 def adapters(r: int, density: float) -> dict:

@@ -31,7 +31,7 @@ from harness import RESULTS, recording
 from peft import LoraConfig, get_peft_model
 
 from peft_ext import MoraConfig  # importing peft_ext registers the MORA type
-from trl_ext.toy.models import build_toy_model
+from peft_trl_testbed.models import build_toy_model
 
 
 def saved_tensor_bytes(model, ids) -> int:

@@ -8,7 +8,7 @@ accuracy by step: at r=8 LoRA reaches 10.7% at step 700, MoRA 87.4%. Here:
 2. each adapter (LoRA, MoRA rotation, MoRA sharing; all linear layers; same ``r``, hence at
    most LoRA's parameter count) is trained on ``--pairs`` new pairs, loss on the value only;
 3. every ``--eval-every`` steps, greedy decoding of each key is scored with
-   :func:`trl_ext.toy.data.uuid_char_accuracy` (characters right at the right position).
+   :func:`peft_trl_testbed.data.uuid_char_accuracy` (characters right at the right position).
 
 Format-only guessing scores about 17% (the 4 dashes plus 1/16 of the 32 hex digits).
 All adapters share one learning rate (``--lr``), the same batches and the same base model.
@@ -29,9 +29,9 @@ from harness import RESULTS, recording
 from peft import LoraConfig, get_peft_model
 
 from peft_ext import MoraConfig  # importing peft_ext registers the MORA type
-from trl_ext.toy.data import make_uuid_dataset, uuid_char_accuracy
-from trl_ext.toy.models import build_toy_model
-from trl_ext.toy.tokenizer import build_toy_tokenizer
+from peft_trl_testbed.data import make_uuid_dataset, uuid_char_accuracy
+from peft_trl_testbed.models import build_toy_model
+from peft_trl_testbed.tokenizer import build_toy_tokenizer
 
 
 def encode(dataset, tokenizer) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -199,8 +199,8 @@ def make_batch(vocab_size: int, pad_token_id: int):
 def trainer_for(model, grouped: bool, output_dir: str):
     from trl import GRPOConfig, GRPOTrainer
 
+    from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
     from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-    from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
 
     config_cls, trainer_cls = (
         (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)

@@ -73,7 +73,7 @@ def build_trainer(grouped: bool, heads: int, head_dim: int, kv_heads: int, max_l
     from timing import make_trainer  # benchmarks/timing.py
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trl_ext.toy import build_toy_tokenizer
+    from peft_trl_testbed import build_toy_tokenizer
 
     tokenizer = build_toy_tokenizer()
     torch.manual_seed(0)

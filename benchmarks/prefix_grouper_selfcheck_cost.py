@@ -25,8 +25,8 @@ import torch
 from harness import RESULTS, write_results
 from prefix_grouper_step import StepTimer
 
+from peft_trl_testbed import ToyModelSpec, arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-from trl_ext.toy import ToyModelSpec, arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
 
 MODELS = {
     "toy model (Llama d=64, 2 layers, 4 heads)": ToyModelSpec(arch="llama"),

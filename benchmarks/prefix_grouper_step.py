@@ -24,9 +24,9 @@ from harness import RESULTS, write_results
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from peft_trl_testbed import ToyModelSpec, arithmetic_reward, toy_args, toy_model_path
+from peft_trl_testbed import make_arithmetic_dataset as arithmetic
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-from trl_ext.toy import ToyModelSpec, arithmetic_reward, toy_args, toy_model_path
-from trl_ext.toy import make_arithmetic_dataset as arithmetic
 
 
 class StepTimer(TrainerCallback):

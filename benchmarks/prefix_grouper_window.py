@@ -44,7 +44,7 @@ def build_trainer(grouped: bool, window: int, max_len: int, output_dir: str):
     from timing import make_trainer  # benchmarks/timing.py
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from trl_ext.toy import build_toy_tokenizer
+    from peft_trl_testbed import build_toy_tokenizer
 
     tokenizer = build_toy_tokenizer()
     torch.manual_seed(0)

@@ -92,8 +92,8 @@ def run(variant, seed, a):
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from peft_trl_testbed import arithmetic_accuracy, make_arithmetic_dataset, make_mixed_quality_sft, toy_args
     from trl_ext import QTuningConfig
-    from trl_ext.toy import arithmetic_accuracy, make_arithmetic_dataset, make_mixed_quality_sft, toy_args
 
     name, r_s, r_t = variant
     path = a.model_path
@@ -148,8 +148,8 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    from trl_ext.toy import arithmetic_accuracy, make_arithmetic_dataset, make_mixed_quality_sft
-    from trl_ext.toy.pretrain import pretrained_toy_model_path
+    from peft_trl_testbed import arithmetic_accuracy, make_arithmetic_dataset, make_mixed_quality_sft
+    from peft_trl_testbed.pretrain import pretrained_toy_model_path
 
     logging.set_verbosity_error()
     datasets.disable_progress_bars()

@@ -52,7 +52,7 @@ def main():
     import torch
     from transformers.utils import logging
 
-    from trl_ext.toy import make_reasoning_traces, toy_model_path
+    from peft_trl_testbed import make_reasoning_traces, toy_model_path
 
     logging.set_verbosity_error()
     datasets.disable_progress_bars()

@@ -4,7 +4,7 @@ The question (Xu et al., 2025): from the same SFT checkpoint, does REDI on (corr
 teacher pairs raise accuracy more than SFT alone, and more than DPO? Per seed:
 
 1. traces: ``--negatives teacher`` samples 4 traces per prompt from the toy teacher
-   (``trl_ext.toy.toy_teacher_path``: the pretrained toy model fine-tuned briefly, right on about
+   (``peft_trl_testbed.toy_teacher_path``: the pretrained toy model fine-tuned briefly, right on about
    two sampled traces in three) at temperature 0.8 over ``--prompts`` toy prompts, labels each with
    ``check_reasoning_answer`` and builds pairs with ``traces_to_pairs`` (first correct + first
    incorrect trace per prompt). ``--negatives slipped`` uses ``make_reasoning_traces``' synthetic
@@ -63,8 +63,8 @@ def _quiet(trainer):
 
 def _traces(seed: int, a: argparse.Namespace):
     """(traces, pairs, report) for one seed, from the teacher or the slipped-step generator."""
+    from peft_trl_testbed import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
     from trl_ext.redi import generate_traces, traces_to_pairs
-    from trl_ext.toy import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
 
     if a.negatives == "slipped":
         traces = make_reasoning_traces(a.prompts, seed=seed)
@@ -81,9 +81,9 @@ def _traces(seed: int, a: argparse.Namespace):
 
 def _sft(model_path: str, train, seed: int, a: argparse.Namespace) -> str:
     """Stage 1, the recipe's own: SFT on the correct traces, saved so every second stage loads it afresh."""
+    from peft_trl_testbed import toy_args
     from recipes.redi_two_stage import REDIScriptArguments, sft_stage
     from trl_ext.redi import REDIConfig
-    from trl_ext.toy import toy_args
 
     stage_args = toy_args(REDIConfig, f"{a.workdir}/{a.negatives}/{seed}", seed=seed, disable_tqdm=True)
     script_args = REDIScriptArguments(sft_learning_rate=a.sft_lr, sft_max_steps=a.sft_steps, sft_batch_size=32)
@@ -94,14 +94,14 @@ def run_seed(seed: int, a: argparse.Namespace, variants: list[tuple[str, float |
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from trl_ext.redi import REDIConfig, REDITrainer, positives
-    from trl_ext.toy import (
+    from peft_trl_testbed import (
         generation_accuracy,
         make_reasoning_traces,
         pretrained_toy_model_path,
         reasoning_reward,
         toy_args,
     )
+    from trl_ext.redi import REDIConfig, REDITrainer, positives
 
     start = time.perf_counter()
     traces, pairs, report = _traces(seed, a)
@@ -186,7 +186,7 @@ def main():
     import datasets
     from transformers import logging
 
-    from trl_ext.toy import teacher_metrics, toy_teacher_path
+    from peft_trl_testbed import teacher_metrics, toy_teacher_path
 
     logging.set_verbosity_error()
     datasets.disable_progress_bars()

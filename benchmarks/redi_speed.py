@@ -32,8 +32,8 @@ def worker(kind: str, a: argparse.Namespace) -> dict:
     from timing import mean_step_time
     from trl import DPOConfig, DPOTrainer
 
+    from peft_trl_testbed import toy_model_path
     from trl_ext.redi import REDIConfig, REDITrainer
-    from trl_ext.toy import toy_model_path
 
     path = toy_model_path(arch="llama", hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=8)
     before = rss_mb()

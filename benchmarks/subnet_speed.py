@@ -37,7 +37,7 @@ from safetensors.torch import save_file  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from peft_ext.subnet import SubnetConfig, analysis, ops  # noqa: E402
-from trl_ext.toy.models import build_toy_model  # noqa: E402
+from peft_trl_testbed.models import build_toy_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

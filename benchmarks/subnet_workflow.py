@@ -39,8 +39,8 @@ from peft_ext.subnet import (  # noqa: E402
     ops,
     top_fraction_masks,
 )
-from trl_ext.toy.data import arithmetic_reward, make_arithmetic_dataset  # noqa: E402
-from trl_ext.toy.pretrain import arithmetic_accuracy, pretrained_toy_model_path  # noqa: E402
+from peft_trl_testbed.data import arithmetic_reward, make_arithmetic_dataset  # noqa: E402
+from peft_trl_testbed.pretrain import arithmetic_accuracy, pretrained_toy_model_path  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LINES: list[str] = []

@@ -22,7 +22,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from trl_ext.toy import (
+from peft_trl_testbed import (
     ToyModelSpec,
     arithmetic_reward,
     build_toy_model,

@@ -22,7 +22,7 @@ from harness import RESULTS, recording
 
 WORKER = """
 import json, sys, time
-from trl_ext.toy import PretrainConfig, pretrain_metrics, pretrained_toy_model_path
+from peft_trl_testbed import PretrainConfig, pretrain_metrics, pretrained_toy_model_path
 start = time.perf_counter()
 path = pretrained_toy_model_path(PretrainConfig(seed=int(sys.argv[1])), progress=False)
 m = pretrain_metrics(path)

@@ -160,7 +160,7 @@ def model_path(model_args: ModelConfig) -> str:
     """``--model_name_or_path``, or the embedded pretrained toy model when it is not given."""
     if model_args.model_name_or_path:
         return model_args.model_name_or_path
-    from trl_ext.toy import pretrained_toy_model_path
+    from peft_trl_testbed import pretrained_toy_model_path
 
     return pretrained_toy_model_path()
 
@@ -231,7 +231,7 @@ def lora_config(model_args: ModelConfig, model: PreTrainedModel | PretrainedConf
 def _toy_rewards() -> dict:
     from trl.rewards import accuracy_reward, think_format_reward
 
-    from trl_ext.toy import arithmetic_reward, reasoning_reward
+    from peft_trl_testbed import arithmetic_reward, reasoning_reward
 
     return {
         "arithmetic_reward": arithmetic_reward,  # toy a+b: exact integer answer
@@ -290,7 +290,7 @@ class ToyEval:
     dataset: Dataset = field(init=False, repr=False)
 
     def __post_init__(self):
-        from trl_ext.toy import make_reasoning_traces
+        from peft_trl_testbed import make_reasoning_traces
 
         if self.task == "arithmetic":
             self.dataset = held_out_arithmetic(self.num_prompts)
@@ -301,7 +301,7 @@ class ToyEval:
             raise ValueError(f"task={self.task!r} is unknown; use 'arithmetic' or 'reasoning'.")
 
     def __call__(self, model, tokenizer) -> float:
-        from trl_ext.toy import arithmetic_accuracy, generation_accuracy, reasoning_reward
+        from peft_trl_testbed import arithmetic_accuracy, generation_accuracy, reasoning_reward
 
         with whole_model(model):  # under ZeRO-3 every process gathers the weights and evaluates
             if self.task == "arithmetic":
@@ -311,7 +311,7 @@ class ToyEval:
 
 def held_out_arithmetic(n: int = HELD_OUT_ARITHMETIC["n"]) -> Dataset:
     """The first ``n`` held-out a+b problems (disjoint from the toy pretraining data); training data excludes them."""
-    from trl_ext.toy import make_arithmetic_dataset
+    from peft_trl_testbed import make_arithmetic_dataset
 
     full = make_arithmetic_dataset(
         max(n, HELD_OUT_ARITHMETIC["n"]),

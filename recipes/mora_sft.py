@@ -25,6 +25,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer
 from peft_ext import MoraConfig, ReMoraCallback
 from peft_ext.mora.layer import MoraLayer
 from peft_ext.mora.ops import resolve_mora_type
+from peft_trl_testbed import make_arithmetic_dataset
 from recipes.common import (
     RunRecord,
     ToyScriptArguments,
@@ -40,7 +41,6 @@ from recipes.common import (
     train,
     whole_model,
 )
-from trl_ext.toy import make_arithmetic_dataset
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from trl import ModelConfig
 
+from peft_trl_testbed import make_arithmetic_dataset
 from recipes.common import (
     RewardScriptArguments,
     RunRecord,
@@ -34,7 +35,6 @@ from recipes.common import (
     train,
 )
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-from trl_ext.toy import make_arithmetic_dataset
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from trl import ModelConfig
 
+from peft_trl_testbed import make_mixed_quality_sft
 from recipes.common import (
     RunRecord,
     ToyScriptArguments,
@@ -32,7 +33,6 @@ from recipes.common import (
     train,
 )
 from trl_ext import QTuningConfig, QTuningSFTTrainer
-from trl_ext.toy import make_mixed_quality_sft
 
 
 @dataclass

@@ -44,7 +44,7 @@ def _callback_cls():
 
 def _argv(output_dir: Path, **flags) -> list[str]:
     """A recipe's command line: the toy testbed's CPU defaults (``TOY_DEFAULTS``) plus ``flags``."""
-    from trl_ext.toy import TOY_DEFAULTS
+    from peft_trl_testbed import TOY_DEFAULTS
 
     argv = ["--output_dir", str(output_dir)]
     for name, value in {**TOY_DEFAULTS, **flags}.items():
@@ -58,7 +58,7 @@ def _run(recipe, argv: list[str], callbacks=None) -> dict:
 
 
 def _toy(out: Path) -> tuple[list, dict]:
-    from trl_ext.toy import pretrain_metrics, pretrained_toy_model_path
+    from peft_trl_testbed import pretrain_metrics, pretrained_toy_model_path
 
     print("[quickstart] toy testbed: tiny Llama pretrained on a+b (cached after the first run)")
     path = pretrained_toy_model_path()
@@ -101,9 +101,9 @@ def _prefix_grouper(out: Path) -> tuple[list, dict]:
     from trl import GRPOConfig, GRPOTrainer
 
     from benchmarks.timing import logprob_speedup
+    from peft_trl_testbed import arithmetic_reward, make_arithmetic_dataset, pretrained_toy_model_path, toy_args
     from recipes import prefix_grouper_grpo
     from recipes.common import held_out_arithmetic
-    from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset, pretrained_toy_model_path, toy_args
 
     common = dict(max_steps=40, per_device_train_batch_size=32, num_generations=8, max_completion_length=6,
                   learning_rate=1e-4, beta=0.0, logging_steps=5)  # fmt: skip
@@ -130,9 +130,9 @@ def _redi(out: Path) -> tuple[list, dict]:
     from trl import DPOConfig, DPOTrainer
 
     from benchmarks.timing import step_time_ratio_vs_dpo
+    from peft_trl_testbed import pretrained_toy_model_path, toy_args
     from recipes import redi_two_stage
     from recipes.common import ToyEval
-    from trl_ext.toy import pretrained_toy_model_path, toy_args
 
     stage2 = dict(max_steps=100, per_device_train_batch_size=16, learning_rate=6e-5, logging_steps=10)
     held_out = ToyEval("reasoning", num_prompts=200)
@@ -186,15 +186,15 @@ def _qtuning(out: Path) -> tuple[list, dict]:
     from trl import SFTConfig, SFTTrainer
 
     from benchmarks.timing import epoch_time
-    from recipes import qtuning_sft
-    from recipes.common import ToyEval
-    from trl_ext.toy import (
+    from peft_trl_testbed import (
         make_mixed_quality_sft,
         make_reasoning_traces,
         pretrained_toy_model_path,
         toy_args,
         toy_model_path,
     )
+    from recipes import qtuning_sft
+    from recipes.common import ToyEval
 
     held_out = ToyEval("arithmetic", num_prompts=200)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_toy_model_path())

@@ -60,7 +60,7 @@ def _problems(args: REDIEvalArguments) -> Dataset:
 
 def accuracy(model, tokenizer, problems: Dataset, verifier, max_new_tokens: int, batch_size: int = 64) -> float:
     """Fraction of greedy completions of ``problems["prompt"]`` that ``verifier`` accepts against ``answer``."""
-    from trl_ext.toy import generation_accuracy
+    from peft_trl_testbed import generation_accuracy
 
     def render(prompt):
         is_chat = isinstance(prompt, list)

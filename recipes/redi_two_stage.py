@@ -42,6 +42,7 @@ from datasets import Dataset, load_dataset, load_from_disk
 from transformers import AutoConfig, AutoTokenizer, TrainingArguments
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
+from peft_trl_testbed import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
 from recipes.common import (
     RunRecord,
     ToyScriptArguments,
@@ -72,7 +73,6 @@ from trl_ext.redi import (
     positives,
     traces_to_pairs,
 )
-from trl_ext.toy import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
 
 
 @dataclass

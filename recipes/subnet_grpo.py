@@ -29,6 +29,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
 from peft_ext import SubnetConfig, diff_checkpoints
 from peft_ext.subnet import analysis
+from peft_trl_testbed import make_arithmetic_dataset
 from recipes.common import (
     RewardScriptArguments,
     RunRecord,
@@ -43,7 +44,6 @@ from recipes.common import (
     resume_arg,
     toy_eval,
 )
-from trl_ext.toy import make_arithmetic_dataset
 
 
 @dataclass

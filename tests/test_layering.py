@@ -19,7 +19,7 @@ def _run(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-LOADED = 'sorted(m for m in sys.modules if m.split(".")[0] in ("trl", "trl_ext", "peft_ext"))'
+LOADED = 'sorted(m for m in sys.modules if m.split(".")[0] in ("trl", "trl_ext", "peft_ext", "peft_trl_testbed"))'
 
 
 def test_peft_ext_imports_nothing_from_trl():
@@ -36,12 +36,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 def registries():
     return [sorted(AttentionInterface._global_mapping), sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)]
 stock = registries()
-import trl_ext.toy
+import peft_trl_testbed
 print(json.dumps({{"modules": {LOADED}, "stock": stock, "after": registries()}}))
 """
     )
-    assert not [m for m in probe["modules"] if m == "trl" or m.startswith("trl.")]
-    assert all(m == "trl_ext" or m.startswith("trl_ext.toy") for m in probe["modules"]), probe["modules"]
+    assert all(m.split(".")[0] == "peft_trl_testbed" for m in probe["modules"]), probe["modules"]
     assert probe["after"] == probe["stock"]
 
 
@@ -80,12 +79,10 @@ def _imported_modules(path: Path) -> set[str]:
 def test_library_code_never_imports_the_testbed_recipes_or_benchmarks(package):
     offenders = {}
     for path in sorted((REPO_ROOT / package).rglob("*.py")):
-        if path.is_relative_to(REPO_ROOT / "trl_ext" / "toy"):
-            continue
         bad = {
             m
             for m in _imported_modules(path)
-            if m.startswith(("trl_ext.toy", "recipes", "benchmarks", "tests"))
+            if m.startswith(("peft_trl_testbed", "recipes", "benchmarks", "tests"))
             or (package == "peft_ext" and m.split(".")[0] in ("trl", "trl_ext"))
         }
         if bad:

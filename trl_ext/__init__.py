@@ -1,9 +1,9 @@
 """TRL trainer and collator subclasses for Prefix Grouper, REDI and Q-Tuning.
 
 Swap the stock trainer for the subclass; configs, datasets and callbacks stay as they are.
-The offline toy testbed lives in :mod:`trl_ext.toy`.
+The offline toy testbed is the separate package :mod:`peft_trl_testbed`.
 
-The names below are imported on first use, so ``import trl_ext`` (or ``import trl_ext.toy``)
+The names below are imported on first use, so ``import trl_ext``
 loads neither TRL's trainers nor this package's trainer modules.
 """
 

@@ -14,7 +14,7 @@ from peft import get_peft_model
 from torch.distributed.fsdp import fully_shard
 
 from peft_ext import MoraConfig, SubnetConfig
-from trl_ext.toy.models import build_toy_model
+from peft_trl_testbed.models import build_toy_model
 
 STEPS = 2
 

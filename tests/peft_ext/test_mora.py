@@ -19,7 +19,7 @@ import peft_ext
 from peft_ext import MoraConfig, MoraModel
 from peft_ext.mora import MoraLinear
 from peft_ext.mora.ops import MORA_TYPES
-from trl_ext.toy.models import toy_model_path
+from peft_trl_testbed.models import toy_model_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZES = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
@@ -343,7 +343,7 @@ def test_registered_as_peft_type():
 
 # ---------------------------------------------------------------------------- layer shapes in the saved adapter
 def _mlp_toy(intermediate_size: int):
-    from trl_ext.toy.models import build_toy_model
+    from peft_trl_testbed.models import build_toy_model
 
     return build_toy_model(arch="llama", intermediate_size=intermediate_size, **SIZES).eval()
 

@@ -8,8 +8,8 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_ext import MoraConfig, ReMoraCallback
 from peft_ext.mora import MoraLinear
-from trl_ext.toy.data import make_uuid_dataset
-from trl_ext.toy.models import toy_model_path
+from peft_trl_testbed.data import make_uuid_dataset
+from peft_trl_testbed.models import toy_model_path
 
 SIZES = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
 IDS = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -21,7 +21,7 @@ from peft_ext.subnet import (
     top_fraction_masks,
 )
 from peft_ext.subnet.__main__ import main as cli
-from trl_ext.toy.models import build_toy_model, toy_model_path
+from peft_trl_testbed.models import build_toy_model, toy_model_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
@@ -106,8 +106,8 @@ def test_baselines_and_budget_selection():
 def test_warmup_callback_collects_statistics_during_grpo(tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
-    from trl_ext.toy.data import make_arithmetic_dataset
-    from trl_ext.toy.tokenizer import build_toy_tokenizer
+    from peft_trl_testbed.data import make_arithmetic_dataset
+    from peft_trl_testbed.tokenizer import build_toy_tokenizer
 
     path = toy_model_path(arch="llama", **SIZES)
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_ext import SubnetConfig
 from peft_ext.subnet import SubnetLayer, random_masks, save_masks
-from trl_ext.toy.models import build_toy_model, toy_model_path
+from peft_trl_testbed.models import build_toy_model, toy_model_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)

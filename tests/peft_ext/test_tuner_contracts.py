@@ -22,7 +22,7 @@ from torch import nn
 
 from peft_ext import MoraConfig, SubnetConfig
 from peft_ext.subnet import random_masks, save_masks
-from trl_ext.toy.models import build_toy_model
+from peft_trl_testbed.models import build_toy_model
 
 MLP_TARGETS = ["lin0", "lin1"]
 LLAMA_TARGETS = ["q_proj", "up_proj"]

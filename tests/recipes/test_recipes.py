@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from trl import SFTConfig
 
+from peft_trl_testbed import toy_model_path
 from recipes import mora_sft, prefix_grouper_grpo, qtuning_sft, redi_two_stage, subnet_grpo
-from trl_ext.toy import toy_model_path
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RECIPES = {
@@ -216,7 +216,7 @@ VERIFIER = "tests.recipes.rewards:even_length"
 
 
 def _redi(tmp_path, *extra: str, flags: str = TEACHER) -> dict:
-    from trl_ext.toy import pretrained_toy_model_path
+    from peft_trl_testbed import pretrained_toy_model_path
 
     argv = ["--output_dir", str(tmp_path), "--teacher_model_name_or_path", pretrained_toy_model_path(),
             *shlex.split(flags), *extra]  # fmt: skip
@@ -226,8 +226,8 @@ def _redi(tmp_path, *extra: str, flags: str = TEACHER) -> dict:
 def test_redi_recipe_from_a_teacher_saves_every_stage(tmp_path, monkeypatch):
     from datasets import load_from_disk
 
+    from peft_trl_testbed import make_reasoning_traces
     from tests.recipes.rewards import even_length
-    from trl_ext.toy import make_reasoning_traces
 
     monkeypatch.chdir(ROOT)
     results = _redi(tmp_path / "run", "--verifier", VERIFIER)

@@ -7,8 +7,8 @@ import shlex
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from peft_trl_testbed import make_arithmetic_dataset, pretrained_toy_model_path
 from recipes import redi_eval
-from trl_ext.toy import make_arithmetic_dataset, pretrained_toy_model_path
 
 
 def _reference_accuracy(path: str, prompts: list[str], answers: list[int]) -> float:
@@ -45,7 +45,7 @@ def test_accuracy_on_a_dataset_matches_decoding_each_prompt_alone(tmp_path, monk
 
 
 def test_toy_default_is_the_recipes_held_out_set():
-    from trl_ext.toy import check_reasoning_answer, make_reasoning_traces
+    from peft_trl_testbed import check_reasoning_answer, make_reasoning_traces
 
     path = pretrained_toy_model_path()
     results = redi_eval.main(*redi_eval.make_parser().parse_args_into_dataclasses(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_ext.toy import (
+from peft_trl_testbed import (
     PretrainConfig,
     ToyModelSpec,
     arithmetic_reward,
@@ -163,7 +163,7 @@ def test_pretraining_reaches_stated_heldout_accuracy():
 
 
 def test_build_once_never_caches_an_incomplete_build(tmp_path):
-    from trl_ext.toy.models import build_once
+    from peft_trl_testbed.models import build_once
 
     target = tmp_path / "model"
     with pytest.raises(RuntimeError, match=r"wrote no config.json \(in .*\); nothing was cached"):
@@ -176,7 +176,7 @@ def test_build_once_never_caches_an_incomplete_build(tmp_path):
 def test_build_once_refuses_to_build_under_zero3_init(tmp_path, monkeypatch):
     import transformers.integrations
 
-    from trl_ext.toy.models import build_once
+    from peft_trl_testbed.models import build_once
 
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
     with pytest.raises(RuntimeError, match="ZeRO-3 init is active"):

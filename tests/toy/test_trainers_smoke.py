@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from trl_ext.toy import (
+from peft_trl_testbed import (
     ARCHITECTURES,
     arithmetic_reward,
     build_toy_model,

@@ -22,6 +22,14 @@ from trl import SFTConfig, SFTTrainer
 from vllm_helpers import pushed_weights
 
 from peft_ext import MoraConfig, SubnetConfig
+from peft_trl_testbed import (
+    make_arithmetic_dataset,
+    make_mixed_quality_sft,
+    make_reasoning_preferences,
+    pretrained_toy_model_path,
+    toy_args,
+    toy_model_path,
+)
 from trl_ext import (
     PrefixGrouperGRPOConfig,
     PrefixGrouperGRPOTrainer,
@@ -29,14 +37,6 @@ from trl_ext import (
     QTuningSFTTrainer,
     REDIConfig,
     REDITrainer,
-)
-from trl_ext.toy import (
-    make_arithmetic_dataset,
-    make_mixed_quality_sft,
-    make_reasoning_preferences,
-    pretrained_toy_model_path,
-    toy_args,
-    toy_model_path,
 )
 
 GPT2 = dict(arch="gpt2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4)

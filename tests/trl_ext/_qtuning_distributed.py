@@ -10,8 +10,8 @@ import sys
 import torch.distributed as dist
 from distributed_helpers import save_trained_state, shutdown
 
+from peft_trl_testbed import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
 from trl_ext import QTuningConfig, QTuningSFTTrainer
-from trl_ext.toy import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
 
 out, expected_world, scoring = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 world = int(os.environ.get("WORLD_SIZE", "1"))

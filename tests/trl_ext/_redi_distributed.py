@@ -5,8 +5,8 @@ import sys
 
 from distributed_helpers import save_trained_state, shutdown
 
+from peft_trl_testbed import make_reasoning_preferences, pretrained_toy_model_path, toy_args
 from trl_ext import REDIConfig, REDITrainer
-from trl_ext.toy import make_reasoning_preferences, pretrained_toy_model_path, toy_args
 
 out, expected_world = sys.argv[1], int(sys.argv[2])
 world = int(os.environ.get("WORLD_SIZE", "1"))

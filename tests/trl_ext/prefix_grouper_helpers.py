@@ -6,9 +6,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
+from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args, toy_model_path
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 from trl_ext.prefix_grouper.layout import attention_allowed
-from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args, toy_model_path
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 

@@ -22,7 +22,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from trl_ext.toy import pretrained_toy_model_path, toy_model_path
+from peft_trl_testbed import pretrained_toy_model_path, toy_model_path
 
 SCRIPT = str(Path(__file__).with_name("_engines_train.py"))
 ENGINES = ("zero2", "zero3", "fsdp2")

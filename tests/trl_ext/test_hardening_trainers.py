@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainingArguments
 from trl import DPOConfig, SFTConfig, SFTTrainer
 
+from peft_trl_testbed import make_mixed_quality_sft, make_reasoning_preferences, pretrained_toy_model_path, toy_args
+from peft_trl_testbed.tokenizer import build_toy_tokenizer
 from trl_ext import QTuningConfig, QTuningSFTTrainer, REDIConfig, REDITrainer
-from trl_ext.toy import make_mixed_quality_sft, make_reasoning_preferences, pretrained_toy_model_path, toy_args
-from trl_ext.toy.tokenizer import build_toy_tokenizer
 
 
 # 9 ---------------------------------------------------------------------------------------------

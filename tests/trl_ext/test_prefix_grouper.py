@@ -19,9 +19,9 @@ from prefix_grouper_helpers import (
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from trl import GRPOConfig, GRPOTrainer
 
+from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args, toy_model_path
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 from trl_ext.prefix_grouper import install_grouped_attention
-from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args, toy_model_path
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 

@@ -252,8 +252,8 @@ def family_trainer(family: str, attn: str, grouped: bool, tmp_path, **overrides)
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
+    from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
     from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-    from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
 
     config = family_config(family)
     config._attn_implementation = attn
@@ -353,8 +353,8 @@ def test_rejects_sliding_mask_the_attention_is_not_told_about_at_construction(tm
     function: the grouped forward cannot see the mask, so the model is refused when the trainer is built."""
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
+    from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
     from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-    from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
 
     config = Qwen2MoeConfig(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,

@@ -9,6 +9,7 @@ import torch
 from prefix_grouper_helpers import assert_close, logps_of, make_batch, tiny_model, trainer_for_model
 from test_prefix_grouper import compare
 
+from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 from trl_ext.prefix_grouper.attention import LAYOUT_KWARG, GroupedAttentionLayout, install_grouped_attention
 from trl_ext.prefix_grouper.layout import find_groups, pack_groups, ungroup
@@ -17,7 +18,6 @@ from trl_ext.prefix_grouper.selfcheck import (
     tolerance,
     zero_parameters_perturbed,
 )
-from trl_ext.toy import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
 
 FALLBACK = r"stock `trl.GRPOTrainer`"
 

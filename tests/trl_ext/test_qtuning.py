@@ -9,8 +9,8 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from peft_ext import MoraConfig
+from peft_trl_testbed import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
 from trl_ext import QTuningConfig, QTuningSFTTrainer
-from trl_ext.toy import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
 
 
 def _trainer(tmp_path, train_size=48, **overrides):

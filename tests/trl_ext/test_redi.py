@@ -13,15 +13,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_ext import MoraConfig
-from trl_ext import REDIConfig, REDITrainer
-from trl_ext.redi import build_redi_pairs, label_traces, math_verify_checker, positives, redi_loss
-from trl_ext.toy import (
+from peft_trl_testbed import (
     check_reasoning_answer,
     make_reasoning_preferences,
     make_reasoning_traces,
     pretrained_toy_model_path,
     toy_args,
 )
+from trl_ext import REDIConfig, REDITrainer
+from trl_ext.redi import build_redi_pairs, label_traces, math_verify_checker, positives, redi_loss
 
 
 def _trainer(tmp_path, alpha=0.8, model=None, dataset=None, **kw):

@@ -8,7 +8,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import trl_ext.toy.teacher as teacher_module
+import peft_trl_testbed.teacher as teacher_module
+from peft_trl_testbed import TeacherConfig, make_reasoning_traces, pretrained_toy_model_path, teacher_metrics
 from trl_ext.redi import (
     generate_traces,
     label_traces,
@@ -16,7 +17,6 @@ from trl_ext.redi import (
     traces_to_pairs,
     verify_traces,
 )
-from trl_ext.toy import TeacherConfig, make_reasoning_traces, pretrained_toy_model_path, teacher_metrics
 
 K = 3
 

@@ -19,6 +19,12 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
+from peft_trl_testbed import (
+    make_arithmetic_dataset,
+    make_reasoning_preferences,
+    toy_args,
+    toy_model_path,
+)
 from trl_ext import (
     PrefixGrouperGRPOConfig,
     PrefixGrouperGRPOTrainer,
@@ -26,12 +32,6 @@ from trl_ext import (
     QTuningSFTTrainer,
     REDIConfig,
     REDITrainer,
-)
-from trl_ext.toy import (
-    make_arithmetic_dataset,
-    make_reasoning_preferences,
-    toy_args,
-    toy_model_path,
 )
 
 MODEL = dict(arch="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4)

@@ -16,7 +16,7 @@ from vllm_helpers import pushed_weights
 
 from peft_ext import MoraConfig, SubnetConfig
 from peft_ext.subnet.layer import SubnetLayer
-from trl_ext.toy import build_toy_model
+from peft_trl_testbed import build_toy_model
 
 TARGETS = {"llama": ["q_proj", "v_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_proj", "c_fc"]}
 

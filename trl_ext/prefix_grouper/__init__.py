@@ -6,7 +6,7 @@ once (see :mod:`.layout` for the row and :mod:`.attention` for the split attenti
 Example:
     ```py
     >>> from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer  # instead of GRPOConfig, GRPOTrainer
-    >>> from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
+    >>> from peft_trl_testbed import arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
     >>> args = toy_args(PrefixGrouperGRPOConfig, "out", max_steps=1, per_device_train_batch_size=8, num_generations=8)
     >>> trainer = PrefixGrouperGRPOTrainer(model=toy_model_path(), reward_funcs=arithmetic_reward, args=args,
     ...                                    train_dataset=make_arithmetic_dataset(16))

@@ -43,7 +43,7 @@ Example:
     ```py
     >>> from transformers import AutoModelForCausalLM
     >>> from trl_ext.prefix_grouper.attention import install_grouped_attention
-    >>> from trl_ext.toy import toy_model_path
+    >>> from peft_trl_testbed import toy_model_path
     >>> model = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="llama"), attn_implementation="sdpa")
     >>> install_grouped_attention(model)
     'prefix_grouper_sdpa'

@@ -57,7 +57,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
     Example:
         ```py
         >>> from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
-        >>> from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
+        >>> from peft_trl_testbed import arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
         >>> args = toy_args(PrefixGrouperGRPOConfig, "out", max_steps=1, per_device_train_batch_size=4,
         ...                 num_generations=4, max_completion_length=8)
         >>> trainer = PrefixGrouperGRPOTrainer(model=toy_model_path(arch="llama"), reward_funcs=arithmetic_reward,

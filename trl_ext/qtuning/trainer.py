@@ -65,7 +65,7 @@ class QTuningSFTTrainer(SFTTrainer):
     Example:
         ```py
         >>> from trl_ext import QTuningConfig, QTuningSFTTrainer
-        >>> from trl_ext.toy import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
+        >>> from peft_trl_testbed import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
         >>> args = toy_args(QTuningConfig, "qtuning-out", sample_keep_ratio=0.25, token_keep_ratio=0.5, max_steps=10)
         >>> trainer = QTuningSFTTrainer(model=pretrained_toy_model_path(), args=args,
         ...                             train_dataset=make_mixed_quality_sft(256))

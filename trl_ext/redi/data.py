@@ -176,7 +176,7 @@ def label_traces(
 
     ``verifier`` is any callable ``(completion, answer) -> bool``: :func:`math_verify_checker` for
     boxed math answers, or a task's own checker (the toy task's is
-    ``trl_ext.toy.check_reasoning_answer``). A trace on which the verifier raises gets the label
+    ``peft_trl_testbed.check_reasoning_answer``). A trace on which the verifier raises gets the label
     ``None`` and its reason in the ``verifier_error`` column: it is excluded from the pairs and the
     SFT data, and :func:`build_redi_pairs` counts it by reason. A result that is not a bool (or an
     int 0/1) raises, naming the value and the row (see :func:`verify_traces`).
@@ -263,7 +263,7 @@ def build_redi_pairs(
 
     Example:
         ```py
-        >>> from trl_ext.toy import make_reasoning_traces
+        >>> from peft_trl_testbed import make_reasoning_traces
         >>> pairs, report = build_redi_pairs(make_reasoning_traces(100))
         >>> print(report)
         ```

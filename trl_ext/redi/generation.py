@@ -218,7 +218,7 @@ def generate_traces(
 
     Example:
         ```py
-        >>> from trl_ext.toy import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
+        >>> from peft_trl_testbed import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
         >>> prompts = make_reasoning_traces(64, traces_per_prompt=1).select_columns(["prompt", "answer"])
         >>> traces, report = generate_traces(toy_teacher_path(), prompts, check_reasoning_answer, max_new_tokens=48)
         >>> print(report)

@@ -54,7 +54,7 @@ class REDITrainer(DPOTrainer):
     Example:
         ```py
         >>> from trl_ext import REDIConfig, REDITrainer
-        >>> from trl_ext.toy import make_reasoning_preferences, toy_args, pretrained_toy_model_path
+        >>> from peft_trl_testbed import make_reasoning_preferences, toy_args, pretrained_toy_model_path
         >>> args = toy_args(REDIConfig, "redi-out", redi_alpha=0.8, max_steps=10)
         >>> trainer = REDITrainer(model=pretrained_toy_model_path(), args=args,
         ...                       train_dataset=make_reasoning_preferences(64))

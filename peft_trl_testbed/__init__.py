@@ -7,7 +7,7 @@ arithmetic pretraining run. Nothing here downloads anything.
 Example:
     ```py
     >>> from transformers import AutoModelForCausalLM
-    >>> from trl_ext.toy import make_arithmetic_dataset, arithmetic_reward, pretrained_toy_model_path
+    >>> from peft_trl_testbed import make_arithmetic_dataset, arithmetic_reward, pretrained_toy_model_path
     >>> model = AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path(arch="llama"))
     >>> train = make_arithmetic_dataset(256)
     ```

@@ -1,4 +1,4 @@
-"""MoRA hardening: broken adapters fail at load, loads are all-or-nothing, PEFT's merge wording."""
+"""MoRA loading: broken adapters fail at load, loads are all-or-nothing, PEFT's merge wording."""
 
 import shutil
 
@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_ext import MoraConfig
 from peft_ext.mora.layer import MoraLayer
-from trl_ext.toy.models import build_toy_model
+from peft_trl_testbed.models import build_toy_model
 
 SIZES = dict(num_hidden_layers=2, num_attention_heads=4)
 TARGETS = ["q_proj", "up_proj"]

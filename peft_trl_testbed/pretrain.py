@@ -1,13 +1,13 @@
 """Pretrain a toy model on the arithmetic task so that RL has a policy that sometimes succeeds.
 
 A plain PyTorch loop (no Trainer, for speed) trains on a mix of the plain prompt/completion
-form and the chat-template form of :func:`~trl_ext.toy.data.make_arithmetic_dataset`, with
+form and the chat-template form of :func:`~peft_trl_testbed.data.make_arithmetic_dataset`, with
 loss on completion tokens only. The result is cached on disk keyed by the whole
 configuration, so later runs reuse it.
 
 Example:
     ```py
-    >>> from trl_ext.toy.pretrain import pretrained_toy_model_path
+    >>> from peft_trl_testbed.pretrain import pretrained_toy_model_path
     >>> path = pretrained_toy_model_path(arch="llama")  # about a minute the first time, then cached
     ```
 """
@@ -81,7 +81,7 @@ def generation_accuracy(
 
     Example:
         ```py
-        >>> from trl_ext.toy import arithmetic_reward, make_arithmetic_dataset
+        >>> from peft_trl_testbed import arithmetic_reward, make_arithmetic_dataset
         >>> acc = generation_accuracy(model, tokenizer, make_arithmetic_dataset(100), arithmetic_reward)
         ```
     """
@@ -205,7 +205,7 @@ def save_trained(model, tokenizer, output_dir: str | os.PathLike, metrics_file: 
 def pretrained_toy_model_path(config: PretrainConfig | None = None, progress: bool = True, **model_sizes) -> str:
     """Path of a toy model pretrained on arithmetic, trained once and cached by its configuration.
 
-    ``model_sizes`` are :class:`~trl_ext.toy.models.ToyModelSpec` fields (e.g. ``arch="qwen2"``)
+    ``model_sizes`` are :class:`~peft_trl_testbed.models.ToyModelSpec` fields (e.g. ``arch="qwen2"``)
     and are used only when ``config`` is not given.
     """
     config = config or PretrainConfig(model=ToyModelSpec(**model_sizes))

@@ -1,13 +1,13 @@
 """A toy teacher for the reasoning task: good, but imperfect, so its own mistakes can be REDI's negatives.
 
-The teacher is the pretrained toy model (:func:`~trl_ext.toy.pretrain.pretrained_toy_model_path`)
-fine-tuned briefly on correct step-by-step traces of :func:`~trl_ext.toy.data.make_reasoning_traces`
+The teacher is the pretrained toy model (:func:`~peft_trl_testbed.pretrain.pretrained_toy_model_path`)
+fine-tuned briefly on correct step-by-step traces of :func:`~peft_trl_testbed.data.make_reasoning_traces`
 with a plain PyTorch loop (loss on completion tokens only). It is cached on disk keyed by its whole
 configuration, like the pretrained model, so later runs reuse it.
 
 Example:
     ```py
-    >>> from trl_ext.toy import toy_teacher_path, teacher_metrics
+    >>> from peft_trl_testbed import toy_teacher_path, teacher_metrics
     >>> path = toy_teacher_path()  # about a minute the first time, then cached
     >>> teacher_metrics(path)["heldout_accuracy_sampled"]
     ```
@@ -113,7 +113,7 @@ def toy_teacher_path(config: TeacherConfig | None = None, progress: bool = True)
     Example:
         ```py
         >>> from trl_ext.redi import generate_traces
-        >>> from trl_ext.toy import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
+        >>> from peft_trl_testbed import check_reasoning_answer, make_reasoning_traces, toy_teacher_path
         >>> prompts = make_reasoning_traces(64, traces_per_prompt=1).select_columns(["prompt", "answer"])
         >>> traces, report = generate_traces(toy_teacher_path(), prompts, check_reasoning_answer)
         ```

@@ -1,4 +1,4 @@
-"""SUBNET hardening: broken or foreign adapters and masks fail at load, loads are all-or-nothing, PEFT conventions."""
+"""SUBNET loading: broken or foreign adapters and masks fail at load, loads are all-or-nothing, PEFT conventions."""
 
 import copy
 import json
@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_ext import SubnetConfig
 from peft_ext.subnet import SubnetLayer
-from trl_ext.toy.models import build_toy_model
+from peft_trl_testbed.models import build_toy_model
 
 SIZES = dict(num_hidden_layers=2, num_attention_heads=4)
 TARGETS = ["q_proj", "up_proj"]
