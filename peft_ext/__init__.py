@@ -1,9 +1,12 @@
 """PEFT tuner types for MoRA and RL-selected sparse subnetworks.
 
 Importing this package registers the tuner types with PEFT, so ``get_peft_model``,
-``PeftModel.from_pretrained`` and ``AutoPeftModel*`` handle them like built-in types.
+``PeftModel.from_pretrained`` and ``AutoPeftModel*`` handle them like built-in types. That is the
+only effect of the import: no PEFT class is patched. :func:`push_to_hub` and :func:`save_pretrained`
+write a model card that tells readers to install and import this package.
 """
 
+from .hub import push_to_hub, save_pretrained
 from .mora import MoraConfig, MoraModel, ReMoraCallback
 from .registration import register_tuner
 from .subnet import SubnetConfig, SubnetModel, SubnetWarmupCallback, diff_checkpoints
@@ -17,5 +20,7 @@ __all__ = [
     "SubnetModel",
     "SubnetWarmupCallback",
     "diff_checkpoints",
+    "push_to_hub",
+    "save_pretrained",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Helpers shared by the tuners' adapter loading: all-or-nothing loads and PEFT's load options.
+"""Helpers shared by the tuners' adapter loading: all-or-nothing loads and names of wrapped models.
 
 PEFT loads an adapter in two steps: ``PeftModel.load_adapter`` first adds the adapter (for a new
 name), then ``set_peft_model_state_dict`` calls the tuner's ``_remap_adapter_state_dict_for_load``
@@ -9,8 +9,9 @@ that same load, it is removed again so no half-registered adapter stays behind.
 
 from __future__ import annotations
 
-import sys
 import warnings
+
+from ._compat import WRAPPER_SEGMENTS
 
 _PENDING = "_peft_ext_pending_load"
 
@@ -23,21 +24,6 @@ def mark_loaded_config(config) -> None:
 def take_pending_mark(config) -> bool:
     """Whether ``config`` came from disk and has not been loaded into yet; clears the mark."""
     return bool(config.__dict__.pop(_PENDING, False))
-
-
-def load_option(name: str, default=False):
-    """The value of a ``set_peft_model_state_dict`` argument (e.g. ``ignore_mismatched_sizes``).
-
-    PEFT applies ``ignore_mismatched_sizes`` only after the remap hook and does not pass it to the
-    hook, yet the hook must know it to tell a skippable size mismatch from an error. It is read from
-    the caller's frame; outside that call the default applies.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "set_peft_model_state_dict":
-            return frame.f_locals.get(name, default)
-        frame = frame.f_back
-    return default
 
 
 def warn_skipped(skipped: list[str]) -> None:
@@ -69,7 +55,6 @@ def discard_new_adapter(model, adapter_name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- names of wrapped models
-_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 # Prefixes that only ever lead a name: PeftModel's, and DDP's ``module`` (elsewhere it may be a real module name).
 _LEADING_PREFIXES = (("base_model", "model"), ("module",))
 
@@ -81,7 +66,7 @@ def strip_wrappers(name: str) -> str:
     name, and the leading ``module.`` (DDP) and ``base_model.model.`` (PeftModel), so that names taken
     from a wrapped model, its state dict or a masks file compare equal.
     """
-    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
+    parts = [part for part in name.split(".") if part not in WRAPPER_SEGMENTS]
     changed = True
     while changed:
         changed = False
@@ -93,7 +78,7 @@ def strip_wrappers(name: str) -> str:
 
 def saved_key(key: str) -> str:
     """A saved adapter key without wrapper segments; led by ``base_model.model.`` when the model is a PeftModel."""
-    parts = [part for part in key.split(".") if part not in _WRAPPER_SEGMENTS]
+    parts = [part for part in key.split(".") if part not in WRAPPER_SEGMENTS]
     if parts[:1] == ["module"]:
         parts = parts[1:]
     stripped = strip_wrappers(key)

@@ -1,30 +1,42 @@
 """Model cards and Hub uploads that tell readers how to load this package's adapter types.
 
-Plain PEFT cannot load an adapter whose ``peft_type`` this package registers (``MORA``, ...):
-the reader must install the package and import it first. So for models that carry such an
-adapter, :func:`install_hub_hooks` makes PEFT's own entry points say so:
+Plain PEFT cannot load an adapter whose ``peft_type`` this package registers (``MORA``, ``SUBNET``):
+the reader must install the package and import it first. The functions here say so in the model
+card, through calls you make explicitly:
 
-- ``PeftModel.save_pretrained`` writes a README.md that ends with a "Loading this adapter"
-  section (``pip install peft-trl-ext``, ``import peft_ext``);
-- ``PeftModel.push_to_hub`` uploads the adapter with that card via :func:`push_to_hub`.
-  (The inherited ``transformers`` implementation replaces PEFT's card with a generic one.)
+- :func:`save_pretrained` is ``model.save_pretrained`` plus a "Loading this adapter" section in
+  the README.md that PEFT writes;
+- :func:`push_to_hub` uploads the adapter with that card, in one commit;
+- :func:`add_usage_to_model_card` adds the section to any card already in a folder (for example
+  the one ``Trainer.create_model_card`` writes).
 
-Models with only built-in PEFT adapters are left exactly as PEFT handles them.
+Importing ``peft_ext`` changes nothing in ``PeftModel``: ``model.save_pretrained`` and
+``model.push_to_hub`` stay exactly as PEFT and transformers define them, for every model.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 
 PACKAGE_NAME = "peft-trl-ext"
 SECTION_HEADING = "## Loading this adapter"
+# PeftModel.save_pretrained reads ``state_dict`` from its **kwargs (peft 0.21.2, peft/peft_model.py) and
+# transformers' push_to_hub passes ``max_shard_size`` to it; every other keyword must be a named parameter.
+_SAVE_KWARGS_READ_FROM_KWARGS = ("state_dict", "max_shard_size")
 
 
-def peft_ext_types(model) -> list[str]:
-    """Sorted PEFT types of ``model``'s adapters that come from this package (empty if none)."""
+def peft_ext_types(model, adapter_names: list[str] | None = None) -> list[str]:
+    """Sorted PEFT types of ``model``'s adapters (those in ``adapter_names``, default all) that come from this package."""
     configs = getattr(model, "peft_config", None) or {}
-    return sorted({str(c.peft_type.value) for c in configs.values() if type(c).__module__.startswith("peft_ext.")})
+    return sorted(
+        {
+            str(getattr(c.peft_type, "value", c.peft_type))
+            for name, c in configs.items()
+            if (adapter_names is None or name in adapter_names) and type(c).__module__.startswith("peft_ext.")
+        }
+    )
 
 
 def usage_section(peft_types: list[str], model_id: str = "<this repo or folder>", task_type: str | None = None) -> str:
@@ -52,20 +64,73 @@ def usage_section(peft_types: list[str], model_id: str = "<this repo or folder>"
     )
 
 
-def add_usage_to_model_card(save_directory: str, model, model_id: str | None = None) -> bool:
-    """Append (or refresh) the usage section in ``save_directory/README.md``; False if not needed."""
-    types = peft_ext_types(model)
+def add_usage_to_model_card(
+    save_directory: str, model, model_id: str | None = None, adapter_names: list[str] | None = None
+) -> bool:
+    """Append (or refresh) the usage section in ``save_directory/README.md``; False if none is needed.
+
+    The section is needed when one of ``model``'s adapters (those in ``adapter_names``, default all) has
+    a type of this package. ``model_id`` is the repo id or path the card's example loads from.
+
+    Example:
+        ```py
+        >>> trainer.save_model(out)  # doctest: +SKIP
+        >>> peft_ext.hub.add_usage_to_model_card(out, trainer.model)  # doctest: +SKIP
+        True
+        ```
+    """
+    types = peft_ext_types(model, adapter_names)
     if not types:
         return False
     path = os.path.join(save_directory, "README.md")
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
     text = text.split(SECTION_HEADING)[0].rstrip()
-    task_type = next(iter(model.peft_config.values())).task_type
-    task_type = getattr(task_type, "value", task_type)
+    configs = [c for name, c in model.peft_config.items() if adapter_names is None or name in adapter_names]
+    task_type = getattr(configs[0].task_type, "value", configs[0].task_type)
     section = usage_section(types, model_id or "<this repo or folder>", task_type)
     with open(path, "w", encoding="utf-8") as f:
         f.write((text + "\n\n" if text else "") + section)
     return True
+
+
+def _check_model_and_save_kwargs(model, save_kwargs: dict, caller: str) -> None:
+    """Refuse what ``model.save_pretrained`` would silently ignore: a non-PEFT model or an unknown keyword."""
+    if not (
+        isinstance(getattr(model, "peft_config", None), dict) and callable(getattr(model, "save_pretrained", None))
+    ):
+        raise TypeError(
+            f"peft_ext.{caller} takes a PEFT model (from get_peft_model or PeftModel.from_pretrained), got "
+            f"{type(model).__name__}; for a Trainer pass trainer.model."
+        )
+    params = inspect.signature(model.save_pretrained).parameters
+    known = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"save_directory"}
+    known |= set(_SAVE_KWARGS_READ_FROM_KWARGS)
+    unknown = sorted(set(save_kwargs) - known)
+    if unknown:
+        raise TypeError(
+            f"peft_ext.{caller} got unexpected keyword argument(s) {unknown}; {type(model).__name__}.save_pretrained "
+            f"takes {sorted(known)}."
+        )
+
+
+def save_pretrained(model, save_directory: str, **kwargs) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)``, then the usage section in its model card.
+
+    Every keyword argument goes to ``model.save_pretrained`` (``selected_adapters``,
+    ``safe_serialization``, ``save_embedding_layers``, ``is_main_process``, ``state_dict``, ...); one
+    that it does not take is refused rather than ignored. Nothing is written where
+    ``is_main_process=False``.
+
+    Example:
+        ```py
+        >>> import peft_ext
+        >>> peft_ext.save_pretrained(model, "my-mora-adapter")  # doctest: +SKIP
+        ```
+    """
+    _check_model_and_save_kwargs(model, kwargs, "save_pretrained")
+    model.save_pretrained(save_directory, **kwargs)
+    if kwargs.get("is_main_process", True):
+        add_usage_to_model_card(save_directory, model, adapter_names=kwargs.get("selected_adapters"))
 
 
 def push_to_hub(
@@ -78,33 +143,49 @@ def push_to_hub(
     token: bool | str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
     tags: list[str] | None = None,
-    **kwargs,
+    **save_kwargs,
 ):
-    """Upload ``model``'s adapter(s) and a model card that explains how to load them.
+    """Upload ``model``'s adapter(s) and a model card that explains how to load them; returns the commit info.
 
-    Saves with ``model.save_pretrained`` into a temporary folder, writes the card (PEFT's card
-    plus the usage section, and ``tags``), then uploads the folder with ``HfApi.upload_folder``.
-    An existing README on the Hub is replaced. Other keyword arguments (e.g. ``max_shard_size``)
-    are accepted for compatibility and ignored.
+    Takes the keyword arguments of ``PeftModel.push_to_hub`` (transformers' ``PushToHubMixin``) and
+    passes each where that method does: ``private`` and ``token`` to ``HfApi.create_repo``;
+    ``commit_message``, ``commit_description``, ``token``, ``revision`` and ``create_pr`` to the
+    upload (a ``revision`` branch is created first if missing); ``max_shard_size`` to
+    ``model.save_pretrained`` (PEFT writes adapters unsharded). Further keywords go to
+    ``model.save_pretrained`` too (``selected_adapters``, ``safe_serialization``, ``state_dict``, ...);
+    one it does not take is refused. The card is PEFT's card plus ``tags`` and, for adapters of this
+    package's types, the usage section; it replaces a README already in the repo.
 
     Example:
         ```py
         >>> import peft_ext
-        >>> model.push_to_hub("me/toy-mora")  # doctest: +SKIP
+        >>> peft_ext.push_to_hub(model, "me/toy-mora", private=True)  # doctest: +SKIP
         ```
     """
     from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import HfHubHTTPError
 
+    _check_model_and_save_kwargs(model, save_kwargs, "push_to_hub")
+    if not save_kwargs.get("is_main_process", True):
+        raise ValueError("peft_ext.push_to_hub got is_main_process=False; call it on the main process only.")
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        add_usage_to_model_card(folder, model, model_id=repo_id)
+        model.save_pretrained(folder, max_shard_size=max_shard_size, **save_kwargs)
+        add_usage_to_model_card(folder, model, model_id=repo_id, adapter_names=save_kwargs.get("selected_adapters"))
         if tags:
             card = ModelCard.load(os.path.join(folder, "README.md"))
             card.data.tags = sorted(set(card.data.tags or []) | set(tags))
             card.save(os.path.join(folder, "README.md"))
+        if revision is not None and not revision.startswith("refs/pr"):
+            try:
+                api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+            except HfHubHTTPError as error:
+                # As transformers does: a PR to a repo we cannot write to may target a branch we cannot create.
+                if not (create_pr and error.response is not None and error.response.status_code == 403):
+                    raise
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
@@ -114,33 +195,3 @@ def push_to_hub(
             revision=revision,
             create_pr=create_pr,
         )
-
-
-def install_hub_hooks() -> None:
-    """Route ``PeftModel.save_pretrained``'s card and ``PeftModel.push_to_hub`` through this module.
-
-    Idempotent. Only models that carry an adapter type of this package are affected.
-    """
-    from peft import PeftModel
-
-    if getattr(PeftModel, "_peft_ext_hub_hooks", False):
-        return
-    original_card = PeftModel.create_or_update_model_card
-    original_push = PeftModel.push_to_hub
-
-    def create_or_update_model_card(self, output_dir: str):
-        original_card(self, output_dir)
-        add_usage_to_model_card(output_dir, self)
-
-    def push(self, repo_id: str, **kwargs):
-        if peft_ext_types(self):
-            return push_to_hub(self, repo_id, **kwargs)
-        return original_push(self, repo_id, **kwargs)
-
-    create_or_update_model_card.__doc__ = original_card.__doc__
-    push.__doc__ = (
-        original_push.__doc__ or ""
-    ) + "\n\nAdapters of peft_ext types go through peft_ext.hub.push_to_hub."
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel.push_to_hub = push
-    PeftModel._peft_ext_hub_hooks = True

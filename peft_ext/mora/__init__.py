@@ -11,7 +11,6 @@ Example:
     ```
 """
 
-from ..hub import install_hub_hooks
 from ..registration import register_tuner
 from .callback import ReMoraCallback
 from .config import MoraConfig
@@ -21,4 +20,3 @@ from .model import MoraModel
 __all__ = ["MoraConfig", "MoraLayer", "MoraLinear", "MoraModel", "ReMoraCallback"]
 
 register_tuner(name="mora", config_cls=MoraConfig, model_cls=MoraModel, prefix="mora_")
-install_hub_hooks()

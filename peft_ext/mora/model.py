@@ -9,10 +9,10 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from .._compat import set_peft_model_state_dict_arg
 from .._loading import (
     adapter_tensor_key,
     discard_new_adapter,
-    load_option,
     saved_key,
     take_pending_mark,
     warn_skipped,
@@ -138,7 +138,7 @@ class MoraModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
         fresh = take_pending_mark(config)
         try:
             state_dict, skipped = _check_saved_adapter(
-                model, adapter_name, dict(state_dict), load_option("ignore_mismatched_sizes")
+                model, adapter_name, dict(state_dict), set_peft_model_state_dict_arg("ignore_mismatched_sizes")
             )
         except Exception:
             if fresh:

@@ -4,11 +4,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._compat import BufferDict
 from .._mixed_batch import check_layer_adapter_names, sub_batches
 from .._sharding import check_full_weight, full_numel, full_shape
 from . import ops

@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from .._loading import adapter_tensor_key, discard_new_adapter, load_option, take_pending_mark, warn_skipped
+from .._compat import set_peft_model_state_dict_arg
+from .._loading import adapter_tensor_key, discard_new_adapter, take_pending_mark, warn_skipped
 from .._loading import saved_key as _saved_key
 from .._loading import strip_wrappers as _strip_wrappers
 from .._merging import AtomicSafeMergeMixin
@@ -286,7 +287,10 @@ class SubnetModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
         fresh = take_pending_mark(config)
         try:
             state_dict, plan, skipped = _check_saved_adapter(
-                model, adapter_name, dict(state_dict), ignore_mismatched_sizes=load_option("ignore_mismatched_sizes")
+                model,
+                adapter_name,
+                dict(state_dict),
+                ignore_mismatched_sizes=set_peft_model_state_dict_arg("ignore_mismatched_sizes"),
             )
         except Exception:
             if fresh:
