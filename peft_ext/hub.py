@@ -95,15 +95,16 @@ def add_usage_to_model_card(
 
 def _check_model_and_save_kwargs(model, save_kwargs: dict, caller: str) -> None:
     """Refuse what ``model.save_pretrained`` would silently ignore: a non-PEFT model or an unknown keyword."""
-    if not (
-        isinstance(getattr(model, "peft_config", None), dict) and callable(getattr(model, "save_pretrained", None))
-    ):
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
         raise TypeError(
-            f"peft_ext.{caller} takes a PEFT model (from get_peft_model or PeftModel.from_pretrained), got "
+            f"peft_ext.{caller} takes a PeftModel (from get_peft_model or PeftModel.from_pretrained), got "
             f"{type(model).__name__}; for a Trainer pass trainer.model."
         )
-    params = inspect.signature(model.save_pretrained).parameters
-    known = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"save_directory"}
+    params = inspect.signature(type(model).save_pretrained).parameters
+    known = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    known -= {"self", "save_directory"}
     known |= set(_SAVE_KWARGS_READ_FROM_KWARGS)
     unknown = sorted(set(save_kwargs) - known)
     if unknown:

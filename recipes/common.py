@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 from datasets import Dataset, load_dataset
+from huggingface_hub import HfApi
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -34,6 +35,8 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+from peft_ext.hub import add_usage_to_model_card
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -565,12 +568,39 @@ def train(trainer, checkpoint: str | None = None) -> None:
     trainer.train(resume_from_checkpoint=checkpoint)
 
 
+def save_model(trainer, output_dir: str) -> None:
+    """``trainer.save_model(output_dir)``; an adapter of a ``peft_ext`` type gets its card's loading instructions."""
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        model_id = trainer.hub_model_id if trainer.args.push_to_hub else None
+        add_usage_to_model_card(output_dir, trainer.model, model_id=model_id)
+
+
+def push_to_hub(trainer, dataset_name: str | None) -> None:
+    """``trainer.push_to_hub``, then, for an adapter of a ``peft_ext`` type, its card with the loading instructions.
+
+    Trainer.push_to_hub uploads the card that TRL writes, which does not say that loading the adapter needs
+    ``peft_ext``; the section is added to that card and the card uploaded again, in a second commit.
+    """
+    trainer.push_to_hub(dataset_name=dataset_name)
+    folder = trainer.args.output_dir
+    if trainer.is_world_process_zero() and add_usage_to_model_card(folder, trainer.model, trainer.hub_model_id):
+        HfApi().upload_file(
+            path_or_fileobj=os.path.join(folder, "README.md"),
+            path_in_repo="README.md",
+            repo_id=trainer.hub_model_id,
+            token=trainer.args.hub_token,
+            revision=trainer.args.hub_revision,
+            commit_message="Add how to load this adapter",
+        )
+
+
 def finish(trainer, script_args: ScriptArguments, results: dict, record: RunRecord | None = None) -> dict:
     """Save the model or adapter (and ``record``), push it to the Hub when asked, add the log history to ``results``."""
     results["log_history"] = trainer.state.log_history
-    trainer.save_model(trainer.args.output_dir)
+    save_model(trainer, trainer.args.output_dir)
     if record is not None and trainer.is_world_process_zero():
         record.save(trainer.args.output_dir)
     if trainer.args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        push_to_hub(trainer, script_args.dataset_name)
     return results

@@ -39,9 +39,11 @@ from recipes.common import (
     load_model,
     make_recipe_parser,
     model_init_kwargs,
+    push_to_hub,
     refuse_deepspeed_stages,
     resolve_dataset,
     resume_arg,
+    save_model,
     toy_eval,
 )
 
@@ -160,10 +162,10 @@ def main(
     sub = GRPOTrainer(model=model, reward_funcs=rewards, args=sub_args, train_dataset=train_dataset,
                       processing_class=tokenizer, callbacks=[*(callbacks or []), sub_record.callback()])  # fmt: skip
     sub.train(resume_from_checkpoint=resume["subnet"])
-    sub.save_model(str(out / "subnet"))
+    save_model(sub, str(out / "subnet"))
     sub_record.save(out / "subnet")
     if training_args.push_to_hub:
-        sub.push_to_hub(dataset_name=script_args.dataset_name)
+        push_to_hub(sub, script_args.dataset_name)
 
     merged = model.merge_and_unload()
     full_state = full.model.state_dict()

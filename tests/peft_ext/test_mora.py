@@ -1,4 +1,4 @@
-"""MoRA as a PEFT tuner type: layers, adapter operations, save/load, Hub upload, errors."""
+"""MoRA as a PEFT tuner type: layers, adapter operations, save/load, errors."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from mora_reference import reference_delta_weight
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -241,7 +241,7 @@ def test_loading_adapter_onto_wrong_base_shape_is_a_clear_error(tmp_path):
         PeftModel.from_pretrained(other, tmp_path, ignore_mismatched_sizes=True)
 
 
-# ----------------------------------------------------------------------------- save / load / hub
+# ----------------------------------------------------------------------------- save / load
 LOAD_SCRIPT = textwrap.dedent(
     """
     import sys, torch
@@ -292,44 +292,6 @@ def test_save_pretrained_then_load_in_fresh_process(tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reloaded MoraModel rotation" in proc.stdout
-
-
-def test_push_to_hub_uploads_adapter_and_model_card(monkeypatch, tmp_path):
-    from huggingface_hub import HfApi
-
-    uploaded = {}
-
-    def fake_create_repo(self, repo_id, **kwargs):
-        uploaded["created"] = repo_id
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
-        uploaded["repo_id"] = repo_id
-        uploaded["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
-        return "commit"
-
-    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
-    model = toy_peft_model(r=2, task_type="CAUSAL_LM")
-    repo_id = "me/toy-mora"  # never reached: the client is patched above
-    assert model.push_to_hub(repo_id, tags=["mora"]) == "commit"
-    assert uploaded["created"] == uploaded["repo_id"] == repo_id
-    files = uploaded["files"]
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files)
-    card = files["README.md"].decode()
-    assert "pip install peft-trl-ext" in card and "import peft_ext" in card
-    assert f'AutoPeftModelForCausalLM.from_pretrained("{repo_id}")' in card
-    assert "- mora" in card and "library_name: peft" in card
-
-
-def test_plain_peft_models_keep_peft_behaviour(tmp_path):
-    from peft_ext.hub import peft_ext_types
-
-    base = AutoModelForCausalLM.from_pretrained(toy_model_path(arch="llama", **SIZES))
-    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
-    assert peft_ext_types(lora) == []
-    lora.save_pretrained(tmp_path)
-    assert "peft-trl-ext" not in (tmp_path / "README.md").read_text()
 
 
 def test_registered_as_peft_type():
