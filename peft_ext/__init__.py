@@ -1,9 +1,10 @@
 """PEFT tuner types for MoRA and RL-selected sparse subnetworks.
 
 Importing this package registers the tuner types with PEFT, so ``get_peft_model``,
-``PeftModel.from_pretrained`` and ``AutoPeftModel*`` handle them like built-in types. That is the
-only effect of the import: no PEFT class is patched. :func:`push_to_hub` and :func:`save_pretrained`
-write a model card that tells readers to install and import this package.
+``PeftModel.from_pretrained`` and ``AutoPeftModel*`` handle them like built-in types. That (two new
+``PeftType`` members and their entries in PEFT's ``PEFT_TYPE_TO_*`` mappings) is the only effect of the
+import: no method of PEFT, transformers or torch is replaced. :func:`push_to_hub` and
+:func:`save_pretrained` write a model card that tells readers to install and import this package.
 """
 
 from .hub import push_to_hub, save_pretrained

@@ -5,7 +5,8 @@ upstream version and file it mirrors, and the test that pins it (in ``tests/peft
 unless named otherwise):
 
 - :func:`add_peft_type`: adds members to PEFT's ``PeftType`` enum (peft 0.21.2,
-  ``peft/utils/peft_types.py``; CPython 3.11-3.13 ``enum`` internals). ``test_add_peft_type_*``.
+  ``peft/utils/peft_types.py``; CPython 3.11 ``enum`` internals, ``EnumType._add_member_`` where it
+  exists). ``test_add_peft_type_*``.
 - :func:`set_peft_model_state_dict_arg`: reads an argument of ``set_peft_model_state_dict`` from its
   frame (peft 0.21.2, ``peft/utils/save_and_load.py``). ``test_set_peft_model_state_dict_arg_*``.
 - :data:`BufferDict`: the private ``peft.tuners._buffer_dict`` module (peft 0.21.2).
@@ -68,8 +69,8 @@ def add_peft_type(name: str):
     PEFT's public ``register_peft_method`` (peft 0.21.2, ``peft/utils/peft_types.py``) only accepts
     names that are already ``PeftType`` members, and offers no call to add one, so a tuner type
     defined outside PEFT has to extend the enum itself. This writes a new member the way
-    ``enum.Enum`` builds its own (``_member_map_``, ``_member_names_``, ``_value2member_map_``; on
-    Python >= 3.13 through ``EnumType._add_member_``).
+    ``enum.Enum`` builds its own (``_member_map_``, ``_member_names_``, ``_value2member_map_``, as in
+    CPython 3.11; through ``EnumType._add_member_`` on versions that have it).
 
     Raises:
         RuntimeError: if ``PeftType`` is no longer a ``str`` Enum with those internals.

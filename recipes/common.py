@@ -590,7 +590,7 @@ def push_to_hub(trainer, dataset_name: str | None) -> None:
             path_in_repo="README.md",
             repo_id=trainer.hub_model_id,
             token=trainer.args.hub_token,
-            revision=trainer.args.hub_revision,
+            revision=getattr(trainer.args, "hub_revision", None),
             commit_message="Add how to load this adapter",
         )
 

@@ -11,6 +11,7 @@ from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType
 from peft.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import TrainerCallback
 
 import peft_ext
 from peft_ext import _compat
@@ -163,7 +164,7 @@ def _sources():
 
 def test_private_upstream_names_are_used_only_through_compat():
     """Every underscore name that peft_ext's code defines, calls or sets and that PEFT or torch also has is an entry."""
-    upstream = (BaseTuner, BaseTunerLayer, torch.nn.Module, peft.PeftModel, peft.PeftConfig)
+    upstream = (BaseTuner, BaseTunerLayer, torch.nn.Module, peft.PeftModel, peft.PeftConfig, TrainerCallback)
     listed = {h.name for h in _compat.PEFT_HOOKS + _compat.TORCH_HOOKS} | set(_compat.PEFT_LAYER_ATTRIBUTES)
     unlisted = {}
     for path, text in _sources().items():
