@@ -14,6 +14,8 @@ unless named otherwise):
 - :data:`PEFT_HOOKS`, :data:`PEFT_LAYER_ATTRIBUTES`: private ``BaseTuner``/``BaseTunerLayer``/``PeftModel``
   methods and attributes that the tuners override, call or set (peft 0.21.2, ``peft/tuners/tuners_utils.py``,
   ``peft/peft_model.py``, ``peft/utils/save_and_load.py``). ``test_peft_hooks_*``, ``test_layer_attributes_*``.
+- :data:`COPIED_SIGNATURES`: public PEFT methods that our classes override with upstream's explicit parameter
+  list (peft 0.21.2, ``peft/tuners/tuners_utils.py``, ``peft/config.py``). ``test_overrides_*``.
 - :data:`TORCH_HOOKS`: ``nn.Module._load_from_state_dict`` (torch 2.13, ``torch/nn/modules/module.py``).
   ``test_peft_hooks_*``.
 - :data:`WRAPPER_SEGMENTS`: the names torch's FSDP1, activation-checkpoint and ``torch.compile`` wrappers
@@ -41,6 +43,7 @@ from peft.tuners._buffer_dict import BufferDict
 
 __all__ = [
     "BufferDict",
+    "COPIED_SIGNATURES",
     "PEFT_HOOKS",
     "PEFT_LAYER_ATTRIBUTES",
     "TORCH_HOOKS",
@@ -215,6 +218,19 @@ TORCH_HOOKS: tuple[Hook, ...] = (
         "MoraLayer overrides",
         "torch.nn:Module.load_state_dict",
     ),
+)
+
+
+# Public upstream methods that our classes override with an explicit parameter list, copied from upstream (no
+# *args/**kwargs that would pass on a parameter upstream adds later): peft 0.21.2, peft/tuners/tuners_utils.py
+# and peft/config.py. Private hooks with explicit parameters are in PEFT_HOOKS.
+COPIED_SIGNATURES: tuple[str, ...] = (
+    "peft.tuners.tuners_utils:BaseTuner.merge_adapter",  # AtomicSafeMergeMixin (MoraModel, SubnetModel)
+    "peft.tuners.tuners_utils:BaseTuner.merge_and_unload",  # AtomicSafeMergeMixin
+    "peft.tuners.tuners_utils:BaseTunerLayer.merge",  # MoraLayer, SubnetLayer
+    "peft.tuners.tuners_utils:BaseTunerLayer.unmerge",  # MoraLayer, SubnetLayer
+    "peft.tuners.tuners_utils:BaseTunerLayer.delete_adapter",  # SubnetLayer
+    "peft.config:PeftConfigMixin.to_dict",  # SubnetConfig
 )
 
 

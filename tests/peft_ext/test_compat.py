@@ -1,6 +1,8 @@
 """peft_ext/_compat.py: each private upstream touch point still behaves as the entry says, and none lives elsewhere."""
 
+import importlib
 import inspect
+import pkgutil
 import re
 from pathlib import Path
 
@@ -155,6 +157,49 @@ def test_bitsandbytes_private_unpacking_exists():
         "packed_weight",
         "quant_state",
     ]
+
+
+def _overrides():
+    """``{(our class, method name): upstream class}`` for every upstream method a peft_ext class overrides."""
+    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(peft_ext.__path__, "peft_ext.")]
+    classes = {
+        c for m in modules for c in vars(m).values() if inspect.isclass(c) and c.__module__.startswith("peft_ext.")
+    }
+    found = {}
+    for cls in classes:
+        for name in dir(cls):
+            if name.startswith("__"):
+                continue
+            definers = [c for c in cls.__mro__ if name in vars(c)]
+            if not definers or not definers[0].__module__.startswith("peft_ext."):
+                continue
+            if not isinstance(vars(definers[0])[name], (type(_params), classmethod, staticmethod)):
+                continue  # a property or a class attribute, not a method
+            upstream = [c for c in definers if not c.__module__.startswith("peft_ext.")]
+            # An autograd Function's forward/backward take the arguments we define, by design.
+            if upstream and not issubclass(cls, torch.autograd.Function):
+                found[(definers[0], name)] = upstream[0]
+    return found
+
+
+def _params(function):
+    function = function.__func__ if isinstance(function, (classmethod, staticmethod)) else function
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+def test_overrides_with_an_explicit_parameter_list_copy_upstream_s_and_are_listed():
+    listed = set(_compat.COPIED_SIGNATURES) | {f"{h.owner}.{h.name}" for h in _compat.PEFT_HOOKS + _compat.TORCH_HOOKS}
+    copied = set()
+    for (ours, name), upstream in _overrides().items():
+        params = _params(inspect.getattr_static(ours, name))
+        if any(kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for _, kind, _ in params):
+            continue  # passes on whatever upstream adds
+        path = f"{upstream.__module__}:{upstream.__qualname__}.{name}"
+        assert path in listed, f"{ours.__qualname__}.{name} copies {path}'s parameters: list it in peft_ext/_compat.py"
+        if path in _compat.COPIED_SIGNATURES:
+            copied.add(path)
+        assert params == _params(inspect.getattr_static(upstream, name)), (ours, name)
+    assert copied == set(_compat.COPIED_SIGNATURES)  # no stale entry
 
 
 # ----------------------------------------------------------------------------- nothing private outside _compat.py
