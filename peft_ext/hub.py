@@ -39,7 +39,12 @@ def peft_ext_types(model, adapter_names: list[str] | None = None) -> list[str]:
     )
 
 
-def usage_section(peft_types: list[str], model_id: str = "<this repo or folder>", task_type: str | None = None) -> str:
+def usage_section(
+    peft_types: list[str],
+    model_id: str = "<this repo or folder>",
+    task_type: str | None = None,
+    revision: str | None = None,
+) -> str:
     """Markdown section telling a reader which package to install and import to load the adapter.
 
     Example:
@@ -50,6 +55,7 @@ def usage_section(peft_types: list[str], model_id: str = "<this repo or folder>"
     """
     auto_cls = "AutoPeftModelForCausalLM" if task_type == "CAUSAL_LM" else "AutoPeftModel"
     types = ", ".join(f"`{t}`" for t in peft_types)
+    where = f'"{model_id}"' + (f', revision="{revision}"' if revision else "")
     return (
         f"{SECTION_HEADING}\n\n"
         f"This adapter uses the PEFT type {types}, which is provided by the `{PACKAGE_NAME}` package, not by PEFT "
@@ -59,18 +65,22 @@ def usage_section(peft_types: list[str], model_id: str = "<this repo or folder>"
         "```python\n"
         "import peft_ext  # registers the adapter type with PEFT\n"
         f"from peft import {auto_cls}\n\n"
-        f'model = {auto_cls}.from_pretrained("{model_id}")\n'
+        f"model = {auto_cls}.from_pretrained({where})\n"
         "```\n"
     )
 
 
 def add_usage_to_model_card(
-    save_directory: str, model, model_id: str | None = None, adapter_names: list[str] | None = None
+    save_directory: str,
+    model,
+    model_id: str | None = None,
+    adapter_names: list[str] | None = None,
+    revision: str | None = None,
 ) -> bool:
     """Append (or refresh) the usage section in ``save_directory/README.md``; False if none is needed.
 
     The section is needed when one of ``model``'s adapters (those in ``adapter_names``, default all) has
-    a type of this package. ``model_id`` is the repo id or path the card's example loads from.
+    a type of this package. ``model_id`` (and ``revision``) is what the card's example loads from.
 
     Example:
         ```py
@@ -87,7 +97,7 @@ def add_usage_to_model_card(
     text = text.split(SECTION_HEADING)[0].rstrip()
     configs = [c for name, c in model.peft_config.items() if adapter_names is None or name in adapter_names]
     task_type = getattr(configs[0].task_type, "value", configs[0].task_type)
-    section = usage_section(types, model_id or "<this repo or folder>", task_type)
+    section = usage_section(types, model_id or "<this repo or folder>", task_type, revision)
     with open(path, "w", encoding="utf-8") as f:
         f.write((text + "\n\n" if text else "") + section)
     return True
@@ -175,7 +185,9 @@ def push_to_hub(
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size, **save_kwargs)
-        add_usage_to_model_card(folder, model, model_id=repo_id, adapter_names=save_kwargs.get("selected_adapters"))
+        selected = save_kwargs.get("selected_adapters")
+        on_branch = revision if revision and not revision.startswith("refs/pr") else None
+        add_usage_to_model_card(folder, model, model_id=repo_id, adapter_names=selected, revision=on_branch)
         if tags:
             card = ModelCard.load(os.path.join(folder, "README.md"))
             card.data.tags = sorted(set(card.data.tags or []) | set(tags))

@@ -584,13 +584,15 @@ def push_to_hub(trainer, dataset_name: str | None) -> None:
     """
     trainer.push_to_hub(dataset_name=dataset_name)
     folder = trainer.args.output_dir
-    if trainer.is_world_process_zero() and add_usage_to_model_card(folder, trainer.model, trainer.hub_model_id):
+    revision = getattr(trainer.args, "hub_revision", None)
+    on_main = trainer.is_world_process_zero()
+    if on_main and add_usage_to_model_card(folder, trainer.model, trainer.hub_model_id, revision=revision):
         HfApi().upload_file(
             path_or_fileobj=os.path.join(folder, "README.md"),
             path_in_repo="README.md",
             repo_id=trainer.hub_model_id,
             token=trainer.args.hub_token,
-            revision=getattr(trainer.args, "hub_revision", None),
+            revision=revision,
             commit_message="Add how to load this adapter",
         )
 

@@ -92,7 +92,7 @@ def test_push_to_hub_passes_every_keyword_and_uploads_a_loadable_adapter_with_it
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(files)
     card = files["README.md"].decode()
     assert card.count(SECTION_HEADING) == 1 and "pip install peft-trl-ext" in card and "import peft_ext" in card
-    assert f'AutoPeftModelForCausalLM.from_pretrained("{REPO}")' in card and "`MORA`" in card
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{REPO}", revision="dev")' in card and "`MORA`" in card
     data = ModelCard(card).data
     assert data.library_name == "peft" and {"mora", "toy"} <= set(data.tags)
     assert "- PEFT " in card  # PEFT's own card is kept, not replaced by a generic one

@@ -111,4 +111,6 @@ def test_push_to_hub_adds_the_loading_section_to_the_card_of_peft_ext_adapters(a
         revision="dev",
         commit_message="Add how to load this adapter",
     )
-    assert "# Model trained on sums" in card and 'from_pretrained("me/run")' in card and "- trl" in card
+    assert (
+        "# Model trained on sums" in card and 'from_pretrained("me/run", revision="dev")' in card and "- trl" in card
+    )
