@@ -34,10 +34,11 @@ import argparse
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import torch
-from harness import RESULTS, write_results
+from harness import RESULTS, add_common_flags, apply_common_flags, write_results
+
+SEED = 0  # every generator's base seed; --seed sets it
 
 KERNELS = ("lower_right", "merged")
 QWEN2_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -85,7 +86,7 @@ def packed_example(device):
     """A packed batch: two groups, prompts of 5 and 9 tokens (prefix padding), blocks of different lengths."""
     from trl_ext.prefix_grouper.layout import find_groups, pack_groups
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(SEED)
     prompt_ids = torch.randint(5, 100, (6, 9), generator=gen)
     prompt_mask = torch.ones_like(prompt_ids)
     prompt_mask[:3, :4] = 0
@@ -114,7 +115,7 @@ def attention_exactness(device, dtype, kernel) -> str:
     if layout.prefix_key_padding is not None:
         layout.prefix_key_padding = layout.prefix_key_padding.to(device)
     rows, length, heads, kv_heads, dim = packed.num_rows, packed.seq_len, 8, 2, 64
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(SEED + 1)
     qkv = [torch.randn(rows, h, length, dim, generator=gen, dtype=torch.float64) for h in (heads, kv_heads, kv_heads)]
     grad_out = torch.randn(rows, length, heads, dim, generator=gen, dtype=torch.float64)
     real = packed.segment_ids != -1  # padding rows are never used
@@ -175,7 +176,7 @@ def trainer_pair(model_factory, device, tmp: str, **overrides):
 
 def test_batch(device, vocab: int):
     """Three prompts of 3, 7 and 11 tokens, left-padded, 8 completions of 1 to 7 tokens, groups interleaved."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(SEED)
     prompts = [torch.randint(10, min(vocab, 100), (n,), generator=gen).tolist() for n in (3, 7, 11)]
     ids, mask = [], []
     for row, letter in enumerate("aabacbcb"):
@@ -197,13 +198,15 @@ def trainer_logps(trainer, batch, batch_size=None):
 def tiny_llama(dtype=torch.float32):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY, attn_implementation="sdpa"), dtype=torch.float32)
     with torch.no_grad():  # unit-scale weights: log-probs far from uniform
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 scale = 1.0 if "embed" in name else 1.5 / min(param.shape) ** 0.5
-                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * scale)
+                param.copy_(
+                    torch.randn(param.shape, generator=torch.Generator().manual_seed(SEED + len(name))) * scale
+                )
     return model.to(dtype)
 
 
@@ -280,14 +283,14 @@ def speed_section(device, smoke: bool, rounds: int, tmp) -> list[str]:
 
     def factory():
         with torch.device(device):
-            torch.manual_seed(0)
+            torch.manual_seed(SEED)
             return AutoModelForCausalLM.from_config(Qwen2Config(**sizes, attn_implementation="sdpa"), dtype=dtype)
 
     for prompt_len, completion_len, group in shapes:
         try:
             results = {}
             stock, grouped = trainer_pair(factory, device, tmp, max_completion_length=completion_len)
-            gen = torch.Generator().manual_seed(0)
+            gen = torch.Generator().manual_seed(SEED)
             prompt = torch.randint(10, 100, (1, prompt_len), generator=gen).expand(group, -1)
             completions = torch.randint(10, 100, (group, completion_len), generator=gen)
             input_ids = torch.cat([prompt, completions], 1).to(device)
@@ -336,12 +339,12 @@ def window_models():
     def build(model_type, **extra):
         def factory():
             config = AutoConfig.for_model(model_type, **{**TINY, "head_dim": 16, **extra})
-            torch.manual_seed(0)
+            torch.manual_seed(SEED)
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if model_type == "gpt_oss"
                                                      else "sdpa", dtype=torch.float32)  # fmt: skip
             with torch.no_grad():
                 for name, param in model.named_parameters():
-                    gen = torch.Generator().manual_seed(len(name))
+                    gen = torch.Generator().manual_seed(SEED + len(name))
                     if param.dim() >= 2:
                         scale = 1.0 if "embed" in name else 1.5 / min(param.shape[-2:]) ** 0.5
                         param.copy_(torch.randn(param.shape, generator=gen) * scale)
@@ -382,17 +385,19 @@ def window_section(device, tmp) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (CI)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--output", type=Path, default=None)
-    cli = parser.parse_args()
-    if cli.threads:
-        torch.set_num_threads(cli.threads)
+    add_common_flags(
+        parser, RESULTS / "gpu_check.txt", rounds=3, rounds_help="timed repetitions per point (best kept)"
+    )
+    cli = apply_common_flags(parser.parse_args())
+    global SEED
+    SEED = cli.seed
     device = torch.device("cpu" if cli.smoke or not torch.cuda.is_available() else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 exactness is checked at 1e-5: no TF32 matmuls
     if not cli.smoke and device.type != "cuda":
         raise SystemExit("No CUDA device: run with --smoke for the CPU check, or on a machine with a GPU.")
-    output = cli.output or RESULTS / ("gpu_check_smoke.txt" if cli.smoke else "gpu_check.txt")
+    output = cli.output
+    if cli.smoke and output == parser.get_default("output"):
+        output = RESULTS / "gpu_check_smoke.txt"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
     lines = [f"device: {name}", ""]
     start = time.perf_counter()

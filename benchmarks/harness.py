@@ -1,9 +1,13 @@
-"""What every benchmark's results file starts with: how it was produced and on what.
+"""What every benchmark shares: its common flags, and its results file's header.
 
-:func:`results_header` gives the command line, git commit, library versions, CPU and thread
-count as ``#`` lines; :func:`write_results` writes a results file headed by them. Scripts run as
-``python benchmarks/<name>.py`` import this module as ``harness``; code run from the repository
-root imports ``benchmarks.harness``.
+Every script runs from the repository root as ``python benchmarks/<name>.py`` and takes the same
+common flags (:func:`add_common_flags`): ``--output`` (the results file), ``--threads`` (torch's
+intra-op threads, also passed to worker processes as ``OMP_NUM_THREADS``), ``--seed`` and, where it
+times something, ``--rounds``. :func:`results_header` gives the command line, git commit, library
+versions, CPU, thread count and machine load as ``#`` lines; :func:`write_results` writes a results
+file headed by them. Scripts import this module as ``harness``; importing it puts the repository
+root first on the path, so a benchmark measures this checkout's code and can reuse the recipes'
+helpers (``recipes.timing``).
 
 Example:
     ```py
@@ -26,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path[:2]:
+    sys.path.insert(1, str(ROOT))
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
 
 
@@ -155,6 +161,66 @@ def recording(path: str | os.PathLike, argv: list[str] | None = None):
     finally:
         sys.stdout = tee.stream
     print(f"saved to {write_results(path, ''.join(tee.parts), header=header)}")
+
+
+def add_common_flags(
+    parser,
+    output: str | os.PathLike,
+    *,
+    rounds: int | None = None,
+    rounds_help: str = "timed repetitions",
+    threads: int | list[int] = 1,
+    seed: int | list[int] = 0,
+):
+    """Add ``--output``, ``--threads``, ``--seed`` and (when ``rounds`` is given) ``--rounds`` to ``parser``.
+
+    A list default for ``threads`` or ``seed`` makes that flag take one or more values, for the scripts that
+    repeat a run per thread count or per seed. Returns ``parser``.
+    """
+    parser.add_argument("--output", type=Path, default=Path(output), help="results file (default: %(default)s)")
+    each = "; one run per value" if isinstance(threads, list) else ""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+" if each else None,
+        default=threads,
+        help=f"torch intra-op threads, also OMP_NUM_THREADS of worker processes{each} (default: %(default)s)",
+    )
+    each = "; one run per value" if isinstance(seed, list) else ""
+    parser.add_argument(
+        "--seed", type=int, nargs="+" if each else None, default=seed, help=f"random seed{each} (default: %(default)s)"
+    )
+    if rounds is not None:
+        parser.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default: %(default)s)")
+    return parser
+
+
+def positive(name: str, value: int) -> int:
+    """``value`` if it is at least 1; otherwise a clear error naming the flag."""
+    if value < 1:
+        raise SystemExit(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def apply_common_flags(args):
+    """Check the common flags, set torch's thread count and seed every generator; return ``args``.
+
+    A list of thread counts or seeds (one run per value) is checked but not applied: each run applies its own.
+    """
+    import torch
+    from transformers import set_seed
+
+    threads = args.threads if isinstance(args.threads, list) else [args.threads]
+    for value in threads:
+        positive("--threads", value)
+    if getattr(args, "rounds", None) is not None:
+        positive("--rounds", args.rounds)
+    if not isinstance(args.threads, list):
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if not isinstance(args.seed, list):
+        set_seed(args.seed)
+    return args
 
 
 def run_worker(script: str, job: dict) -> dict:

@@ -18,17 +18,14 @@ overwritten entries.
 Usage (after ``pip install -e .``, or with ``PYTHONPATH=.``):
     python benchmarks/merge_precision.py                      # bf16, fp16 and fp32, 200 round trips
     python benchmarks/merge_precision.py --rounds 20 --dtypes bfloat16 --delta-scales 0.01
-    python benchmarks/merge_precision.py --markdown benchmarks/results/merge_precision.txt   # the README's table
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-from harness import RESULTS, recording
+from harness import RESULTS, add_common_flags, apply_common_flags, recording
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -84,25 +81,6 @@ def drift(original: dict, model) -> tuple[float, float, float]:
     return changed / numel, largest, total / numel
 
 
-def markdown_table(results: Path, dtypes=("bfloat16", "float16")) -> str:
-    """The rows of a results file in ``dtypes`` as the README's markdown table."""
-    text = results.read_text()
-    rounds = next(line.split("changed@")[-1].split()[0] for line in text.splitlines() if "changed@" in line)
-    rows = [
-        f"| dtype | update / weight (RMS) | adapter | entries changed, 1 round trip | max / mean abs change "
-        f"| entries changed, {rounds} round trips | max / mean abs change |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 9 or fields[0] not in dtypes:
-            continue
-        dtype, scale, adapter = fields[0], fields[1], " ".join(fields[2:-6])
-        f1, m1, a1, fn, mn, an = fields[-6:]
-        rows.append(f"| {dtype} | {scale} | {adapter} | {f1} | {m1} / {a1} | {fn} | {mn} / {an} |")
-    return "\n".join(rows)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -113,16 +91,8 @@ def main():
         "--delta-scales", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="update RMS relative to the weight's"
     )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
-    parser.add_argument("--rounds", type=int, default=200, help="merge/unmerge round trips")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=str(RESULTS / "merge_precision.txt"))
-    parser.add_argument("--markdown", metavar="RESULTS", help="print a results file as the README's markdown table")
-    args = parser.parse_args()
-    if args.markdown:
-        print(markdown_table(Path(args.markdown)))
-        sys.exit(0)
-    torch.set_num_threads(args.threads)
-    return args
+    add_common_flags(parser, RESULTS / "merge_precision.txt", rounds=200, rounds_help="merge/unmerge round trips")
+    return apply_common_flags(parser.parse_args())
 
 
 def run(args) -> None:
@@ -137,11 +107,11 @@ def run(args) -> None:
     for dtype_name in args.dtypes:
         for scale in args.delta_scales:
             for name, config in adapters(args.r, args.density).items():
-                torch.manual_seed(0)
+                torch.manual_seed(args.seed)
                 base = build_toy_model(arch="llama", hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                                        num_attention_heads=8).to(getattr(torch, dtype_name))  # fmt: skip
                 model = get_peft_model(base, config)
-                set_update_scale(model, scale, torch.Generator().manual_seed(1))
+                set_update_scale(model, scale, torch.Generator().manual_seed(args.seed + 1))
                 original = {n: m.get_base_layer().weight.detach().clone() for n, m in adapted_layers(model).items()}
                 copy_bytes[dtype_name] = sum(w.numel() * w.element_size() for w in original.values())
                 row = []

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import RESULTS, ROOT, recording
+from harness import RESULTS, ROOT, add_common_flags, apply_common_flags, recording
 
 
 def run(threads: int, output_dir: Path) -> dict:
@@ -38,9 +38,15 @@ def run(threads: int, output_dir: Path) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--output_dir", default="outputs/quickstart_threads", help="per-run outputs (plots, json)")
-    a = p.parse_args()
+    add_common_flags(p, RESULTS / "quickstart_threads.txt", threads=[1, 2])
+    a = apply_common_flags(p.parse_args())
+    if a.seed != 0:
+        p.error(f"--seed {a.seed}: the quickstart fixes its own seeds, so only --seed 0 describes what runs")
+    return a
+
+
+def measure(a):
     reports = {}
     for threads in a.threads:
         reports[threads] = report = run(threads, Path(a.output_dir) / f"threads{threads}")
@@ -68,5 +74,6 @@ def _cells(line: str, header: str) -> dict:
 
 
 if __name__ == "__main__":
-    with recording(RESULTS / "quickstart_threads.txt"):
-        main()
+    cli = main()
+    with recording(cli.output):
+        measure(cli)

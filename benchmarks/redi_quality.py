@@ -19,8 +19,8 @@ Accuracy is greedy exact-answer accuracy on ``--eval-prompts`` held-out prompts.
 variant the mean, standard deviation and 95% confidence interval (t distribution) over seeds, and
 the paired per-seed differences REDI - SFT and REDI - DPO.
 
-    OMP_NUM_THREADS=1 python benchmarks/redi_quality.py --negatives teacher
-    OMP_NUM_THREADS=1 python benchmarks/redi_quality.py --negatives slipped
+    python benchmarks/redi_quality.py --negatives teacher --threads 1
+    python benchmarks/redi_quality.py --negatives slipped --threads 1
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import RESULTS, recording  # noqa: E402
+from harness import RESULTS, add_common_flags, apply_common_flags, recording  # noqa: E402
 
 # Two-sided 95% critical values of Student's t for 1..30 degrees of freedom (standard tables), so the
 # benchmark needs no scipy.
@@ -134,7 +135,7 @@ def run_seed(seed: int, a: argparse.Namespace, variants: list[tuple[str, float |
 def table(runs: list[dict[str, float]], variants: list[str], a: argparse.Namespace) -> list[str]:
     n = len(runs)
     lines = [
-        f"held-out greedy accuracy ({a.eval_prompts} prompts), {n} seeds {a.seeds}, 95% CI from the t distribution",
+        f"held-out greedy accuracy ({a.eval_prompts} prompts), {n} seeds {a.seed}, 95% CI from the t distribution",
         f"{'variant':<26}{'mean':>7}{'std':>7}{'95% CI':>17}  per seed",
     ]
     for v in variants:
@@ -170,7 +171,6 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--negatives", choices=("teacher", "slipped"), default="teacher",
                    help="teacher: the toy teacher's own wrong traces; slipped: synthetic one-slipped-step traces")  # fmt: skip
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--prompts", type=int, default=2048, help="training prompts (4 traces each)")
     p.add_argument("--eval-prompts", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.8, help="teacher sampling temperature")
@@ -180,8 +180,9 @@ def main():
     p.add_argument("--lr", type=float, default=6e-5, help="second-stage learning rate for REDI and DPO (SFT lr / 50)")
     p.add_argument("--redi-alphas", type=float, nargs="+", default=[0.8, 1.0])
     p.add_argument("--workdir", default="/tmp/redi_quality")
-    p.add_argument("--output", default=None, help="results file (default: results/redi_quality_<negatives>.txt)")
-    a = p.parse_args()
+    add_common_flags(p, RESULTS / "redi_quality_<negatives>.txt", seed=[0, 1, 2, 3, 4])
+    a = apply_common_flags(p.parse_args())
+    a.output = Path(str(a.output).replace("<negatives>", a.negatives))
 
     import datasets
     from transformers import logging
@@ -195,14 +196,14 @@ def main():
     ]
     variants.append(("SFT + DPO (beta 0.1)", None))
     names = [v for v, _ in variants]
-    with recording(a.output or RESULTS / f"redi_quality_{a.negatives}.txt"):
+    with recording(a.output):
         start = time.perf_counter()
         if a.negatives == "teacher":
             m = teacher_metrics(toy_teacher_path())
             print(f"teacher {toy_teacher_path()}: held-out greedy {m['heldout_accuracy_greedy']:.3f}, "
                   f"sampled at T={m['temperature']} {m['heldout_accuracy_sampled']:.3f} (its own 200 prompts); "
                   f"built in {m['train_seconds']} s")  # fmt: skip
-        runs = [run_seed(s, a, variants) for s in a.seeds]
+        runs = [run_seed(s, a, variants) for s in a.seed]
         negatives = (f"the toy teacher's own sampled traces (4 per prompt, T={a.temperature:g})"
                      if a.negatives == "teacher" else "synthetic traces, wrong = one slipped step (make_reasoning_traces)")  # fmt: skip
         print(

@@ -100,10 +100,10 @@ def _subnet(out: Path) -> tuple[list, dict]:
 def _prefix_grouper(out: Path) -> tuple[list, dict]:
     from trl import GRPOConfig, GRPOTrainer
 
-    from benchmarks.timing import logprob_speedup
     from peft_trl_testbed import arithmetic_reward, make_arithmetic_dataset, pretrained_toy_model_path, toy_args
     from recipes import prefix_grouper_grpo
     from recipes.common import held_out_arithmetic
+    from recipes.timing import logprob_speedup
 
     common = dict(max_steps=40, per_device_train_batch_size=32, num_generations=8, max_completion_length=6,
                   learning_rate=1e-4, beta=0.0, logging_steps=5)  # fmt: skip
@@ -129,10 +129,10 @@ def _redi(out: Path) -> tuple[list, dict]:
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from benchmarks.timing import step_time_ratio_vs_dpo
     from peft_trl_testbed import pretrained_toy_model_path, toy_args
     from recipes import redi_two_stage
     from recipes.common import ToyEval
+    from recipes.timing import step_time_ratio_vs_dpo
 
     stage2 = dict(max_steps=100, per_device_train_batch_size=16, learning_rate=6e-5, logging_steps=10)
     held_out = ToyEval("reasoning", num_prompts=200)
@@ -185,7 +185,6 @@ def _qtuning(out: Path) -> tuple[list, dict]:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from benchmarks.timing import epoch_time
     from peft_trl_testbed import (
         make_mixed_quality_sft,
         make_reasoning_traces,
@@ -195,6 +194,7 @@ def _qtuning(out: Path) -> tuple[list, dict]:
     )
     from recipes import qtuning_sft
     from recipes.common import ToyEval
+    from recipes.timing import epoch_time
 
     held_out = ToyEval("arithmetic", num_prompts=200)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_toy_model_path())

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks and the quickstart (run from the repository root).
+"""Timing helpers the quickstart uses and the benchmarks reuse (run from the repository root, like every recipe).
 
 - Prefix Grouper: :func:`logprob_speedup` times the log-prob forward+backward of the grouped
   trainer against the stock GRPO trainer on one synthetic group (process CPU time).
@@ -9,7 +9,7 @@
 
 Example:
     ```py
-    >>> from benchmarks.timing import logprob_speedup
+    >>> from recipes.timing import logprob_speedup
     >>> logprob_speedup(prompt_len=512, completion_len=32, group=8)["speedup"]
     ```
 """
@@ -132,9 +132,12 @@ class StepTimer(TrainerCallback):
 
 def mean_step_time(trainer_cls, config_cls, model_path: str, steps: int = 4, warmup: int = 1, batch: int = 8,
                    output_dir: str | None = None, **config) -> tuple[float, object]:  # fmt: skip
-    """Mean step time of ``trainer_cls`` over ``steps`` timed steps after ``warmup``; returns (seconds, trainer)."""
+    """Mean step time of ``trainer_cls`` over ``steps`` timed steps after ``warmup``; returns (seconds, trainer).
+
+    ``config`` goes to the trainer's config; its ``seed`` (default 0) also seeds the preference pairs.
+    """
     timer = StepTimer()
-    data = make_reasoning_preferences(batch * (steps + warmup), seed=0)
+    data = make_reasoning_preferences(batch * (steps + warmup), seed=config.get("seed", 0))
     with tempfile.TemporaryDirectory() as tmp:
         args = toy_args(config_cls, output_dir or tmp, max_steps=steps + warmup, per_device_train_batch_size=batch,
                         disable_tqdm=True, learning_rate=1e-5, logging_steps=1000, **config)  # fmt: skip
