@@ -229,8 +229,13 @@ def run_worker(script: str, job: dict) -> dict:
     import json
 
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], capture_output=True, text=True,
-                          env=env, cwd=Path(script).resolve().parents[1])  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, script, "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(script).resolve().parents[1],
+    )
     if done.returncode:
         raise RuntimeError(f"worker {job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

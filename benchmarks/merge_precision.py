@@ -41,7 +41,7 @@ def adapters(r: int, density: float) -> dict:
         "MoRA sharing": MoraConfig(r=r, mora_type="sharing", target_modules="all-linear"),
         "MoRA rotation exact_unmerge": MoraConfig(
             r=r, mora_type="rotation", target_modules="all-linear", exact_unmerge=True
-        ),  # fmt: skip
+        ),
         "SUBNET": SubnetConfig(target_modules="all-linear", density=density, mask_source="random"),
     }
 
@@ -96,10 +96,12 @@ def main():
 
 
 def run(args) -> None:
-    print(f"toy Llama {args.hidden_size} wide x {args.layers} layers, all linear layers adapted, r={args.r}, "
-          f"SUBNET density {args.density}; {args.rounds} round trips. update: RMS of each layer's update / RMS of "
-          "its weight. changed: fraction of adapted base entries that differ bit-wise from the original; max, "
-          "mean: absolute change over all adapted base entries")  # fmt: skip
+    print(
+        f"toy Llama {args.hidden_size} wide x {args.layers} layers, all linear layers adapted, r={args.r}, "
+        f"SUBNET density {args.density}; {args.rounds} round trips. update: RMS of each layer's update / RMS of "
+        "its weight. changed: fraction of adapted base entries that differ bit-wise from the original; max, "
+        "mean: absolute change over all adapted base entries"
+    )
     head = f"{'dtype':<9} {'update':>6} {'adapter':<28} {'changed@1':>10} {'max@1':>9} {'mean@1':>9}"
     head += f" {f'changed@{args.rounds}':>12} {f'max@{args.rounds}':>9} {f'mean@{args.rounds}':>9}"
     print(head)
@@ -108,8 +110,9 @@ def run(args) -> None:
         for scale in args.delta_scales:
             for name, config in adapters(args.r, args.density).items():
                 torch.manual_seed(args.seed)
-                base = build_toy_model(arch="llama", hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                                       num_attention_heads=8).to(getattr(torch, dtype_name))  # fmt: skip
+                base = build_toy_model(
+                    arch="llama", hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=8
+                ).to(getattr(torch, dtype_name))
                 model = get_peft_model(base, config)
                 set_update_scale(model, scale, torch.Generator().manual_seed(args.seed + 1))
                 original = {n: m.get_base_layer().weight.detach().clone() for n, m in adapted_layers(model).items()}
@@ -121,14 +124,18 @@ def run(args) -> None:
                     if k in (1, args.rounds):
                         row.append(drift(original, model))
                 (f1, m1, a1), (fn, mn, an) = row
-                print(f"{dtype_name:<9} {scale:>6g} {name:<28} {f1:>9.2%} {m1:>9.2e} {a1:>9.2e} "
-                      f"{fn:>11.2%} {mn:>9.2e} {an:>9.2e}")  # fmt: skip
+                print(
+                    f"{dtype_name:<9} {scale:>6g} {name:<28} {f1:>9.2%} {m1:>9.2e} {a1:>9.2e} "
+                    f"{fn:>11.2%} {mn:>9.2e} {an:>9.2e}"
+                )
     weights = [m.get_base_layer().weight.float() for m in adapted_layers(model).values()]
     rms = torch.cat([w.flatten() for w in weights]).pow(2).mean().sqrt().item()
     print(f"\nRMS of the adapted base weights: {rms:.3g}")
     for dtype_name, nbytes in copy_bytes.items():
-        print(f"exact_unmerge memory while merged, {dtype_name}: {nbytes / 2**20:.2f} MiB = one copy of every adapted "
-              "weight (the adapted weights' own size)")  # fmt: skip
+        print(
+            f"exact_unmerge memory while merged, {dtype_name}: {nbytes / 2**20:.2f} MiB = one copy of every adapted "
+            "weight (the adapted weights' own size)"
+        )
 
 
 if __name__ == "__main__":

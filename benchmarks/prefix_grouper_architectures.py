@@ -46,18 +46,56 @@ MAX_PARAMETERS = 30_000_000  # a tiny config above this was not shrunk: not buil
 
 # Tiny sizes, set only where the config has the field (aliases cover the older naming schemes)
 TINY = {
-    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "intermediate_size": 128, "vocab_size": 128, "max_position_embeddings": 256, "head_dim": 16,
-    "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 256, "d_model": 64, "num_layers": 2,
-    "num_heads": 4, "ffn_dim": 128, "d_ff": 128, "decoder_layers": 2, "decoder_attention_heads": 4,
-    "decoder_ffn_dim": 128, "num_decoder_layers": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
-    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
-    "topk_group": 1, "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 16, "v_head_dim": 16, "router_aux_loss_coef": 0.0, "attention_dropout": 0.0,
-    "hidden_dropout": 0.0, "dropout": 0.0, "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0,
-    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "rotary_dim": 8, "embedding_size": 64,
-    "input_embedding_size": 64, "output_embedding_size": 64,
-}  # fmt: skip
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    "head_dim": 16,
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_inner": 128,
+    "n_positions": 256,
+    "d_model": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "ffn_dim": 128,
+    "d_ff": 128,
+    "decoder_layers": 2,
+    "decoder_attention_heads": 4,
+    "decoder_ffn_dim": 128,
+    "num_decoder_layers": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "router_aux_loss_coef": 0.0,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "dropout": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "hidden_dropout_prob": 0.0,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "rotary_dim": 8,
+    "embedding_size": 64,
+    "input_embedding_size": 64,
+    "output_embedding_size": 64,
+}
 
 
 # Config fields a type needs beyond the tiny sizes to build at 2 layers
@@ -69,20 +107,33 @@ _HALF = 8  # rotary frequencies of a 16-dim head
 VARIANTS = {
     "falcon (alibi=True)": ("falcon", {"alibi": True}),
     "bloom (ALiBi)": ("bloom", {}),
-    "llama (rope_type=dynamic, past its threshold)": ("llama", {
-        "max_position_embeddings": 8, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}}),
-    "phi3 (rope_type=longrope, past its threshold)": ("phi3", {
-        "original_max_position_embeddings": 8, "rope_parameters": {
-            "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 8,
-            "short_factor": [1.0 + i for i in range(_HALF)], "long_factor": [2.0 + i for i in range(_HALF)]}}),
+    "llama (rope_type=dynamic, past its threshold)": (
+        "llama",
+        {"max_position_embeddings": 8, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}},
+    ),
+    "phi3 (rope_type=longrope, past its threshold)": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 8,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "original_max_position_embeddings": 8,
+                "short_factor": [1.0 + i for i in range(_HALF)],
+                "long_factor": [2.0 + i for i in range(_HALF)],
+            },
+        },
+    ),
     "mistral (sliding_window=4)": ("mistral", {"sliding_window": 4}),
     "phi3 (sliding_window=4)": ("phi3", {"sliding_window": 4}),
     "starcoder2 (sliding_window=4)": ("starcoder2", {"sliding_window": 4}),
-    "qwen2 (use_sliding_window=True, max_window_layers=1)": ("qwen2", {
-        "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen2 (use_sliding_window=True, max_window_layers=1)": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
     "qwen2 (use_sliding_window=True, no sliding layer)": ("qwen2", {"use_sliding_window": True, "sliding_window": 4}),
     "phimoe (sliding_window=4, applied by the mask only)": ("phimoe", {"sliding_window": 4}),
-}  # fmt: skip
+}
 
 
 def tiny_config(model_type: str):
@@ -206,10 +257,23 @@ def trainer_for(model, grouped: bool, output_dir: str):
     config_cls, trainer_cls = (
         (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
     )
-    args = toy_args(config_cls, output_dir, per_device_train_batch_size=8, num_generations=4,
-                    max_completion_length=6, disable_dropout=True, beta=0.0, bf16=False)  # fmt: skip
-    return trainer_cls(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=make_arithmetic_dataset(8),
-                       processing_class=build_toy_tokenizer())  # fmt: skip
+    args = toy_args(
+        config_cls,
+        output_dir,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        disable_dropout=True,
+        beta=0.0,
+        bf16=False,
+    )
+    return trainer_cls(
+        model=model,
+        reward_funcs=arithmetic_reward,
+        args=args,
+        train_dataset=make_arithmetic_dataset(8),
+        processing_class=build_toy_tokenizer(),
+    )
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -313,8 +377,11 @@ def parse_results(path: Path) -> list[tuple[str, str, str]]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--types", nargs="+", help="model types (or variant names) to check (default: every "
-                        "AutoModelForCausalLM type, then the variants)")  # fmt: skip
+    parser.add_argument(
+        "--types",
+        nargs="+",
+        help="model types (or variant names) to check (default: every AutoModelForCausalLM type, then the variants)",
+    )
     add_common_flags(parser, RESULTS_FILE)
     cli = parser.parse_args()
     output = cli.output

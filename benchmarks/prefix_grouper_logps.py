@@ -76,10 +76,18 @@ def build_trainer(grouped: bool, heads: int, head_dim: int, kv_heads: int, max_l
     tokenizer = build_toy_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=max_len,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa",
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="sdpa",
+    )
     return make_trainer(grouped, AutoModelForCausalLM.from_config(config, dtype=torch.float32), output_dir)
 
 
@@ -92,8 +100,9 @@ def worker(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     heads, head_dim, kv_heads = job["shape"]
     prompt_len, completion_len, group = job["plg"]
-    trainer = build_trainer(job["grouped"], heads, head_dim, kv_heads, prompt_len + completion_len + 8,
-                            tempfile.mkdtemp(), job["seed"])  # fmt: skip
+    trainer = build_trainer(
+        job["grouped"], heads, head_dim, kv_heads, prompt_len + completion_len + 8, tempfile.mkdtemp(), job["seed"]
+    )
     vocab, eos = trainer.model.config.vocab_size, trainer.processing_class.eos_token_id
     logprob_step(trainer, *one_group(64, 16, 2, vocab, eos), 16)  # warm-up at a small shape
     input_ids, mask = one_group(prompt_len, completion_len, group, vocab, eos)
@@ -175,13 +184,19 @@ def main(argv=None):
                         "rounds": cli.rounds,
                         "seed": cli.seed,
                     }
-                )  # fmt: skip
+                )
                 for name in ("stock", "grouped")
             }
             speedup = res["stock"]["cpu_s"] / res["grouped"]["cpu_s"]
-            ideal = ideal_speedup(*plg, hidden_size=HIDDEN, num_layers=1, intermediate_size=INTERMEDIATE,
-                                  kv_size=kv_heads * head_dim, vocab_size=res["stock"]["vocab"],
-                                  attention_size=heads * head_dim)  # fmt: skip
+            ideal = ideal_speedup(
+                *plg,
+                hidden_size=HIDDEN,
+                num_layers=1,
+                intermediate_size=INTERMEDIATE,
+                kv_size=kv_heads * head_dim,
+                vocab_size=res["stock"]["vocab"],
+                attention_size=heads * head_dim,
+            )
             lines.append(
                 prefix + f"{res['stock']['cpu_s']:>8.2f} {res['grouped']['cpu_s']:>9.2f} {speedup:>6.2f}x "
                 f"{ideal:>5.2f}x {speedup / ideal:>10.2f} {res['stock']['wall_s'] / res['grouped']['wall_s']:>5.2f}x | "

@@ -30,10 +30,15 @@ from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 MODELS = {
     "toy model (Llama d=64, 2 layers, 4 heads)": ToyModelSpec(arch="llama"),
     "1 layer, 16 heads x 64 (4 KV), d=1024": ToyModelSpec(
-        arch="llama", hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4,
-        intermediate_size=4096, max_position_embeddings=4096,
+        arch="llama",
+        hidden_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=4096,
+        max_position_embeddings=4096,
     ),
-}  # fmt: skip
+}
 
 
 def measure(spec: ToyModelSpec, cli) -> tuple[float, float]:
@@ -43,10 +48,18 @@ def measure(spec: ToyModelSpec, cli) -> tuple[float, float]:
         lambda row: {"prompt": preamble + row["prompt"]}
     )
     args = toy_args(
-        PrefixGrouperGRPOConfig, tempfile.mkdtemp(), max_steps=cli.rounds + 1, per_device_train_batch_size=cli.generations,
-        num_generations=cli.generations, max_completion_length=cli.completion_length, beta=0.04, disable_dropout=True,
-        disable_tqdm=True, logging_steps=1000, seed=cli.seed,
-    )  # fmt: skip
+        PrefixGrouperGRPOConfig,
+        tempfile.mkdtemp(),
+        max_steps=cli.rounds + 1,
+        per_device_train_batch_size=cli.generations,
+        num_generations=cli.generations,
+        max_completion_length=cli.completion_length,
+        beta=0.04,
+        disable_dropout=True,
+        disable_tqdm=True,
+        logging_steps=1000,
+        seed=cli.seed,
+    )
     timer = StepTimer()
     torch.manual_seed(cli.seed)
     trainer = PrefixGrouperGRPOTrainer(

@@ -45,9 +45,12 @@ class StepTimer(TrainerCallback):
 
 def run(grouped: bool, cli) -> StepTimer:
     spec = ToyModelSpec(
-        arch="llama", hidden_size=cli.hidden_size, num_hidden_layers=cli.layers, num_attention_heads=4,
+        arch="llama",
+        hidden_size=cli.hidden_size,
+        num_hidden_layers=cli.layers,
+        num_attention_heads=4,
         max_position_embeddings=4096,
-    )  # fmt: skip
+    )
     preamble = ("Context: " + "0123456789 " * cli.context)[: cli.context] + "\n"
     dataset = arithmetic(cli.rounds + 1, seed=cli.seed).map(lambda row: {"prompt": preamble + row["prompt"]})
     config_cls, trainer_cls = (

@@ -49,11 +49,19 @@ def build_trainer(grouped: bool, window: int, max_len: int, output_dir: str, see
     tokenizer = build_toy_tokenizer()
     torch.manual_seed(seed)
     config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, sliding_window=window,
-        max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        sliding_window=window,
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         attn_implementation="sdpa",
-    )  # fmt: skip
+    )
     return make_trainer(grouped, AutoModelForCausalLM.from_config(config, dtype=torch.float32), output_dir)
 
 
@@ -114,8 +122,14 @@ def main(argv=None):
             logps = {}
             for side in ("stock", "grouped") if round_ % 2 == 0 else ("grouped", "stock"):
                 path = str(Path(tmp) / f"{side}.pt")
-                job = {"grouped": side == "grouped", "plg": plg, "window": cli.window, "threads": cli.threads,
-                       "seed": cli.seed, "logps": path}  # fmt: skip
+                job = {
+                    "grouped": side == "grouped",
+                    "plg": plg,
+                    "window": cli.window,
+                    "threads": cli.threads,
+                    "seed": cli.seed,
+                    "logps": path,
+                }
                 results[side].append(run_worker(job))
                 logps[side] = torch.load(path)
                 print(f"round {round_ + 1} {side}: {results[side][-1]}", flush=True)

@@ -98,8 +98,15 @@ def run(variant, seed, a):
     path = a.model_path
     train = make_mixed_quality_sft(a.samples, seed=seed)
     held_out = make_arithmetic_dataset(a.eval_samples, seed=10_000 + seed, exclude=train)
-    common = dict(num_train_epochs=a.epochs, per_device_train_batch_size=a.batch, learning_rate=a.lr, seed=seed,
-                  disable_tqdm=True, logging_steps=10_000, lr_scheduler_type="constant")  # fmt: skip
+    common = dict(
+        num_train_epochs=a.epochs,
+        per_device_train_batch_size=a.batch,
+        learning_rate=a.lr,
+        seed=seed,
+        disable_tqdm=True,
+        logging_steps=10_000,
+        lr_scheduler_type="constant",
+    )
     data = train.select_columns(["prompt", "completion"])
     if name == "full-data SFT":
         trainer = SFTTrainer(
@@ -109,8 +116,14 @@ def run(variant, seed, a):
         qtuning_cls, random_cls = make_trainers()
         cls = qtuning_cls if name == "Q-Tuning" else random_cls
         plot = a.plot and name == "Q-Tuning" and seed == a.seed[0] and (r_s, r_t) == (0.25, 0.5)
-        args = toy_args(QTuningConfig, "/tmp/qtuning_quality", sample_keep_ratio=r_s, token_keep_ratio=r_t,
-                        eu_record_steps=10_000 if plot else 0, **common)  # fmt: skip
+        args = toy_args(
+            QTuningConfig,
+            "/tmp/qtuning_quality",
+            sample_keep_ratio=r_s,
+            token_keep_ratio=r_t,
+            eu_record_steps=10_000 if plot else 0,
+            **common,
+        )
         trainer = cls(model=path, args=args, train_dataset=data)
         trainer.kept_quality = Counter()
         trainer.rng = torch.Generator().manual_seed(seed)

@@ -33,8 +33,9 @@ def run_epoch(variant, path, data, a) -> tuple[float, float]:
     from recipes.timing import epoch_time
 
     _, scoring, r_s, r_t = variant
-    return epoch_time(path, data, scoring=scoring, sample_keep_ratio=r_s or 1.0, token_keep_ratio=r_t or 1.0,
-                      batch=a.batch)  # fmt: skip
+    return epoch_time(
+        path, data, scoring=scoring, sample_keep_ratio=r_s or 1.0, token_keep_ratio=r_t or 1.0, batch=a.batch
+    )
 
 
 def main():
@@ -63,8 +64,10 @@ def main():
         for i, variant in enumerate(VARIANTS):
             seconds, tokens[i] = run_epoch(variant, path, data, a)
             times[i].append(seconds)
-            print(f"round {r + 1}/{a.rounds} {variant[0]} {variant[2] or 1:.2f}x{variant[3] or 1:.2f}: {seconds:.2f}s",
-                  flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}/{a.rounds} {variant[0]} {variant[2] or 1:.2f}x{variant[3] or 1:.2f}: {seconds:.2f}s",
+                flush=True,
+            )
     lines = [
         f"toy Llama {a.hidden} wide x {a.layers} layers, {a.samples} reasoning traces, batch {a.batch}, "
         f"1 epoch ({a.samples // a.batch} steps), CPU fp32, torch threads {torch.get_num_threads()}, "

@@ -27,8 +27,11 @@ def run(threads: int, output_dir: Path) -> dict:
         start = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "recipes.quickstart", "--output_dir", str(output_dir)],
-            cwd=ROOT, env=env, capture_output=True, text=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-4000:])
     report = json.loads((output_dir / "results.json").read_text())

@@ -41,8 +41,14 @@ def worker(kind: str, a: argparse.Namespace) -> dict:
     step_s, trainer = mean_step_time(*classes, path, steps=a.rounds, warmup=a.warmup, batch=a.batch, seed=a.seed)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in trainer.model.parameters())
-    return {"kind": kind, "step_s": step_s, "peak_mb": peak, "increase_mb": peak - before, "params": params,
-            "has_ref": trainer.ref_model is not None}  # fmt: skip
+    return {
+        "kind": kind,
+        "step_s": step_s,
+        "peak_mb": peak,
+        "increase_mb": peak - before,
+        "params": params,
+        "has_ref": trainer.ref_model is not None,
+    }
 
 
 def main():
@@ -65,18 +71,25 @@ def measure(a: argparse.Namespace) -> None:
     """Run each trainer in its own worker process and print the side-by-side table."""
     rows = {}
     for kind in ("DPO", "REDI"):
-        out = subprocess.run([sys.executable, __file__, "--worker", kind, *sys.argv[1:]], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, *sys.argv[1:]], capture_output=True, text=True, check=True
+        ).stdout
         rows[kind] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     d, r = rows["DPO"], rows["REDI"]
-    print(f"toy Llama {a.hidden} wide x {a.layers} layers ({d['params'] / 1e6:.1f}M params), batch {a.batch} pairs, "
-          f"{a.rounds} timed steps after {a.warmup} warm-up, CPU fp32")  # fmt: skip
+    print(
+        f"toy Llama {a.hidden} wide x {a.layers} layers ({d['params'] / 1e6:.1f}M params), batch {a.batch} pairs, "
+        f"{a.rounds} timed steps after {a.warmup} warm-up, CPU fp32"
+    )
     print(f"{'trainer':<8}{'ref model':>10}{'step (s)':>10}{'peak RSS (MB)':>15}{'RSS increase (MB)':>19}")
     for row in (d, r):
-        print(f"{row['kind']:<8}{str(row['has_ref']):>10}{row['step_s']:>10.3f}{row['peak_mb']:>15.0f}"
-              f"{row['increase_mb']:>19.0f}")  # fmt: skip
-    print(f"REDI / DPO: step time {r['step_s'] / d['step_s']:.2f}x, peak RSS {r['peak_mb'] / d['peak_mb']:.2f}x, "
-          f"RSS increase {r['increase_mb'] / d['increase_mb']:.2f}x")  # fmt: skip
+        print(
+            f"{row['kind']:<8}{str(row['has_ref']):>10}{row['step_s']:>10.3f}{row['peak_mb']:>15.0f}"
+            f"{row['increase_mb']:>19.0f}"
+        )
+    print(
+        f"REDI / DPO: step time {r['step_s'] / d['step_s']:.2f}x, peak RSS {r['peak_mb'] / d['peak_mb']:.2f}x, "
+        f"RSS increase {r['increase_mb'] / d['increase_mb']:.2f}x"
+    )
 
 
 if __name__ == "__main__":
