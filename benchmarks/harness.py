@@ -177,7 +177,8 @@ def add_common_flags(
     A list default for ``threads`` or ``seed`` makes that flag take one or more values, for the scripts that
     repeat a run per thread count or per seed. Returns ``parser``.
     """
-    parser.add_argument("--output", type=Path, default=Path(output), help="results file (default: %(default)s)")
+    shown = Path(output).relative_to(ROOT) if Path(output).is_relative_to(ROOT) else output
+    parser.add_argument("--output", type=Path, default=Path(output), help=f"results file (default: {shown})")
     each = "; one run per value" if isinstance(threads, list) else ""
     parser.add_argument(
         "--threads",

@@ -151,7 +151,7 @@ def main():
     p.add_argument(
         "--plot",
         default=str(RESULTS / "qtuning_eu_plane.png"),
-        help="EU-plane PNG of the last epoch of the first seed's Q-Tuning 25% x 50% run ('' to skip)",
+        help="EU-plane PNG of the last epoch of the first seed's Q-Tuning 25%% x 50%% run ('' to skip)",
     )
     a = apply_common_flags(p.parse_args())
 

@@ -1,0 +1,75 @@
+"""Every benchmark takes the harness's common flags and writes its results file under the harness's header."""
+
+import argparse
+import ast
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import harness  # noqa: E402
+
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if p.stem not in ("__init__", "harness", "readme_tables"))
+
+
+def _called(path: Path) -> set[str]:
+    """Names of the functions ``path`` calls (``f(...)`` and ``module.f(...)``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            func = node.func
+            names.add(func.id if isinstance(func, ast.Name) else getattr(func, "attr", ""))
+    return names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_every_benchmark_takes_the_common_flags_and_writes_the_header(script):
+    called = _called(script)
+    assert {"add_common_flags", "apply_common_flags"} <= called, "parse the flags through harness.add_common_flags"
+    assert called & {"write_results", "recording", "results_header"}, "write the results file through the harness"
+    own = {"--output", "--threads", "--seed", "--rounds", "--out", "--seeds", "--repeats"}
+    text = script.read_text()
+    retyped = sorted(flag for flag in own if f'add_argument("{flag}"' in text)
+    assert retyped == [], f"{script.name} defines {retyped} itself"
+
+
+def test_common_flags_parse_check_and_apply(monkeypatch, tmp_path):
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    try:
+        parser = harness.add_common_flags(argparse.ArgumentParser(), tmp_path / "r.txt", rounds=3)
+        args = harness.apply_common_flags(parser.parse_args(["--threads", "1", "--seed", "5"]))
+        assert (args.output, args.threads, args.seed, args.rounds) == (tmp_path / "r.txt", 1, 5, 3)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(5)))
+        with pytest.raises(SystemExit, match="--rounds must be at least 1, got 0"):
+            harness.apply_common_flags(parser.parse_args(["--rounds", "0"]))
+        with pytest.raises(SystemExit, match="--threads must be at least 1, got 0"):
+            harness.apply_common_flags(parser.parse_args(["--threads", "0"]))
+        several = harness.add_common_flags(argparse.ArgumentParser(), tmp_path / "r.txt", threads=[1, 2], seed=[0, 1])
+        args = harness.apply_common_flags(several.parse_args(["--threads", "2", "4", "--seed", "3"]))
+        assert (args.threads, args.seed, hasattr(args, "rounds")) == ([2, 4], [3], False)
+        assert os.environ["OMP_NUM_THREADS"] == "1"  # a list is applied by each run, not here
+    finally:  # later tests run at the default thread count and RNG state
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+
+
+def test_the_header_names_the_command_commit_versions_and_threads(tmp_path):
+    path = harness.write_results(tmp_path / "r.txt", "body", argv=[str(BENCHMARKS / "x.py"), "--threads", "1"])
+    lines = path.read_text().splitlines()
+    keys = [line.split(":")[0] for line in lines if line.startswith("#")]
+    assert keys == [
+        "# command",
+        "# git commit",
+        "# versions",
+        "# cpu",
+        "# threads",
+        "# load average (1, 5, 15 min) at start",
+        "# date",
+    ]
+    assert lines[0] == "# command: python benchmarks/x.py --threads 1" and lines[-1] == "body"
