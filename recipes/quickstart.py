@@ -1,4 +1,4 @@
-"""The main job on the embedded default: ``python -m recipes.quickstart [--output_dir DIR]``.
+"""The main job on the embedded default: ``python -m recipes.quickstart [--output_dir DIR]`` (repository root).
 
 Runs all five methods on the offline toy testbed (a tiny Llama pretrained on addition,
 cached on disk) through their recipes' command lines, each beside its baseline, and prints one results
