@@ -35,14 +35,22 @@ if str(ROOT) not in sys.path[:2]:
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
 
 
+# Outputs, not code: a results file or README table rewritten by an earlier benchmark leaves the measured code as
+# committed, so the next benchmark of a regeneration run still records a clean commit.
+NOT_CODE = ("benchmarks/results", "README.md")
+
+
 def git_commit() -> str:
-    """The checked-out commit, with ``+uncommitted`` when tracked files differ from it."""
+    """The checked-out commit, with ``+uncommitted changes`` when tracked files other than :data:`NOT_CODE` differ."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in NOT_CODE)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
