@@ -73,3 +73,25 @@ def test_the_header_names_the_command_commit_versions_and_threads(tmp_path):
         "# date",
     ]
     assert lines[0] == "# command: python benchmarks/x.py --threads 1" and lines[-1] == "body"
+
+
+def test_the_commit_is_marked_modified_by_code_changes_only(tmp_path, monkeypatch):
+    """A regeneration run rewrites results files and README tables; only a change to code marks the commit."""
+    import subprocess
+
+    def git(*args):
+        command = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("code.py", "README.md", "benchmarks/results/a.txt"):
+        (tmp_path / name).write_text("v1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    (tmp_path / "README.md").write_text("v2\n")
+    (tmp_path / "benchmarks" / "results" / "a.txt").write_text("v2\n")
+    assert not harness.git_commit().endswith("+uncommitted changes")
+    (tmp_path / "code.py").write_text("v2\n")
+    assert harness.git_commit().endswith("+uncommitted changes")
