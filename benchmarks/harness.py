@@ -232,6 +232,12 @@ def apply_common_flags(args):
     return args
 
 
+def ratio_text(numerator: float, denominator: float, spec: str = ".2f") -> str:
+    """``numerator / denominator`` formatted by ``spec``, or ``n/a`` where the denominator is not positive (a peak
+    memory that did not grow measurably at a tiny shape)."""
+    return format(numerator / denominator, spec) if denominator > 0 else "n/a"
+
+
 def run_worker(script: str, job: dict) -> dict:
     """Run ``script --worker <job as JSON>`` in a fresh process with ``job["threads"]`` threads; return the JSON
     its last output line holds (one process per measurement, so each side's peak memory is its own)."""

@@ -201,7 +201,7 @@ def main(argv=None):
                 prefix + f"{res['stock']['cpu_s']:>8.2f} {res['grouped']['cpu_s']:>9.2f} {speedup:>6.2f}x "
                 f"{ideal:>5.2f}x {speedup / ideal:>10.2f} {res['stock']['wall_s'] / res['grouped']['wall_s']:>5.2f}x | "
                 f"{res['stock']['peak_mb']:>8.0f} {res['grouped']['peak_mb']:>10.0f} "
-                f"{res['grouped']['peak_mb'] / res['stock']['peak_mb']:>9.2f}"
+                f"{harness.ratio_text(res['grouped']['peak_mb'], res['stock']['peak_mb']):>9}"
             )
         print(lines[-1], flush=True)
         output.write_text("\n".join(lines) + "\n")  # after every point, so a long sweep keeps what it measured

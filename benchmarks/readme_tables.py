@@ -116,6 +116,13 @@ def prefix_grouper_logps(path: Path) -> str:
         r"\s+([\d.]+)\s+([\d.]+)x \|" + number * 3 + r"$",
     )
     skipped = [m for line in _body(path) if (m := re.match(r"^\s*(\d+(?:\s+\d+){5}) \| skipped: (.*)$", line))]
+    unread = [line for line in _body(path) if re.match(r"^\s*\d", line)]
+    if len(unread) != len(measured) + len(skipped):
+        rows = {m.string for m in measured + skipped}
+        bad = next(line for line in unread if line not in rows)
+        raise ResultsFormatError(
+            f"{path}: cannot read the row {bad.strip()!r}; every point must be measured or skipped."
+        )
     lines = [
         "| heads × dim (KV) | P | R | G | stock s | grouped s | speedup | ideal | measured / ideal "
         "| wall-clock speedup | memory grouped / stock |",

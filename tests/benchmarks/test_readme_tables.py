@@ -103,3 +103,11 @@ def test_malformed_readmes_and_results_are_refused(tmp_path, only, capsys):
     readme.write_text(_readme("mora_speed"))
     assert readme_tables.main(argv) == 2
     assert "expected at least 2 line(s)" in capsys.readouterr().err
+
+
+def test_a_point_the_table_cannot_read_is_an_error_not_a_dropped_row(tmp_path):
+    path = tmp_path / "logps.txt"
+    unreadable = "   16   64   4   512   256   4 |     0.01      0.01   1.00x  1.96x       0.51  1.00x |        0          0       n/a\n"
+    path.write_text(LOGPS + unreadable)
+    with pytest.raises(readme_tables.ResultsFormatError, match="cannot read the row '16   64   4   512   256   4"):
+        readme_tables.prefix_grouper_logps(path)
