@@ -224,6 +224,19 @@ def apply_common_flags(args):
         positive("--threads", value)
     if getattr(args, "rounds", None) is not None:
         positive("--rounds", args.rounds)
+    for seed in args.seed if isinstance(args.seed, list) else [args.seed]:
+        if not 0 <= seed < 2**32:
+            raise SystemExit(f"--seed must be in [0, 2**32), got {seed}")
+    # Before the run, not after it: a results file that cannot be written would lose the whole measurement.
+    output = Path(args.output)
+    if output.is_dir():
+        raise SystemExit(f"--output {output} is a folder; name the results file, e.g. {output / 'results.txt'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--output {output}: cannot create its folder ({error}); choose a writable path") from None
+    if not os.access(output.parent, os.W_OK):
+        raise SystemExit(f"--output {output}: its folder is not writable; choose a writable path")
     if not isinstance(args.threads, list):
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)

@@ -50,6 +50,13 @@ def test_common_flags_parse_check_and_apply(monkeypatch, tmp_path):
             harness.apply_common_flags(parser.parse_args(["--rounds", "0"]))
         with pytest.raises(SystemExit, match="--threads must be at least 1, got 0"):
             harness.apply_common_flags(parser.parse_args(["--threads", "0"]))
+        with pytest.raises(SystemExit, match=r"--seed must be in \[0, 2\*\*32\), got -1"):
+            harness.apply_common_flags(parser.parse_args(["--seed", "-1"]))
+        with pytest.raises(SystemExit, match="is a folder; name the results file"):
+            harness.apply_common_flags(parser.parse_args(["--output", str(tmp_path)]))
+        (tmp_path / "file").write_text("")
+        with pytest.raises(SystemExit, match="cannot create its folder"):
+            harness.apply_common_flags(parser.parse_args(["--output", str(tmp_path / "file" / "r.txt")]))
         several = harness.add_common_flags(argparse.ArgumentParser(), tmp_path / "r.txt", threads=[1, 2], seed=[0, 1])
         args = harness.apply_common_flags(several.parse_args(["--threads", "2", "4", "--seed", "3"]))
         assert (args.threads, args.seed, hasattr(args, "rounds")) == ([2, 4], [3], False)
