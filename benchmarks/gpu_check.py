@@ -34,16 +34,31 @@ import argparse
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import torch
-from harness import RESULTS, write_results
+from harness import RESULTS, add_common_flags, apply_common_flags, write_results
+
+SEED = 0  # every generator's base seed; --seed sets it
 
 KERNELS = ("lower_right", "merged")
-QWEN2_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                  intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768)  # fmt: skip
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-            vocab_size=128, max_position_embeddings=256)  # fmt: skip
+QWEN2_1_5B = dict(
+    hidden_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    intermediate_size=8960,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -85,7 +100,7 @@ def packed_example(device):
     """A packed batch: two groups, prompts of 5 and 9 tokens (prefix padding), blocks of different lengths."""
     from trl_ext.prefix_grouper.layout import find_groups, pack_groups
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(SEED)
     prompt_ids = torch.randint(5, 100, (6, 9), generator=gen)
     prompt_mask = torch.ones_like(prompt_ids)
     prompt_mask[:3, :4] = 0
@@ -114,7 +129,7 @@ def attention_exactness(device, dtype, kernel) -> str:
     if layout.prefix_key_padding is not None:
         layout.prefix_key_padding = layout.prefix_key_padding.to(device)
     rows, length, heads, kv_heads, dim = packed.num_rows, packed.seq_len, 8, 2, 64
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(SEED + 1)
     qkv = [torch.randn(rows, h, length, dim, generator=gen, dtype=torch.float64) for h in (heads, kv_heads, kv_heads)]
     grad_out = torch.randn(rows, length, heads, dim, generator=gen, dtype=torch.float64)
     real = packed.segment_ids != -1  # padding rows are never used
@@ -122,8 +137,9 @@ def attention_exactness(device, dtype, kernel) -> str:
     def dense(q, k, v):
         allowed = attention_allowed(packed.segment_ids.to(q.device))[:, None]
         mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads),
-                                             attn_mask=mask)  # fmt: skip
+        out = F.scaled_dot_product_attention(
+            q, repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads), attn_mask=mask
+        )
         return out.transpose(1, 2)
 
     def run(fn, run_dtype, run_device):
@@ -163,19 +179,32 @@ def trainer_pair(model_factory, device, tmp: str, **overrides):
         config_cls, trainer_cls = (
             (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
         )
-        settings = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=7, beta=0.0,
-                        disable_dropout=True, bf16=False, use_cpu=device.type == "cpu")  # fmt: skip
+        settings = dict(
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=7,
+            beta=0.0,
+            disable_dropout=True,
+            bf16=False,
+            use_cpu=device.type == "cpu",
+        )
         settings.update(overrides)
         args = toy_args(config_cls, f"{tmp}/{grouped}", **settings)
-        trainers.append(trainer_cls(model=copy.deepcopy(model) if not grouped else model, reward_funcs=arithmetic_reward,
-                                    args=args, train_dataset=make_arithmetic_dataset(8),
-                                    processing_class=build_toy_tokenizer()))  # fmt: skip
+        trainers.append(
+            trainer_cls(
+                model=copy.deepcopy(model) if not grouped else model,
+                reward_funcs=arithmetic_reward,
+                args=args,
+                train_dataset=make_arithmetic_dataset(8),
+                processing_class=build_toy_tokenizer(),
+            )
+        )
     return trainers
 
 
 def test_batch(device, vocab: int):
     """Three prompts of 3, 7 and 11 tokens, left-padded, 8 completions of 1 to 7 tokens, groups interleaved."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(SEED)
     prompts = [torch.randint(10, min(vocab, 100), (n,), generator=gen).tolist() for n in (3, 7, 11)]
     ids, mask = [], []
     for row, letter in enumerate("aabacbcb"):
@@ -190,20 +219,23 @@ def test_batch(device, vocab: int):
 def trainer_logps(trainer, batch, batch_size=None):
     input_ids, mask, keep = batch
     with torch.no_grad():
-        return trainer._get_per_token_logps_and_entropies(trainer.model.eval(), input_ids, mask, keep,
-                                                          batch_size=batch_size)[0]  # fmt: skip
+        return trainer._get_per_token_logps_and_entropies(
+            trainer.model.eval(), input_ids, mask, keep, batch_size=batch_size
+        )[0]
 
 
 def tiny_llama(dtype=torch.float32):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY, attn_implementation="sdpa"), dtype=torch.float32)
     with torch.no_grad():  # unit-scale weights: log-probs far from uniform
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 scale = 1.0 if "embed" in name else 1.5 / min(param.shape) ** 0.5
-                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * scale)
+                param.copy_(
+                    torch.randn(param.shape, generator=torch.Generator().manual_seed(SEED + len(name))) * scale
+                )
     return model.to(dtype)
 
 
@@ -239,8 +271,12 @@ def trainer_exactness(device, dtype, tmp):
 
 
 def exactness_section(device, tmp) -> list[str]:
-    lines = ["## 1. Exactness matrix", "", "| dtype | kernel | attention vs dense reference | trainer log-probs vs stock |",
-             "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## 1. Exactness matrix",
+        "",
+        "| dtype | kernel | attention vs dense reference | trainer log-probs vs stock |",
+        "|---|---|---|---|",
+    ]
     for dtype in (torch.float32, torch.bfloat16):
         try:
             trainer_check = trainer_exactness(device, dtype, tmp)
@@ -280,14 +316,14 @@ def speed_section(device, smoke: bool, rounds: int, tmp) -> list[str]:
 
     def factory():
         with torch.device(device):
-            torch.manual_seed(0)
+            torch.manual_seed(SEED)
             return AutoModelForCausalLM.from_config(Qwen2Config(**sizes, attn_implementation="sdpa"), dtype=dtype)
 
     for prompt_len, completion_len, group in shapes:
         try:
             results = {}
             stock, grouped = trainer_pair(factory, device, tmp, max_completion_length=completion_len)
-            gen = torch.Generator().manual_seed(0)
+            gen = torch.Generator().manual_seed(SEED)
             prompt = torch.randint(10, 100, (1, prompt_len), generator=gen).expand(group, -1)
             completions = torch.randint(10, 100, (group, completion_len), generator=gen)
             input_ids = torch.cat([prompt, completions], 1).to(device)
@@ -317,11 +353,16 @@ def speed_section(device, smoke: bool, rounds: int, tmp) -> list[str]:
             memory = ["n/a"] * 3
             if device.type == "cuda":
                 memory = [f"{s_m:.2f}", f"{g_m:.2f}", f"{g_m / s_m:.2f}"]
-            lines.append(f"| {prompt_len} | {completion_len} | {group} | {s_t:.3f} | {g_t:.3f} | {s_t / g_t:.2f}x | "
-                         + " | ".join(memory) + " |")  # fmt: skip
+            lines.append(
+                f"| {prompt_len} | {completion_len} | {group} | {s_t:.3f} | {g_t:.3f} | {s_t / g_t:.2f}x | "
+                + " | ".join(memory)
+                + " |"
+            )
         except Exception as error:  # noqa: BLE001 -- e.g. out of memory: reported, the run goes on
-            lines.append(f"| {prompt_len} | {completion_len} | {group} | failed: {type(error).__name__}: "
-                         f"{str(error)[:150]} | | | | | |")  # fmt: skip
+            lines.append(
+                f"| {prompt_len} | {completion_len} | {group} | failed: {type(error).__name__}: "
+                f"{str(error)[:150]} | | | | | |"
+            )
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -336,12 +377,13 @@ def window_models():
     def build(model_type, **extra):
         def factory():
             config = AutoConfig.for_model(model_type, **{**TINY, "head_dim": 16, **extra})
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if model_type == "gpt_oss"
-                                                     else "sdpa", dtype=torch.float32)  # fmt: skip
+            torch.manual_seed(SEED)
+            model = AutoModelForCausalLM.from_config(
+                config, attn_implementation="eager" if model_type == "gpt_oss" else "sdpa", dtype=torch.float32
+            )
             with torch.no_grad():
                 for name, param in model.named_parameters():
-                    gen = torch.Generator().manual_seed(len(name))
+                    gen = torch.Generator().manual_seed(SEED + len(name))
                     if param.dim() >= 2:
                         scale = 1.0 if "embed" in name else 1.5 / min(param.shape[-2:]) ** 0.5
                         param.copy_(torch.randn(param.shape, generator=gen) * scale)
@@ -355,20 +397,26 @@ def window_models():
         "mistral, sliding_window=6": build("mistral", sliding_window=6),
         "gpt_oss, sinks + sliding_window=6": build(
             "gpt_oss", sliding_window=6, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.0
-        ),  # fmt: skip
+        ),
     }
 
 
 def window_section(device, tmp) -> list[str]:
-    lines = ["## 3. Sliding windows and attention sinks (fp32, stock vs grouped trainer log-probs)", "",
-             "| model | verdict |", "|---|---|"]  # fmt: skip
+    lines = [
+        "## 3. Sliding windows and attention sinks (fp32, stock vs grouped trainer log-probs)",
+        "",
+        "| model | verdict |",
+        "|---|---|",
+    ]
     for name, factory in window_models().items():
         try:
             stock, grouped = trainer_pair(factory, device, tmp)
             batch = test_batch(device, TINY["vocab_size"])
             mask = batch[1][:, -batch[2] :].bool()
-            worst = max(rel_err(trainer_logps(grouped, batch, bs)[mask], trainer_logps(stock, batch, bs)[mask])
-                        for bs in (None, 3))  # fmt: skip
+            worst = max(
+                rel_err(trainer_logps(grouped, batch, bs)[mask], trainer_logps(stock, batch, bs)[mask])
+                for bs in (None, 3)
+            )
             verdict = f"{'exact' if worst <= 1e-5 else 'WRONG'}: log-prob max rel err {worst:.1e}"
         except ValueError as error:
             verdict = f"refused at construction: {str(error)[:200]}"
@@ -382,23 +430,28 @@ def window_section(device, tmp) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (CI)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--output", type=Path, default=None)
-    cli = parser.parse_args()
-    if cli.threads:
-        torch.set_num_threads(cli.threads)
+    add_common_flags(
+        parser, RESULTS / "gpu_check.txt", rounds=3, rounds_help="timed repetitions per point (best kept)"
+    )
+    cli = apply_common_flags(parser.parse_args())
+    global SEED
+    SEED = cli.seed
     device = torch.device("cpu" if cli.smoke or not torch.cuda.is_available() else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 exactness is checked at 1e-5: no TF32 matmuls
     if not cli.smoke and device.type != "cuda":
         raise SystemExit("No CUDA device: run with --smoke for the CPU check, or on a machine with a GPU.")
-    output = cli.output or RESULTS / ("gpu_check_smoke.txt" if cli.smoke else "gpu_check.txt")
+    output = cli.output
+    if cli.smoke and output == parser.get_default("output"):
+        output = RESULTS / "gpu_check_smoke.txt"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
     lines = [f"device: {name}", ""]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for section in (lambda: exactness_section(device, tmp), lambda: speed_section(device, cli.smoke, cli.rounds, tmp),
-                        lambda: window_section(device, tmp)):  # fmt: skip
+        for section in (
+            lambda: exactness_section(device, tmp),
+            lambda: speed_section(device, cli.smoke, cli.rounds, tmp),
+            lambda: window_section(device, tmp),
+        ):
             try:
                 lines += section() + [""]
             except Exception:  # noqa: BLE001 -- a broken section is reported, the others still run

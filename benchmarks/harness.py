@@ -1,9 +1,13 @@
-"""What every benchmark's results file starts with: how it was produced and on what.
+"""What every benchmark shares: its common flags, and its results file's header.
 
-:func:`results_header` gives the command line, git commit, library versions, CPU and thread
-count as ``#`` lines; :func:`write_results` writes a results file headed by them. Scripts run as
-``python benchmarks/<name>.py`` import this module as ``harness``; code run from the repository
-root imports ``benchmarks.harness``.
+Every script runs from the repository root as ``python benchmarks/<name>.py`` and takes the same
+common flags (:func:`add_common_flags`): ``--output`` (the results file), ``--threads`` (torch's
+intra-op threads, also passed to worker processes as ``OMP_NUM_THREADS``), ``--seed`` and, where it
+times something, ``--rounds``. :func:`results_header` gives the command line, git commit, library
+versions, CPU, thread count and machine load as ``#`` lines; :func:`write_results` writes a results
+file headed by them. Scripts import this module as ``harness``; importing it puts the repository
+root first on the path, so a benchmark measures this checkout's code and can reuse the recipes'
+helpers (``recipes.timing``).
 
 Example:
     ```py
@@ -26,17 +30,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path[:2]:
+    sys.path.insert(1, str(ROOT))
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
 
 
+# Outputs, not code: a results file or README table rewritten by an earlier benchmark leaves the measured code as
+# committed, so the next benchmark of a regeneration run still records a clean commit.
+NOT_CODE = ("benchmarks/results", "README.md")
+
+
 def git_commit() -> str:
-    """The checked-out commit, with ``+uncommitted`` when tracked files differ from it."""
+    """The checked-out commit, with ``+uncommitted changes`` when tracked files other than :data:`NOT_CODE` differ."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in NOT_CODE)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
@@ -157,14 +171,99 @@ def recording(path: str | os.PathLike, argv: list[str] | None = None):
     print(f"saved to {write_results(path, ''.join(tee.parts), header=header)}")
 
 
+def add_common_flags(
+    parser,
+    output: str | os.PathLike,
+    *,
+    rounds: int | None = None,
+    rounds_help: str = "timed repetitions",
+    threads: int | list[int] = 1,
+    seed: int | list[int] = 0,
+):
+    """Add ``--output``, ``--threads``, ``--seed`` and (when ``rounds`` is given) ``--rounds`` to ``parser``.
+
+    A list default for ``threads`` or ``seed`` makes that flag take one or more values, for the scripts that
+    repeat a run per thread count or per seed. Returns ``parser``.
+    """
+    shown = Path(output).relative_to(ROOT) if Path(output).is_relative_to(ROOT) else output
+    parser.add_argument("--output", type=Path, default=Path(output), help=f"results file (default: {shown})")
+    each = "; one run per value" if isinstance(threads, list) else ""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+" if each else None,
+        default=threads,
+        help=f"torch intra-op threads, also OMP_NUM_THREADS of worker processes{each} (default: %(default)s)",
+    )
+    each = "; one run per value" if isinstance(seed, list) else ""
+    parser.add_argument(
+        "--seed", type=int, nargs="+" if each else None, default=seed, help=f"random seed{each} (default: %(default)s)"
+    )
+    if rounds is not None:
+        parser.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default: %(default)s)")
+    return parser
+
+
+def positive(name: str, value: int) -> int:
+    """``value`` if it is at least 1; otherwise a clear error naming the flag."""
+    if value < 1:
+        raise SystemExit(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def apply_common_flags(args):
+    """Check the common flags, set torch's thread count and seed every generator; return ``args``.
+
+    A list of thread counts or seeds (one run per value) is checked but not applied: each run applies its own.
+    """
+    import torch
+    from transformers import set_seed
+
+    threads = args.threads if isinstance(args.threads, list) else [args.threads]
+    for value in threads:
+        positive("--threads", value)
+    if getattr(args, "rounds", None) is not None:
+        positive("--rounds", args.rounds)
+    for seed in args.seed if isinstance(args.seed, list) else [args.seed]:
+        if not 0 <= seed < 2**32:
+            raise SystemExit(f"--seed must be in [0, 2**32), got {seed}")
+    # Before the run, not after it: a results file that cannot be written would lose the whole measurement.
+    output = Path(args.output)
+    if output.is_dir():
+        raise SystemExit(f"--output {output} is a folder; name the results file, e.g. {output / 'results.txt'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--output {output}: cannot create its folder ({error}); choose a writable path") from None
+    if not os.access(output.parent, os.W_OK):
+        raise SystemExit(f"--output {output}: its folder is not writable; choose a writable path")
+    if not isinstance(args.threads, list):
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if not isinstance(args.seed, list):
+        set_seed(args.seed)
+    return args
+
+
+def ratio_text(numerator: float, denominator: float, spec: str = ".2f") -> str:
+    """``numerator / denominator`` formatted by ``spec``, or ``n/a`` where the denominator is not positive (a peak
+    memory that did not grow measurably at a tiny shape)."""
+    return format(numerator / denominator, spec) if denominator > 0 else "n/a"
+
+
 def run_worker(script: str, job: dict) -> dict:
     """Run ``script --worker <job as JSON>`` in a fresh process with ``job["threads"]`` threads; return the JSON
     its last output line holds (one process per measurement, so each side's peak memory is its own)."""
     import json
 
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], capture_output=True, text=True,
-                          env=env, cwd=Path(script).resolve().parents[1])  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, script, "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(script).resolve().parents[1],
+    )
     if done.returncode:
         raise RuntimeError(f"worker {job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

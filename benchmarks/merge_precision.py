@@ -18,17 +18,14 @@ overwritten entries.
 Usage (after ``pip install -e .``, or with ``PYTHONPATH=.``):
     python benchmarks/merge_precision.py                      # bf16, fp16 and fp32, 200 round trips
     python benchmarks/merge_precision.py --rounds 20 --dtypes bfloat16 --delta-scales 0.01
-    python benchmarks/merge_precision.py --markdown benchmarks/results/merge_precision.txt   # the README's table
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-from harness import RESULTS, recording
+from harness import RESULTS, add_common_flags, apply_common_flags, recording
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -44,7 +41,7 @@ def adapters(r: int, density: float) -> dict:
         "MoRA sharing": MoraConfig(r=r, mora_type="sharing", target_modules="all-linear"),
         "MoRA rotation exact_unmerge": MoraConfig(
             r=r, mora_type="rotation", target_modules="all-linear", exact_unmerge=True
-        ),  # fmt: skip
+        ),
         "SUBNET": SubnetConfig(target_modules="all-linear", density=density, mask_source="random"),
     }
 
@@ -84,25 +81,6 @@ def drift(original: dict, model) -> tuple[float, float, float]:
     return changed / numel, largest, total / numel
 
 
-def markdown_table(results: Path, dtypes=("bfloat16", "float16")) -> str:
-    """The rows of a results file in ``dtypes`` as the README's markdown table."""
-    text = results.read_text()
-    rounds = next(line.split("changed@")[-1].split()[0] for line in text.splitlines() if "changed@" in line)
-    rows = [
-        f"| dtype | update / weight (RMS) | adapter | entries changed, 1 round trip | max / mean abs change "
-        f"| entries changed, {rounds} round trips | max / mean abs change |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 9 or fields[0] not in dtypes:
-            continue
-        dtype, scale, adapter = fields[0], fields[1], " ".join(fields[2:-6])
-        f1, m1, a1, fn, mn, an = fields[-6:]
-        rows.append(f"| {dtype} | {scale} | {adapter} | {f1} | {m1} / {a1} | {fn} | {mn} / {an} |")
-    return "\n".join(rows)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -113,23 +91,17 @@ def main():
         "--delta-scales", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="update RMS relative to the weight's"
     )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
-    parser.add_argument("--rounds", type=int, default=200, help="merge/unmerge round trips")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=str(RESULTS / "merge_precision.txt"))
-    parser.add_argument("--markdown", metavar="RESULTS", help="print a results file as the README's markdown table")
-    args = parser.parse_args()
-    if args.markdown:
-        print(markdown_table(Path(args.markdown)))
-        sys.exit(0)
-    torch.set_num_threads(args.threads)
-    return args
+    add_common_flags(parser, RESULTS / "merge_precision.txt", rounds=200, rounds_help="merge/unmerge round trips")
+    return apply_common_flags(parser.parse_args())
 
 
 def run(args) -> None:
-    print(f"toy Llama {args.hidden_size} wide x {args.layers} layers, all linear layers adapted, r={args.r}, "
-          f"SUBNET density {args.density}; {args.rounds} round trips. update: RMS of each layer's update / RMS of "
-          "its weight. changed: fraction of adapted base entries that differ bit-wise from the original; max, "
-          "mean: absolute change over all adapted base entries")  # fmt: skip
+    print(
+        f"toy Llama {args.hidden_size} wide x {args.layers} layers, all linear layers adapted, r={args.r}, "
+        f"SUBNET density {args.density}; {args.rounds} round trips. update: RMS of each layer's update / RMS of "
+        "its weight. changed: fraction of adapted base entries that differ bit-wise from the original; max, "
+        "mean: absolute change over all adapted base entries"
+    )
     head = f"{'dtype':<9} {'update':>6} {'adapter':<28} {'changed@1':>10} {'max@1':>9} {'mean@1':>9}"
     head += f" {f'changed@{args.rounds}':>12} {f'max@{args.rounds}':>9} {f'mean@{args.rounds}':>9}"
     print(head)
@@ -137,11 +109,12 @@ def run(args) -> None:
     for dtype_name in args.dtypes:
         for scale in args.delta_scales:
             for name, config in adapters(args.r, args.density).items():
-                torch.manual_seed(0)
-                base = build_toy_model(arch="llama", hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                                       num_attention_heads=8).to(getattr(torch, dtype_name))  # fmt: skip
+                torch.manual_seed(args.seed)
+                base = build_toy_model(
+                    arch="llama", hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=8
+                ).to(getattr(torch, dtype_name))
                 model = get_peft_model(base, config)
-                set_update_scale(model, scale, torch.Generator().manual_seed(1))
+                set_update_scale(model, scale, torch.Generator().manual_seed(args.seed + 1))
                 original = {n: m.get_base_layer().weight.detach().clone() for n, m in adapted_layers(model).items()}
                 copy_bytes[dtype_name] = sum(w.numel() * w.element_size() for w in original.values())
                 row = []
@@ -151,14 +124,18 @@ def run(args) -> None:
                     if k in (1, args.rounds):
                         row.append(drift(original, model))
                 (f1, m1, a1), (fn, mn, an) = row
-                print(f"{dtype_name:<9} {scale:>6g} {name:<28} {f1:>9.2%} {m1:>9.2e} {a1:>9.2e} "
-                      f"{fn:>11.2%} {mn:>9.2e} {an:>9.2e}")  # fmt: skip
+                print(
+                    f"{dtype_name:<9} {scale:>6g} {name:<28} {f1:>9.2%} {m1:>9.2e} {a1:>9.2e} "
+                    f"{fn:>11.2%} {mn:>9.2e} {an:>9.2e}"
+                )
     weights = [m.get_base_layer().weight.float() for m in adapted_layers(model).values()]
     rms = torch.cat([w.flatten() for w in weights]).pow(2).mean().sqrt().item()
     print(f"\nRMS of the adapted base weights: {rms:.3g}")
     for dtype_name, nbytes in copy_bytes.items():
-        print(f"exact_unmerge memory while merged, {dtype_name}: {nbytes / 2**20:.2f} MiB = one copy of every adapted "
-              "weight (the adapted weights' own size)")  # fmt: skip
+        print(
+            f"exact_unmerge memory while merged, {dtype_name}: {nbytes / 2**20:.2f} MiB = one copy of every adapted "
+            "weight (the adapted weights' own size)"
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import statistics
 import time
 
 import torch
-from harness import RESULTS, recording
+from harness import RESULTS, add_common_flags, apply_common_flags, recording
 from peft import LoraConfig, get_peft_model
 
 from peft_ext import MoraConfig  # importing peft_ext registers the MORA type
@@ -57,14 +57,14 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--rounds", type=int, default=8, help="timed steps per configuration (after one warm-up)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads; 1 avoids oversubscription noise on shared CPUs"
+    add_common_flags(
+        parser, RESULTS / "mora_speed.txt", rounds=8, rounds_help="timed steps per configuration (after one warm-up)"
     )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return apply_common_flags(parser.parse_args())
 
-    torch.manual_seed(0)
+
+def run(args):
+    torch.manual_seed(args.seed)
     base = build_toy_model(
         arch="llama", hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=8
     )
@@ -121,5 +121,6 @@ def main():
 
 
 if __name__ == "__main__":
-    with recording(RESULTS / "mora_speed.txt"):
-        main()
+    cli = main()
+    with recording(cli.output):
+        run(cli)

@@ -25,7 +25,7 @@ import copy
 import time
 
 import torch
-from harness import RESULTS, recording
+from harness import RESULTS, add_common_flags, apply_common_flags, recording
 from peft import LoraConfig, get_peft_model
 
 from peft_ext import MoraConfig  # importing peft_ext registers the MORA type
@@ -73,20 +73,22 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    add_common_flags(parser, RESULTS / "mora_uuid.txt")
+    return apply_common_flags(parser.parse_args())
+
+
+def run(args):
     started = time.perf_counter()
 
     tokenizer = build_toy_tokenizer()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     base = build_toy_model(arch="llama", hidden_size=args.hidden_size, num_hidden_layers=args.layers)
-    format_ids, format_labels, _ = encode(make_uuid_dataset(4096, seed=1), tokenizer)
+    format_ids, format_labels, _ = encode(make_uuid_dataset(4096, seed=args.seed + 1), tokenizer)
     for p in base.parameters():
         p.requires_grad_(True)
-    train(base, format_ids, format_labels, args.pretrain_steps, 3e-3, 32, args.eval_every, None)
+    train(base, format_ids, format_labels, args.pretrain_steps, 3e-3, 32, args.eval_every, None, args.seed)
 
-    pairs = make_uuid_dataset(args.pairs, seed=0)
+    pairs = make_uuid_dataset(args.pairs, seed=args.seed)
     ids, labels, prompt_len = encode(pairs, tokenizer)
     value_len = len(pairs["completion"][0])
 
@@ -113,10 +115,10 @@ def main():
             "MoRA sharing": MoraConfig(r=r, mora_type="sharing", target_modules="all-linear"),
         }
         for name, config in configs.items():
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             model = get_peft_model(copy.deepcopy(base), config)
             n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            scores = train(model, ids, labels, args.steps, args.lr, args.batch, args.eval_every, evaluate)
+            scores = train(model, ids, labels, args.steps, args.lr, args.batch, args.eval_every, evaluate, args.seed)
             results.append((name, r, n_params, scores))
 
     print(
@@ -135,5 +137,6 @@ def main():
 
 
 if __name__ == "__main__":
-    with recording(RESULTS / "mora_uuid.txt"):
-        main()
+    cli = main()
+    with recording(cli.output):
+        run(cli)

@@ -17,7 +17,8 @@ windows shorter than the batch; see ``VARIANTS``). Each type ends as one of:
 Usage:
     python benchmarks/prefix_grouper_architectures.py                      # all types, writes the results file
     python benchmarks/prefix_grouper_architectures.py --types opt llama doge --output /tmp/some.txt
-    python benchmarks/prefix_grouper_architectures.py --readme             # README table from the results file
+
+The README's support table is rendered from the results file by ``benchmarks/readme_tables.py``.
 """
 
 from __future__ import annotations
@@ -34,29 +35,67 @@ import warnings
 from pathlib import Path
 
 import torch
-from harness import RESULTS, ROOT, write_results
+from harness import RESULTS, add_common_flags, apply_common_flags, write_results
+from readme_tables import ARCHITECTURE_VERDICTS, architecture_rows, architecture_summary
 
 RESULTS_FILE = RESULTS / "prefix_grouper_architectures.txt"
-README_BEGIN = "<!-- prefix-grouper-support-table: begin -->"
-README_END = "<!-- prefix-grouper-support-table: end -->"
-VERDICTS = ("exact", "refused", "not buildable", "wrong", "crash")
+SEED = 0  # the base seed of every model's weights and inputs; --seed sets it
+VERDICTS = ARCHITECTURE_VERDICTS
 RTOL = 1e-5
 MAX_PARAMETERS = 30_000_000  # a tiny config above this was not shrunk: not built
 
 # Tiny sizes, set only where the config has the field (aliases cover the older naming schemes)
 TINY = {
-    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "intermediate_size": 128, "vocab_size": 128, "max_position_embeddings": 256, "head_dim": 16,
-    "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 256, "d_model": 64, "num_layers": 2,
-    "num_heads": 4, "ffn_dim": 128, "d_ff": 128, "decoder_layers": 2, "decoder_attention_heads": 4,
-    "decoder_ffn_dim": 128, "num_decoder_layers": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
-    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
-    "topk_group": 1, "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 16, "v_head_dim": 16, "router_aux_loss_coef": 0.0, "attention_dropout": 0.0,
-    "hidden_dropout": 0.0, "dropout": 0.0, "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0,
-    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "rotary_dim": 8, "embedding_size": 64,
-    "input_embedding_size": 64, "output_embedding_size": 64,
-}  # fmt: skip
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 128,
+    "max_position_embeddings": 256,
+    "head_dim": 16,
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_inner": 128,
+    "n_positions": 256,
+    "d_model": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "ffn_dim": 128,
+    "d_ff": 128,
+    "decoder_layers": 2,
+    "decoder_attention_heads": 4,
+    "decoder_ffn_dim": 128,
+    "num_decoder_layers": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "router_aux_loss_coef": 0.0,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "dropout": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "hidden_dropout_prob": 0.0,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "rotary_dim": 8,
+    "embedding_size": 64,
+    "input_embedding_size": 64,
+    "output_embedding_size": 64,
+}
 
 
 # Config fields a type needs beyond the tiny sizes to build at 2 layers
@@ -68,20 +107,33 @@ _HALF = 8  # rotary frequencies of a 16-dim head
 VARIANTS = {
     "falcon (alibi=True)": ("falcon", {"alibi": True}),
     "bloom (ALiBi)": ("bloom", {}),
-    "llama (rope_type=dynamic, past its threshold)": ("llama", {
-        "max_position_embeddings": 8, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}}),
-    "phi3 (rope_type=longrope, past its threshold)": ("phi3", {
-        "original_max_position_embeddings": 8, "rope_parameters": {
-            "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 8,
-            "short_factor": [1.0 + i for i in range(_HALF)], "long_factor": [2.0 + i for i in range(_HALF)]}}),
+    "llama (rope_type=dynamic, past its threshold)": (
+        "llama",
+        {"max_position_embeddings": 8, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}},
+    ),
+    "phi3 (rope_type=longrope, past its threshold)": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 8,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "original_max_position_embeddings": 8,
+                "short_factor": [1.0 + i for i in range(_HALF)],
+                "long_factor": [2.0 + i for i in range(_HALF)],
+            },
+        },
+    ),
     "mistral (sliding_window=4)": ("mistral", {"sliding_window": 4}),
     "phi3 (sliding_window=4)": ("phi3", {"sliding_window": 4}),
     "starcoder2 (sliding_window=4)": ("starcoder2", {"sliding_window": 4}),
-    "qwen2 (use_sliding_window=True, max_window_layers=1)": ("qwen2", {
-        "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen2 (use_sliding_window=True, max_window_layers=1)": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
     "qwen2 (use_sliding_window=True, no sliding layer)": ("qwen2", {"use_sliding_window": True, "sliding_window": 4}),
     "phimoe (sliding_window=4, applied by the mask only)": ("phimoe", {"sliding_window": 4}),
-}  # fmt: skip
+}
 
 
 def tiny_config(model_type: str):
@@ -170,18 +222,18 @@ def build(model_type: str):
     last_error = None
     for attn in ("sdpa", "eager"):
         try:
-            torch.manual_seed(0)
+            torch.manual_seed(SEED)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
         except (ValueError, ImportError, NotImplementedError) as error:
             last_error = error
             continue
-        return sharpen_(model), attn, None
+        return sharpen_(model, SEED), attn, None
     return None, None, _short(last_error)
 
 
 def make_batch(vocab_size: int, pad_token_id: int):
     """Two left-padded prompts (3 and 7 tokens) x 4 completions of 1 to 6 tokens, right-padded, groups interleaved."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(SEED)
     high = min(vocab_size, 100)
     prompts = [torch.randint(10, high, (n,), generator=gen).tolist() for n in (3, 7)]
     width_c = 6
@@ -205,10 +257,23 @@ def trainer_for(model, grouped: bool, output_dir: str):
     config_cls, trainer_cls = (
         (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
     )
-    args = toy_args(config_cls, output_dir, per_device_train_batch_size=8, num_generations=4,
-                    max_completion_length=6, disable_dropout=True, beta=0.0, bf16=False)  # fmt: skip
-    return trainer_cls(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=make_arithmetic_dataset(8),
-                       processing_class=build_toy_tokenizer())  # fmt: skip
+    args = toy_args(
+        config_cls,
+        output_dir,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        disable_dropout=True,
+        beta=0.0,
+        bf16=False,
+    )
+    return trainer_cls(
+        model=model,
+        reward_funcs=arithmetic_reward,
+        args=args,
+        train_dataset=make_arithmetic_dataset(8),
+        processing_class=build_toy_tokenizer(),
+    )
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -307,99 +372,22 @@ def all_types() -> list[str]:
 
 def parse_results(path: Path) -> list[tuple[str, str, str]]:
     """``(model_type, verdict, detail)`` rows of a results file."""
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.startswith("| ") and not line.startswith("| model type") and not line.startswith("|---"):
-            cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
-            if len(cells) == 3 and cells[1] in VERDICTS:
-                rows.append((cells[0], cells[1], cells[2]))
-    return rows
-
-
-def summary(rows) -> str:
-    """Verdict counts, the model types and the config variants (names with a parenthesis) apart."""
-    parts = []
-    for label, subset in (("model types", [r for r in rows if " (" not in r[0]]),
-                          ("config variants", [r for r in rows if " (" in r[0]])):  # fmt: skip
-        if subset:
-            counts = {verdict: sum(1 for _, v, _ in subset if v == verdict) for verdict in VERDICTS}
-            parts.append(f"{len(subset)} {label}: " + ", ".join(f"{counts[v]} {v}" for v in VERDICTS))
-    return "; ".join(parts)
-
-
-def readme_section(path: Path) -> str:
-    """The README's support table, generated from a results file."""
-    rows = parse_results(path)
-    by_verdict = {verdict: [row for row in rows if row[1] == verdict] for verdict in VERDICTS}
-    lines = [
-        README_BEGIN,
-        f"Generated by `python benchmarks/prefix_grouper_architectures.py --readme` from "
-        f"`{path.relative_to(ROOT)}`: {summary(rows)}.",
-        "",
-        "| verdict | model types |",
-        "|---|---|",
-    ]
-    for verdict in VERDICTS:
-        names = ", ".join(f"`{name}`" for name, _, _ in by_verdict[verdict]) or "none"
-        lines.append(f"| {verdict} ({len(by_verdict[verdict])}) | {names} |")
-    lines.append("")
-    lines.append("Refusals, grouped by reason (the results file has each full message):")
-    lines.append("")
-    reasons: dict[str, list[str]] = {}
-    for name, _, detail in by_verdict["refused"]:
-        reasons.setdefault(refusal_reason(detail), []).append(name)
-    for reason, names in sorted(reasons.items(), key=lambda item: -len(item[1])):
-        lines.append(f"- {reason} ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
-    lines.append(README_END)
-    return "\n".join(lines)
-
-
-def refusal_reason(detail: str) -> str:
-    """A refusal message without the model type, figures and fallback: what the README groups refusals by."""
-    text = re.sub(r"^Prefix grouping cannot run model_type='[^']*'[^:]*: ", "", detail)
-    text = text.split(" Instead,")[0]
-    if "self-check batch" in text:
-        cause = text.split(" in float32). ")[-1].split(" in bfloat16). ")[-1]
-        if "its forward fails on the packed rows" in text:
-            error = re.search(r"\((\w+Error)", text)
-            return f"self-check: its forward fails on the packed rows ({error.group(1) if error else 'an error'})"
-        if "position_ids" in cause:
-            return "self-check: grouped log-probs differ from stock; its output ignores position_ids"
-        if "add to the attention mask" in cause:
-            return "self-check: grouped log-probs differ from stock; its layers add a bias to the attention mask"
-        if "all-zero parameters" in cause:
-            return "self-check: grouped log-probs differ from stock once its all-zero parameters move"
-        return "self-check: grouped log-probs differ from stock"
-    text = re.sub(r"\(checked on the meta device.*\)", "", text)
-    text = re.sub(r"sliding_window=\d+.*", "a sliding window the sequences can outgrow", text)
-    text = re.sub(r"only \d+ of its \d+ layers", "only some of its layers", text)
-    return text.split(". ")[0].rstrip(". ")
-
-
-def update_readme(path: Path) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if README_BEGIN not in text:
-        raise SystemExit(f"README.md has no {README_BEGIN} marker; add the begin/end markers where the table goes.")
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    readme.write_text(text[:start] + readme_section(path) + text[end:])
-    print(f"updated {readme}")
+    return architecture_rows(Path(path))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--types", nargs="+", help="model types (or variant names) to check (default: every "
-                        "AutoModelForCausalLM type, then the variants)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1, help="unused (no timing); accepted like every benchmark")
-    parser.add_argument("--output", type=Path, default=None, help=f"results file (default {RESULTS_FILE})")
-    parser.add_argument("--readme", action="store_true", help="regenerate the README support table and exit")
+    parser.add_argument(
+        "--types",
+        nargs="+",
+        help="model types (or variant names) to check (default: every AutoModelForCausalLM type, then the variants)",
+    )
+    add_common_flags(parser, RESULTS_FILE)
     cli = parser.parse_args()
-    output = cli.output or RESULTS_FILE
-    if cli.readme:
-        update_readme(output)
-        return
-    torch.set_num_threads(cli.threads)
+    output = cli.output
+    apply_common_flags(cli)
+    global SEED
+    SEED = cli.seed
     types = cli.types or all_types()
     lines = ["| model type | verdict | detail |", "|---|---|---|"]
     rows = []
@@ -414,9 +402,9 @@ def main():
         rows.append((model_type, verdict, detail))
         lines.append(f"| {model_type} | {verdict} | {detail} |")
         print(f"{model_type:28s} {verdict:14s} {time.perf_counter() - start:5.1f}s  {detail[:150]}", flush=True)
-    lines.insert(0, summary(rows) + "\n")
+    lines.insert(0, architecture_summary(rows) + "\n")
     path = write_results(output, "\n".join(lines))
-    print(summary(rows))
+    print(architecture_summary(rows))
     print(f"saved to {path}")
 
 

@@ -8,7 +8,7 @@ test (heads, head_dim and KV heads set independently through ``head_dim``), and 
 Every (shape, method) runs in a fresh worker process, so peak memory is the growth of the worker's peak resident
 set over its baseline after the model and inputs are built (weights and inputs excluded; activations, saved tensors,
 gradients and temporaries included). Times are process CPU time (robust to other load on the machine), the fastest
-of ``--repeats`` runs after a warm-up at a small shape; wall time is reported beside them.
+of ``--rounds`` runs after a warm-up at a small shape; wall time is reported beside them.
 
 The ideal ratio is :func:`trl_ext.prefix_grouper.cost.ideal_speedup` (stock / grouped FLOPs, counting the G repeated
 last prompt tokens of the layout). Points whose estimated stock activation memory exceeds ``--max-gb`` are skipped.
@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import harness
+from harness import add_common_flags, apply_common_flags
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -67,40 +65,50 @@ def estimated_stock_gb(heads: int, head_dim: int, kv_heads: int, prompt_len: int
     return group * (prompt_len + completion_len) * per_token / 2**30
 
 
-def build_trainer(grouped: bool, heads: int, head_dim: int, kv_heads: int, max_len: int, output_dir: str):
+def build_trainer(grouped: bool, heads: int, head_dim: int, kv_heads: int, max_len: int, output_dir: str, seed=0):
     """A stock or grouped GRPO trainer around one random Llama decoder layer (fp32, sdpa), in train mode."""
     import torch
-    from timing import make_trainer  # benchmarks/timing.py
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from peft_trl_testbed import build_toy_tokenizer
+    from recipes.timing import make_trainer
 
     tokenizer = build_toy_tokenizer()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=max_len,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa",
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="sdpa",
+    )
     return make_trainer(grouped, AutoModelForCausalLM.from_config(config, dtype=torch.float32), output_dir)
 
 
 def worker(job: dict) -> dict:
     """Measure one (method, shape, P, R, G) point in this process; return times and peak memory growth."""
     import torch
-    from timing import logprob_step, one_group  # benchmarks/timing.py, shared with the quickstart
+
+    from recipes.timing import logprob_step, one_group
 
     torch.set_num_threads(job["threads"])
     heads, head_dim, kv_heads = job["shape"]
     prompt_len, completion_len, group = job["plg"]
-    trainer = build_trainer(job["grouped"], heads, head_dim, kv_heads, prompt_len + completion_len + 8,
-                            tempfile.mkdtemp())  # fmt: skip
+    trainer = build_trainer(
+        job["grouped"], heads, head_dim, kv_heads, prompt_len + completion_len + 8, tempfile.mkdtemp(), job["seed"]
+    )
     vocab, eos = trainer.model.config.vocab_size, trainer.processing_class.eos_token_id
     logprob_step(trainer, *one_group(64, 16, 2, vocab, eos), 16)  # warm-up at a small shape
     input_ids, mask = one_group(prompt_len, completion_len, group, vocab, eos)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cpu = wall = float("inf")
-    for _ in range(job["repeats"]):
+    for _ in range(job["rounds"]):
         start_wall, start_cpu = time.perf_counter(), time.process_time()
         logprob_step(trainer, input_ids, mask, completion_len)
         cpu = min(cpu, time.process_time() - start_cpu)
@@ -114,71 +122,36 @@ def run_worker(job: dict) -> dict:
 
 
 def header(cli, argv) -> list[str]:
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """The harness's header, then what every point measures."""
     return [
-        f"# command: python benchmarks/prefix_grouper_logps.py {' '.join(argv)}",
-        f"# commit: {commit.stdout.strip() or 'unknown'}",
-        f"# versions: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-        f"peft {peft.__version__}, python {platform.python_version()}",
-        f"# cpu: {cpu}, {os.cpu_count()} logical cores; threads per worker: {cli.threads}",
+        harness.results_header([__file__, *argv]),
         f"# model: one Llama decoder layer, hidden {HIDDEN}, MLP {INTERMEDIATE}, fp32, sdpa; toy vocabulary; "
-        f"one group per batch; times are process CPU seconds, best of {cli.repeats}",
+        f"one group per batch; times are process CPU seconds, best of {cli.rounds}; {cli.threads} thread(s) per worker",
     ]
-
-
-def markdown_table(results: Path) -> str:
-    """The measured rows of a results file as a markdown table (skipped points listed as such)."""
-    rows = [
-        "| heads × dim (KV) | P | R | G | stock s | grouped s | speedup | ideal | measured / ideal | memory grouped / stock |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for line in results.read_text().splitlines():
-        fields = line.replace("|", " ").split()
-        if len(fields) < 7 or not fields[0].isdigit():
-            continue
-        heads, dim, kv, p, r, g = fields[:6]
-        shape = f"{heads} × {dim} ({kv})"
-        if fields[6] == "skipped:":
-            rows.append(f"| {shape} | {p} | {r} | {g} | {' '.join(fields[6:])} | | | | | |")
-            continue
-        stock, grouped, speedup, ideal, ratio, _wall, _stock_mb, _grouped_mb, memory = fields[6:15]
-        rows.append(f"| {shape} | {p} | {r} | {g} | {stock} | {grouped} | {speedup} | {ideal} | {ratio} | {memory} |")
-    return "\n".join(rows)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default="quick")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-gb", type=float, default=20.0, help="skip points whose stock run needs more memory")
-    parser.add_argument("--output", default=None, help="results file (default benchmarks/results/...)")
+    add_common_flags(
+        parser,
+        RESULTS / "prefix_grouper_logps_<sweep>.txt",
+        rounds=1,
+        rounds_help="timed repetitions per point (best kept)",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the points already measured in the results file")
-    parser.add_argument("--markdown", metavar="RESULTS", help="print a results file as the README's markdown table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     cli = parser.parse_args(argv)
     if cli.worker:
         print(json.dumps(worker(json.loads(cli.worker))))
         return
-    if cli.markdown:
-        print(markdown_table(Path(cli.markdown)))
-        return
 
     from trl_ext.prefix_grouper.cost import ideal_speedup
 
-    output = Path(cli.output) if cli.output else RESULTS / f"prefix_grouper_logps_{cli.sweep}.txt"
+    apply_common_flags(cli)
+    output = Path(str(cli.output).replace("<sweep>", cli.sweep))
     output.parent.mkdir(parents=True, exist_ok=True)
     columns = (
         f"{'heads':>5} {'dim':>4} {'kv':>3} {'P':>5} {'R':>5} {'G':>3} | {'stock s':>8} {'grouped s':>9} "
@@ -208,20 +181,27 @@ def main(argv=None):
                         "shape": shape,
                         "plg": plg,
                         "threads": cli.threads,
-                        "repeats": cli.repeats,
+                        "rounds": cli.rounds,
+                        "seed": cli.seed,
                     }
-                )  # fmt: skip
+                )
                 for name in ("stock", "grouped")
             }
             speedup = res["stock"]["cpu_s"] / res["grouped"]["cpu_s"]
-            ideal = ideal_speedup(*plg, hidden_size=HIDDEN, num_layers=1, intermediate_size=INTERMEDIATE,
-                                  kv_size=kv_heads * head_dim, vocab_size=res["stock"]["vocab"],
-                                  attention_size=heads * head_dim)  # fmt: skip
+            ideal = ideal_speedup(
+                *plg,
+                hidden_size=HIDDEN,
+                num_layers=1,
+                intermediate_size=INTERMEDIATE,
+                kv_size=kv_heads * head_dim,
+                vocab_size=res["stock"]["vocab"],
+                attention_size=heads * head_dim,
+            )
             lines.append(
                 prefix + f"{res['stock']['cpu_s']:>8.2f} {res['grouped']['cpu_s']:>9.2f} {speedup:>6.2f}x "
                 f"{ideal:>5.2f}x {speedup / ideal:>10.2f} {res['stock']['wall_s'] / res['grouped']['wall_s']:>5.2f}x | "
                 f"{res['stock']['peak_mb']:>8.0f} {res['grouped']['peak_mb']:>10.0f} "
-                f"{res['grouped']['peak_mb'] / res['stock']['peak_mb']:>9.2f}"
+                f"{harness.ratio_text(res['grouped']['peak_mb'], res['stock']['peak_mb']):>9}"
             )
         print(lines[-1], flush=True)
         output.write_text("\n".join(lines) + "\n")  # after every point, so a long sweep keeps what it measured

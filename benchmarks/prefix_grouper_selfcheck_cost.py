@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-from harness import RESULTS, write_results
+from harness import RESULTS, add_common_flags, apply_common_flags, write_results
 from prefix_grouper_step import StepTimer
 
 from peft_trl_testbed import ToyModelSpec, arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
@@ -31,23 +30,38 @@ from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 MODELS = {
     "toy model (Llama d=64, 2 layers, 4 heads)": ToyModelSpec(arch="llama"),
     "1 layer, 16 heads x 64 (4 KV), d=1024": ToyModelSpec(
-        arch="llama", hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4,
-        intermediate_size=4096, max_position_embeddings=4096,
+        arch="llama",
+        hidden_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=4096,
+        max_position_embeddings=4096,
     ),
-}  # fmt: skip
+}
 
 
 def measure(spec: ToyModelSpec, cli) -> tuple[float, float]:
     """(self-check CPU seconds, training-step CPU seconds) of the grouped trainer on ``spec``."""
     preamble = ("Context: " + "0123456789 " * cli.context)[: cli.context] + "\n"
-    dataset = make_arithmetic_dataset(cli.rounds + 1, seed=0).map(lambda row: {"prompt": preamble + row["prompt"]})
+    dataset = make_arithmetic_dataset(cli.rounds + 1, seed=cli.seed).map(
+        lambda row: {"prompt": preamble + row["prompt"]}
+    )
     args = toy_args(
-        PrefixGrouperGRPOConfig, tempfile.mkdtemp(), max_steps=cli.rounds + 1, per_device_train_batch_size=cli.generations,
-        num_generations=cli.generations, max_completion_length=cli.completion_length, beta=0.04, disable_dropout=True,
-        disable_tqdm=True, logging_steps=1000, seed=0,
-    )  # fmt: skip
+        PrefixGrouperGRPOConfig,
+        tempfile.mkdtemp(),
+        max_steps=cli.rounds + 1,
+        per_device_train_batch_size=cli.generations,
+        num_generations=cli.generations,
+        max_completion_length=cli.completion_length,
+        beta=0.04,
+        disable_dropout=True,
+        disable_tqdm=True,
+        logging_steps=1000,
+        seed=cli.seed,
+    )
     timer = StepTimer()
-    torch.manual_seed(0)
+    torch.manual_seed(cli.seed)
     trainer = PrefixGrouperGRPOTrainer(
         model=toy_model_path(spec), reward_funcs=arithmetic_reward, args=args, train_dataset=dataset, callbacks=[timer]
     )
@@ -66,11 +80,13 @@ def main():
     parser.add_argument("--context", type=int, default=256, help="characters (= tokens) of prompt preamble")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion-length", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="timed steps (after a warm-up) and self-check reruns")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=RESULTS / "prefix_grouper_selfcheck_cost.txt")
-    cli = parser.parse_args()
-    torch.set_num_threads(cli.threads)
+    add_common_flags(
+        parser,
+        RESULTS / "prefix_grouper_selfcheck_cost.txt",
+        rounds=3,
+        rounds_help="timed steps (after a warm-up) and self-check reruns",
+    )
+    cli = apply_common_flags(parser.parse_args())
     lines = [
         f"Self-check (policy + reference model, beta=0.04) vs one GRPO training step of the grouped trainer: prompt "
         f"~{cli.context + 40} tokens, G={cli.generations} completions of <= {cli.completion_length} tokens, fp32, "

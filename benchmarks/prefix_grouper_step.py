@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from harness import RESULTS, write_results
+from harness import RESULTS, add_common_flags, apply_common_flags, write_results
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
@@ -45,18 +45,21 @@ class StepTimer(TrainerCallback):
 
 def run(grouped: bool, cli) -> StepTimer:
     spec = ToyModelSpec(
-        arch="llama", hidden_size=cli.hidden_size, num_hidden_layers=cli.layers, num_attention_heads=4,
+        arch="llama",
+        hidden_size=cli.hidden_size,
+        num_hidden_layers=cli.layers,
+        num_attention_heads=4,
         max_position_embeddings=4096,
-    )  # fmt: skip
+    )
     preamble = ("Context: " + "0123456789 " * cli.context)[: cli.context] + "\n"
-    dataset = arithmetic(cli.steps + 1, seed=0).map(lambda row: {"prompt": preamble + row["prompt"]})
+    dataset = arithmetic(cli.rounds + 1, seed=cli.seed).map(lambda row: {"prompt": preamble + row["prompt"]})
     config_cls, trainer_cls = (
         (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
     )
     args = toy_args(
         config_cls,
         tempfile.mkdtemp(),
-        max_steps=cli.steps + 1,
+        max_steps=cli.rounds + 1,
         per_device_train_batch_size=cli.generations,
         num_generations=cli.generations,
         max_completion_length=cli.completion_length,
@@ -64,9 +67,9 @@ def run(grouped: bool, cli) -> StepTimer:
         disable_dropout=True,
         disable_tqdm=True,
         logging_steps=1000,
-        seed=0,
+        seed=cli.seed,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(cli.seed)
     timer = StepTimer()
     trainer = trainer_cls(
         model=toy_model_path(spec),  # a saved random model, so the reference model loads from the same path
@@ -81,18 +84,21 @@ def run(grouped: bool, cli) -> StepTimer:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 timed steps, 32-token completions")
+    parser.add_argument("--quick", action="store_true", help="2 timed steps, 32-token completions, its own file")
     parser.add_argument("--context", type=int, default=1000, help="characters (= tokens) of prompt preamble")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion-length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
+    add_common_flags(
+        parser, RESULTS / "prefix_grouper_step.txt", rounds=3, rounds_help="timed steps (after a warm-up)"
+    )
     cli = parser.parse_args()
     if cli.quick:
-        cli.steps, cli.completion_length = 2, 32
-    torch.set_num_threads(cli.threads)
+        cli.rounds, cli.completion_length = 2, 32
+        if cli.output == parser.get_default("output"):
+            cli.output = RESULTS / "prefix_grouper_step_quick.txt"
+    apply_common_flags(cli)
 
     timers = {name: run(name == "grouped", cli) for name in ("stock", "grouped")}
     cpu = {name: min(t.cpu[1:]) for name, t in timers.items()}
@@ -100,14 +106,14 @@ def main():
     lines = [
         f"GRPO training step incl. generation, toy Llama d={cli.hidden_size} L={cli.layers}, prompt ~{cli.context + 40} "
         f"tokens, G={cli.generations} completions of <= {cli.completion_length} tokens, beta=0.04, "
-        f"{cli.threads} CPU thread(s); fastest of {cli.steps} steps after a warm-up",
+        f"{cli.threads} CPU thread(s); fastest of {cli.rounds} steps after a warm-up",
         f"{'trainer':>8} | {'cpu s/step':>10} {'wall s/step':>11}",
         f"{'stock':>8} | {cpu['stock']:>10.2f} {wall['stock']:>11.2f}",
         f"{'grouped':>8} | {cpu['grouped']:>10.2f} {wall['grouped']:>11.2f}",
         f"{'speedup':>8} | {cpu['stock'] / cpu['grouped']:>9.2f}x {wall['stock'] / wall['grouped']:>10.2f}x",
     ]
     print("\n".join(lines))
-    output = write_results(RESULTS / f"prefix_grouper_step{'_quick' if cli.quick else ''}.txt", "\n".join(lines))
+    output = write_results(cli.output, "\n".join(lines))
     print(f"saved to {output}")
 
 

@@ -33,38 +33,49 @@ import time
 from pathlib import Path
 
 import harness
-from harness import RESULTS, write_results
+from harness import RESULTS, add_common_flags, apply_common_flags, write_results
 
 HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM, KV_HEADS = 1024, 4096, 16, 64, 4
 
 
-def build_trainer(grouped: bool, window: int, max_len: int, output_dir: str):
+def build_trainer(grouped: bool, window: int, max_len: int, output_dir: str, seed: int = 0):
     """A stock or grouped GRPO trainer around one random sliding-window Mistral layer (fp32, sdpa), in train mode."""
     import torch
-    from timing import make_trainer  # benchmarks/timing.py
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from peft_trl_testbed import build_toy_tokenizer
+    from recipes.timing import make_trainer
 
     tokenizer = build_toy_tokenizer()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, sliding_window=window,
-        max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        sliding_window=window,
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         attn_implementation="sdpa",
-    )  # fmt: skip
+    )
     return make_trainer(grouped, AutoModelForCausalLM.from_config(config, dtype=torch.float32), output_dir)
 
 
 def worker(job: dict) -> dict:
     """Measure one side in this process; save its log-probs to ``job["logps"]``."""
     import torch
-    from timing import logprob_step, one_group  # benchmarks/timing.py
+
+    from recipes.timing import logprob_step, one_group
 
     torch.set_num_threads(job["threads"])
     prompt_len, completion_len, group = job["plg"]
-    trainer = build_trainer(job["grouped"], job["window"], prompt_len + completion_len + 8, tempfile.mkdtemp())
+    trainer = build_trainer(
+        job["grouped"], job["window"], prompt_len + completion_len + 8, tempfile.mkdtemp(), job["seed"]
+    )
     vocab, eos = trainer.model.config.vocab_size, trainer.processing_class.eos_token_id
     logprob_step(trainer, *one_group(64, 16, 2, vocab, eos), 16)  # warm-up at a small shape
     input_ids, mask = one_group(prompt_len, completion_len, group, vocab, eos)
@@ -90,9 +101,9 @@ def main(argv=None):
     parser.add_argument("--completion", type=int, default=2048, help="R, tokens per completion")
     parser.add_argument("--group", type=int, default=8, help="G, completions per prompt")
     parser.add_argument("--window", type=int, default=512, help="the layer's sliding_window")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of (stock, grouped) workers")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=str(RESULTS / "prefix_grouper_window.txt"))
+    add_common_flags(
+        parser, RESULTS / "prefix_grouper_window.txt", rounds=2, rounds_help="rounds of (stock, grouped) workers"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     cli = parser.parse_args(argv)
@@ -102,6 +113,7 @@ def main(argv=None):
 
     import torch
 
+    apply_common_flags(cli)
     plg = (cli.prompt, cli.completion, cli.group)
     results = {"stock": [], "grouped": []}
     diff = 0.0
@@ -110,8 +122,14 @@ def main(argv=None):
             logps = {}
             for side in ("stock", "grouped") if round_ % 2 == 0 else ("grouped", "stock"):
                 path = str(Path(tmp) / f"{side}.pt")
-                job = {"grouped": side == "grouped", "plg": plg, "window": cli.window, "threads": cli.threads,
-                       "logps": path}  # fmt: skip
+                job = {
+                    "grouped": side == "grouped",
+                    "plg": plg,
+                    "window": cli.window,
+                    "threads": cli.threads,
+                    "seed": cli.seed,
+                    "logps": path,
+                }
                 results[side].append(run_worker(job))
                 logps[side] = torch.load(path)
                 print(f"round {round_ + 1} {side}: {results[side][-1]}", flush=True)
@@ -142,11 +160,12 @@ def main(argv=None):
             f"{median(side, 'peak_mb'):>16.0f}"
         )
     speed = best("stock", "cpu_s") / best("grouped", "cpu_s")
-    memory = median("grouped", "peak_mb") / median("stock", "peak_mb")
+    memory = harness.ratio_text(median("grouped", "peak_mb"), median("stock", "peak_mb"))
+    verdict = "not measured" if memory == "n/a" else "met" if float(memory) <= 1 else "MISSED"
     lines += [
         "",
         f"speed (stock / grouped CPU time, best): {speed:.2f}x   target >= 1.00x: {'met' if speed >= 1 else 'MISSED'}",
-        f"memory (grouped / stock peak, median): {memory:.2f}   target <= 1.00: {'met' if memory <= 1 else 'MISSED'}",
+        f"memory (grouped / stock peak, median): {memory}   target <= 1.00: {verdict}",
     ]
     print("\n".join(lines))
     print(f"saved to {write_results(cli.output, chr(10).join(lines), argv=[__file__, *argv])}")

@@ -12,7 +12,7 @@ batches for the same number of epochs; the pruning variants train on part of eac
 
 The table also breaks the kept samples down by their true quality (read back from the token ids).
 
-    OMP_NUM_THREADS=1 python benchmarks/qtuning_quality.py --seeds 0 1 2
+    python benchmarks/qtuning_quality.py --seed 0 1 2 --threads 1
 
 It also saves the EU plane of one Q-Tuning run's last epoch (``--plot``).
 """
@@ -24,9 +24,8 @@ import os
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
-from harness import write_results
+from harness import RESULTS, add_common_flags, apply_common_flags, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -99,8 +98,15 @@ def run(variant, seed, a):
     path = a.model_path
     train = make_mixed_quality_sft(a.samples, seed=seed)
     held_out = make_arithmetic_dataset(a.eval_samples, seed=10_000 + seed, exclude=train)
-    common = dict(num_train_epochs=a.epochs, per_device_train_batch_size=a.batch, learning_rate=a.lr, seed=seed,
-                  disable_tqdm=True, logging_steps=10_000, lr_scheduler_type="constant")  # fmt: skip
+    common = dict(
+        num_train_epochs=a.epochs,
+        per_device_train_batch_size=a.batch,
+        learning_rate=a.lr,
+        seed=seed,
+        disable_tqdm=True,
+        logging_steps=10_000,
+        lr_scheduler_type="constant",
+    )
     data = train.select_columns(["prompt", "completion"])
     if name == "full-data SFT":
         trainer = SFTTrainer(
@@ -109,9 +115,15 @@ def run(variant, seed, a):
     else:
         qtuning_cls, random_cls = make_trainers()
         cls = qtuning_cls if name == "Q-Tuning" else random_cls
-        plot = a.plot and name == "Q-Tuning" and seed == a.seeds[0] and (r_s, r_t) == (0.25, 0.5)
-        args = toy_args(QTuningConfig, "/tmp/qtuning_quality", sample_keep_ratio=r_s, token_keep_ratio=r_t,
-                        eu_record_steps=10_000 if plot else 0, **common)  # fmt: skip
+        plot = a.plot and name == "Q-Tuning" and seed == a.seed[0] and (r_s, r_t) == (0.25, 0.5)
+        args = toy_args(
+            QTuningConfig,
+            "/tmp/qtuning_quality",
+            sample_keep_ratio=r_s,
+            token_keep_ratio=r_t,
+            eu_record_steps=10_000 if plot else 0,
+            **common,
+        )
         trainer = cls(model=path, args=args, train_dataset=data)
         trainer.kept_quality = Counter()
         trainer.rng = torch.Generator().manual_seed(seed)
@@ -130,19 +142,18 @@ def run(variant, seed, a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "qtuning_quality.txt"))
+    add_common_flags(p, RESULTS / "qtuning_quality.txt", seed=[0, 1, 2])
     p.add_argument(
         "--plot",
-        default=str(Path(__file__).parent / "results" / "qtuning_eu_plane.png"),
-        help="EU-plane PNG of the last epoch of the first seed's Q-Tuning 25% x 50% run ('' to skip)",
+        default=str(RESULTS / "qtuning_eu_plane.png"),
+        help="EU-plane PNG of the last epoch of the first seed's Q-Tuning 25%% x 50%% run ('' to skip)",
     )
-    a = p.parse_args()
+    a = apply_common_flags(p.parse_args())
 
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,7 +171,7 @@ def main():
 
     base = []
     model, tokenizer = AutoModelForCausalLM.from_pretrained(a.model_path), AutoTokenizer.from_pretrained(a.model_path)
-    for seed in a.seeds:
+    for seed in a.seed:
         held_out = make_arithmetic_dataset(
             a.eval_samples, seed=10_000 + seed, exclude=make_mixed_quality_sft(a.samples, seed=seed)
         )
@@ -168,7 +179,7 @@ def main():
 
     results = {}
     start = time.perf_counter()
-    for seed in a.seeds:
+    for seed in a.seed:
         for variant in variants:
             acc, seconds, kept = run(variant, seed, a)
             results.setdefault(variant, []).append((acc, seconds, kept))
@@ -179,7 +190,7 @@ def main():
     lines = [
         f"pretrained toy Llama, SFT on make_mixed_quality_sft({a.samples}) for {a.epochs} epochs, batch {a.batch}, "
         f"lr {a.lr} constant; held-out: {a.eval_samples} clean a+b problems disjoint from training; "
-        f"seeds {a.seeds}",
+        f"seeds {a.seed}",
         f"before SFT: accuracy {statistics.mean(base):.3f} (per seed {', '.join(f'{x:.3f}' for x in base)})",
         f"{'method':<16}{'samples x tokens':>18}{'accuracy mean':>15}{'std':>7}{'per seed':>24}{'train (s)':>11}"
         f"   kept samples by quality (clean/noise/easy/hard)",
@@ -205,7 +216,7 @@ def main():
     lines.append(f"total benchmark wall time {time.perf_counter() - start:.0f}s")
     text = "\n".join(lines)
     print(text)
-    write_results(a.out, text)
+    write_results(a.output, text)
 
 
 if __name__ == "__main__":

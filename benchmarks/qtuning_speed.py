@@ -6,7 +6,7 @@ size. Rounds interleave the variants, so load from other processes on the machin
 the table gives the median epoch time over the rounds (``train_runtime``: the training loop only,
 not tokenisation or model loading) and the ratio to the stock trainer.
 
-    OMP_NUM_THREADS=1 python benchmarks/qtuning_speed.py --rounds 3
+    python benchmarks/qtuning_speed.py --rounds 3 --threads 1
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
-from harness import write_results
+from harness import RESULTS, add_common_flags, apply_common_flags, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,11 +30,12 @@ VARIANTS = [
 
 
 def run_epoch(variant, path, data, a) -> tuple[float, float]:
-    from timing import epoch_time
+    from recipes.timing import epoch_time
 
     _, scoring, r_s, r_t = variant
-    return epoch_time(path, data, scoring=scoring, sample_keep_ratio=r_s or 1.0, token_keep_ratio=r_t or 1.0,
-                      batch=a.batch)  # fmt: skip
+    return epoch_time(
+        path, data, scoring=scoring, sample_keep_ratio=r_s or 1.0, token_keep_ratio=r_t or 1.0, batch=a.batch
+    )
 
 
 def main():
@@ -44,9 +44,8 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--samples", type=int, default=256, help="training examples (one epoch)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "qtuning_speed.txt"))
-    a = p.parse_args()
+    add_common_flags(p, RESULTS / "qtuning_speed.txt", rounds=3, rounds_help="interleaved rounds of every variant")
+    a = apply_common_flags(p.parse_args())
 
     import datasets
     import torch
@@ -57,7 +56,7 @@ def main():
     logging.set_verbosity_error()
     datasets.disable_progress_bars()
     path = toy_model_path(arch="llama", hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=8)
-    data = make_reasoning_traces(a.samples // 4, seed=0).select_columns(["prompt", "completion"])
+    data = make_reasoning_traces(a.samples // 4, seed=a.seed).select_columns(["prompt", "completion"])
     times = {i: [] for i in range(len(VARIANTS))}
     tokens = {}
     start = time.perf_counter()
@@ -65,8 +64,10 @@ def main():
         for i, variant in enumerate(VARIANTS):
             seconds, tokens[i] = run_epoch(variant, path, data, a)
             times[i].append(seconds)
-            print(f"round {r + 1}/{a.rounds} {variant[0]} {variant[2] or 1:.2f}x{variant[3] or 1:.2f}: {seconds:.2f}s",
-                  flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}/{a.rounds} {variant[0]} {variant[2] or 1:.2f}x{variant[3] or 1:.2f}: {seconds:.2f}s",
+                flush=True,
+            )
     lines = [
         f"toy Llama {a.hidden} wide x {a.layers} layers, {a.samples} reasoning traces, batch {a.batch}, "
         f"1 epoch ({a.samples // a.batch} steps), CPU fp32, torch threads {torch.get_num_threads()}, "
@@ -86,7 +87,7 @@ def main():
     lines.append(f"total benchmark wall time {time.perf_counter() - start:.0f}s")
     text = "\n".join(lines)
     print(text)
-    write_results(a.out, text)
+    write_results(a.output, text)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import RESULTS, ROOT, recording
+from harness import RESULTS, ROOT, add_common_flags, apply_common_flags, recording
 
 
 def run(threads: int, output_dir: Path) -> dict:
@@ -27,8 +27,11 @@ def run(threads: int, output_dir: Path) -> dict:
         start = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "recipes.quickstart", "--output_dir", str(output_dir)],
-            cwd=ROOT, env=env, capture_output=True, text=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-4000:])
     report = json.loads((output_dir / "results.json").read_text())
@@ -38,9 +41,15 @@ def run(threads: int, output_dir: Path) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--output_dir", default="outputs/quickstart_threads", help="per-run outputs (plots, json)")
-    a = p.parse_args()
+    add_common_flags(p, RESULTS / "quickstart_threads.txt", threads=[1, 2])
+    a = apply_common_flags(p.parse_args())
+    if a.seed != 0:
+        p.error(f"--seed {a.seed}: the quickstart fixes its own seeds, so only --seed 0 describes what runs")
+    return a
+
+
+def measure(a):
     reports = {}
     for threads in a.threads:
         reports[threads] = report = run(threads, Path(a.output_dir) / f"threads{threads}")
@@ -68,5 +77,6 @@ def _cells(line: str, header: str) -> dict:
 
 
 if __name__ == "__main__":
-    with recording(RESULTS / "quickstart_threads.txt"):
-        main()
+    cli = main()
+    with recording(cli.output):
+        measure(cli)

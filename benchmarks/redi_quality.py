@@ -19,8 +19,8 @@ Accuracy is greedy exact-answer accuracy on ``--eval-prompts`` held-out prompts.
 variant the mean, standard deviation and 95% confidence interval (t distribution) over seeds, and
 the paired per-seed differences REDI - SFT and REDI - DPO.
 
-    OMP_NUM_THREADS=1 python benchmarks/redi_quality.py --negatives teacher
-    OMP_NUM_THREADS=1 python benchmarks/redi_quality.py --negatives slipped
+    python benchmarks/redi_quality.py --negatives teacher --threads 1
+    python benchmarks/redi_quality.py --negatives slipped --threads 1
 """
 
 from __future__ import annotations
@@ -29,16 +29,19 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness import RESULTS, recording  # noqa: E402
+from harness import RESULTS, add_common_flags, apply_common_flags, recording  # noqa: E402
 
 # Two-sided 95% critical values of Student's t for 1..30 degrees of freedom (standard tables), so the
 # benchmark needs no scipy.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)  # fmt: skip
+T975 = tuple(
+    float(t)
+    for t in "12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145 2.131 "
+    "2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 2.045 2.042".split()
+)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, float, float]:
@@ -72,9 +75,15 @@ def _traces(seed: int, a: argparse.Namespace):
     else:
         prompts = make_reasoning_traces(a.prompts, seed=seed, traces_per_prompt=1).select_columns(["prompt", "answer"])
         traces, trace_report = generate_traces(
-            toy_teacher_path(), prompts, check_reasoning_answer, num_traces_per_prompt=4, temperature=a.temperature,
-            max_new_tokens=48, seed=seed, progress=False,
-        )  # fmt: skip
+            toy_teacher_path(),
+            prompts,
+            check_reasoning_answer,
+            num_traces_per_prompt=4,
+            temperature=a.temperature,
+            max_new_tokens=48,
+            seed=seed,
+            progress=False,
+        )
         pairs, report = traces_to_pairs(traces, trace_report)
     return traces, pairs, report
 
@@ -113,8 +122,14 @@ def run_seed(seed: int, a: argparse.Namespace, variants: list[tuple[str, float |
         return generation_accuracy(model, tok, held_out, reasoning_reward, 48)
 
     acc = {"SFT only": accuracy(AutoModelForCausalLM.from_pretrained(sft_path))}
-    common = dict(seed=seed, learning_rate=a.lr, max_steps=a.steps, per_device_train_batch_size=16,
-                  disable_tqdm=True, logging_steps=a.steps)  # fmt: skip
+    common = dict(
+        seed=seed,
+        learning_rate=a.lr,
+        max_steps=a.steps,
+        per_device_train_batch_size=16,
+        disable_tqdm=True,
+        logging_steps=a.steps,
+    )
     for name, alpha in variants[1:]:
         out = f"{a.workdir}/{a.negatives}/{seed}/{name}"
         if alpha is None:  # DPO; its reference model is the SFT checkpoint
@@ -134,7 +149,7 @@ def run_seed(seed: int, a: argparse.Namespace, variants: list[tuple[str, float |
 def table(runs: list[dict[str, float]], variants: list[str], a: argparse.Namespace) -> list[str]:
     n = len(runs)
     lines = [
-        f"held-out greedy accuracy ({a.eval_prompts} prompts), {n} seeds {a.seeds}, 95% CI from the t distribution",
+        f"held-out greedy accuracy ({a.eval_prompts} prompts), {n} seeds {a.seed}, 95% CI from the t distribution",
         f"{'variant':<26}{'mean':>7}{'std':>7}{'95% CI':>17}  per seed",
     ]
     for v in variants:
@@ -168,9 +183,12 @@ def verdict(runs: list[dict[str, float]], name: str, base: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--negatives", choices=("teacher", "slipped"), default="teacher",
-                   help="teacher: the toy teacher's own wrong traces; slipped: synthetic one-slipped-step traces")  # fmt: skip
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument(
+        "--negatives",
+        choices=("teacher", "slipped"),
+        default="teacher",
+        help="teacher: the toy teacher's own wrong traces; slipped: synthetic one-slipped-step traces",
+    )
     p.add_argument("--prompts", type=int, default=2048, help="training prompts (4 traces each)")
     p.add_argument("--eval-prompts", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.8, help="teacher sampling temperature")
@@ -180,8 +198,9 @@ def main():
     p.add_argument("--lr", type=float, default=6e-5, help="second-stage learning rate for REDI and DPO (SFT lr / 50)")
     p.add_argument("--redi-alphas", type=float, nargs="+", default=[0.8, 1.0])
     p.add_argument("--workdir", default="/tmp/redi_quality")
-    p.add_argument("--output", default=None, help="results file (default: results/redi_quality_<negatives>.txt)")
-    a = p.parse_args()
+    add_common_flags(p, RESULTS / "redi_quality_<negatives>.txt", seed=[0, 1, 2, 3, 4])
+    a = apply_common_flags(p.parse_args())
+    a.output = Path(str(a.output).replace("<negatives>", a.negatives))
 
     import datasets
     from transformers import logging
@@ -195,16 +214,21 @@ def main():
     ]
     variants.append(("SFT + DPO (beta 0.1)", None))
     names = [v for v, _ in variants]
-    with recording(a.output or RESULTS / f"redi_quality_{a.negatives}.txt"):
+    with recording(a.output):
         start = time.perf_counter()
         if a.negatives == "teacher":
             m = teacher_metrics(toy_teacher_path())
-            print(f"teacher {toy_teacher_path()}: held-out greedy {m['heldout_accuracy_greedy']:.3f}, "
-                  f"sampled at T={m['temperature']} {m['heldout_accuracy_sampled']:.3f} (its own 200 prompts); "
-                  f"built in {m['train_seconds']} s")  # fmt: skip
-        runs = [run_seed(s, a, variants) for s in a.seeds]
-        negatives = (f"the toy teacher's own sampled traces (4 per prompt, T={a.temperature:g})"
-                     if a.negatives == "teacher" else "synthetic traces, wrong = one slipped step (make_reasoning_traces)")  # fmt: skip
+            print(
+                f"teacher {toy_teacher_path()}: held-out greedy {m['heldout_accuracy_greedy']:.3f}, "
+                f"sampled at T={m['temperature']} {m['heldout_accuracy_sampled']:.3f} (its own 200 prompts); "
+                f"built in {m['train_seconds']} s"
+            )
+        runs = [run_seed(s, a, variants) for s in a.seed]
+        negatives = (
+            f"the toy teacher's own sampled traces (4 per prompt, T={a.temperature:g})"
+            if a.negatives == "teacher"
+            else "synthetic traces, wrong = one slipped step (make_reasoning_traces)"
+        )
         print(
             f"\nToy reasoning task (sum of 3-4 numbers step by step); negatives: {negatives}; {a.prompts} prompts; "
             f"student: pretrained toy model; SFT {a.sft_steps} steps @ {a.sft_lr:g} (batch 32) on the correct "

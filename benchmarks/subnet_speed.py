@@ -30,16 +30,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from harness import write_results  # noqa: E402
+from harness import RESULTS, ROOT, add_common_flags, apply_common_flags, write_results  # noqa: E402
 from peft import LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from peft_ext.subnet import SubnetConfig, analysis, ops  # noqa: E402
 from peft_trl_testbed.models import build_toy_model  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["full", "lora", "shira", "subnet"]
 LINES: list[str] = []
@@ -95,7 +92,7 @@ def make_step(model, batch: dict):
 
 def worker(method: str, args) -> None:
     """Peak RSS growth of `steps` training steps of one method, in its own process."""
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = build(method, args.hidden, args.layers, args.r)
     batch = _batch(args)
     before = rss_mb()
@@ -106,12 +103,12 @@ def worker(method: str, args) -> None:
 
 
 def _batch(args) -> dict:
-    ids = torch.randint(5, 100, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(5, 100, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
     return {"input_ids": ids, "labels": ids}
 
 
 def bench_steps(args) -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     batch = _batch(args)
     runs = {}
     for method in METHODS:
@@ -159,6 +156,8 @@ def _size_args(args) -> list[str]:
         f"--r={args.r}",
         f"--batch={args.batch}",
         f"--seq={args.seq}",
+        f"--threads={args.threads}",
+        f"--seed={args.seed}",
     ]
 
 
@@ -172,7 +171,7 @@ def bench_layer(args) -> None:
         x = torch.randn(tokens, d, requires_grad=True)  # as hidden states inside a network
         layers = {}
         for method in ("lora", "shira", "subnet"):
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             holder = torch.nn.Sequential(torch.nn.Linear(d, d, bias=False))
             if method == "lora":
                 layers[method] = get_peft_model(holder, LoraConfig(r=args.r, target_modules=["0"]))
@@ -247,7 +246,7 @@ def bench_diff(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="subnet_diff_bench_", dir="/tmp"))
     try:
         shape, per_shard, shards = (4096, 8192), 2, 4  # 8 fp32 tensors of 128 MiB: 1 GiB in 4 shards
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(args.seed)
         for side in ("base", "tuned"):
             (root / side).mkdir()
         weight_map = {}
@@ -310,10 +309,12 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=11)
+    add_common_flags(
+        parser, RESULTS / "subnet_speed.txt", rounds=11, rounds_help="interleaved timed steps (median kept)"
+    )
     parser.add_argument("--layer-dim", type=int, default=2048)
     parser.add_argument("--skip-diff", action="store_true")
-    args = parser.parse_args()
+    args = apply_common_flags(parser.parse_args())
     if args.worker:
         worker(args.worker, args)
         return
@@ -322,7 +323,7 @@ def main() -> None:
     bench_storage(args)
     if not args.skip_diff:
         bench_diff(args)
-    write_results(RESULTS / "subnet_speed.txt", "\n".join(LINES))
+    write_results(args.output, "\n".join(LINES))
 
 
 if __name__ == "__main__":

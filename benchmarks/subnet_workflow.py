@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +24,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from harness import write_results  # noqa: E402
+from harness import RESULTS, ROOT, add_common_flags, apply_common_flags, write_results  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft_ext.subnet import (  # noqa: E402
     SubnetConfig,
     SubnetWarmupCallback,
@@ -42,7 +40,6 @@ from peft_ext.subnet import (  # noqa: E402
 from peft_trl_testbed.data import arithmetic_reward, make_arithmetic_dataset  # noqa: E402
 from peft_trl_testbed.pretrain import arithmetic_accuracy, pretrained_toy_model_path  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LINES: list[str] = []
 
 
@@ -85,12 +82,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--out", default="subnet_workflow.txt", help="report file name under benchmarks/results/")
-    args = parser.parse_args()
+    add_common_flags(parser, RESULTS / "subnet_workflow.txt")
+    args = apply_common_flags(parser.parse_args())
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
 
     base_path = pretrained_toy_model_path(arch="llama", progress=False)
@@ -151,9 +146,9 @@ def main() -> None:
             f"update sparsity {100 * (1 - diff.fraction_changed):.2f}%"
         )
         log(analysis.sparsity_report(diff.tensors, title=f"GRPO update sparsity (tol {tol:g})"))
-        png = RESULTS / (Path(args.out).stem + "_sparsity.png")
-        plot = analysis.plot_sparsity(diff.tensors, str(png), "GRPO updates")
-        log(f"plot: {Path(plot).relative_to(RESULTS.parent.parent)}")
+        png = args.output.with_name(args.output.stem + "_sparsity.png")
+        plot = Path(analysis.plot_sparsity(diff.tensors, str(png), "GRPO updates")).resolve()
+        log(f"plot: {plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot}")
 
         # ---------------------------------------------------------------- 3. retrain the subnetwork
         # TRL's GRPO computes log-probs from lm_head.weight directly, so it refuses an adapter there.
@@ -247,7 +242,7 @@ def main() -> None:
         log(analysis.format_table(["masks (I1 vs I2)", "o1 %", "o2 %", "jaccard %", "random o1 %"], rows))
     log("")
     log(f"total time {time.perf_counter() - start:.0f}s")
-    write_results(RESULTS / args.out, "\n".join(LINES))
+    write_results(args.output, "\n".join(LINES))
 
 
 def _overlap(m1, m2):

@@ -5,7 +5,7 @@ Each run is a fresh process with ``OMP_NUM_THREADS`` set and an empty cache, cal
 exactly what a new user's first run does. Floating-point results depend on the thread count,
 so the same seed is run at each thread count.
 
-    python benchmarks/toy_pretraining.py --seeds 0 1 --threads 1 2
+    python benchmarks/toy_pretraining.py --seed 0 1 --threads 1 2
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from harness import RESULTS, recording
+from harness import RESULTS, ROOT, add_common_flags, apply_common_flags, recording
 
 WORKER = """
 import json, sys, time
@@ -34,7 +34,9 @@ print("RESULT " + json.dumps(m))
 def run(seed: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PEFT_TRL_EXT_CACHE": cache, "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([sys.executable, "-c", WORKER, str(seed)], env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", WORKER, str(seed)], env=env, capture_output=True, text=True, cwd=ROOT
+        )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -42,12 +44,14 @@ def run(seed: int, threads: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    a = p.parse_args()
+    add_common_flags(p, RESULTS / "toy_pretraining.txt", threads=[1, 2], seed=[0, 1])
+    return apply_common_flags(p.parse_args())
+
+
+def measure(a):
     started = time.perf_counter()
     rows = []
-    for seed in a.seeds:
+    for seed in a.seed:
         for threads in a.threads:
             m = run(seed, threads)
             rows.append((seed, threads, m))
@@ -77,5 +81,6 @@ def main():
 
 
 if __name__ == "__main__":
-    with recording(RESULTS / "toy_pretraining.txt"):
-        main()
+    cli = main()
+    with recording(cli.output):
+        measure(cli)

@@ -115,8 +115,9 @@ def generation_accuracy(
 
 def arithmetic_accuracy(model, tokenizer, dataset, batch_size: int = 128, chat: bool = False) -> float:
     """Greedy held-out accuracy of ``model`` on an arithmetic dataset (plain prompts by default)."""
-    return generation_accuracy(model, tokenizer, dataset, arithmetic_reward, max_new_tokens=5, chat=chat,
-                               batch_size=batch_size)  # fmt: skip
+    return generation_accuracy(
+        model, tokenizer, dataset, arithmetic_reward, max_new_tokens=5, chat=chat, batch_size=batch_size
+    )
 
 
 def pretrain_datasets(config: PretrainConfig | None = None):

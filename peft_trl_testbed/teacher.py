@@ -70,8 +70,16 @@ def sampled_accuracy(model, tokenizer, dataset, temperature: float, seed: int = 
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         enc = tokenizer(rows["prompt"], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=48, do_sample=True, temperature=temperature, top_p=1.0,
-                             top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out = model.generate(
+            **enc,
+            max_new_tokens=48,
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         total += sum(reasoning_reward(texts, rows["answer"]))
     return total / len(dataset)

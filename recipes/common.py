@@ -69,7 +69,7 @@ class RewardScriptArguments(ToyScriptArguments):
         metadata={
             "help": "Rewards: arithmetic_reward (default), reasoning_reward, accuracy_reward, "
             "think_format_reward, or module:function."
-        },  # fmt: skip
+        },
     )
 
 
@@ -367,10 +367,24 @@ def flag_is_set(args, name: str, given: frozenset | set = frozenset()) -> bool:
 
 
 # Quantised loading (bitsandbytes) is for QMoRA in mora_sft; the recipes train on the training split only.
-QUANTIZATION_FLAGS = ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
-                      "bnb_4bit_quant_storage")  # fmt: skip
-LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
-              "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")  # fmt: skip
+QUANTIZATION_FLAGS = (
+    "load_in_8bit",
+    "load_in_4bit",
+    "bnb_4bit_quant_type",
+    "use_bnb_nested_quant",
+    "bnb_4bit_quant_storage",
+)
+LORA_FLAGS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_parameters",
+    "lora_modules_to_save",
+    "lora_task_type",
+    "use_rslora",
+    "use_dora",
+)
 
 
 def ignored_flags(script_args, model_args: ModelConfig, lora: bool, quantized: bool = False) -> dict[str, str]:
@@ -433,13 +447,25 @@ def resume_checkpoint(training_args: TrainingArguments, output_dir: str | None =
     return value
 
 
-def check_run(recipe: str, script_args, training_args: TrainingArguments, model_args: ModelConfig,
-              lora: bool, ignored: dict[str, str] | None = None, quantized: bool = False) -> None:  # fmt: skip
+def check_run(
+    recipe: str,
+    script_args,
+    training_args: TrainingArguments,
+    model_args: ModelConfig,
+    lora: bool,
+    ignored: dict[str, str] | None = None,
+    quantized: bool = False,
+) -> None:
     """The checks every recipe makes before any work: mixed precision on CPU (:func:`cpu_guard`), a usable
     ``--output_dir``, no flag the recipe would ignore (the common ones and ``ignored``), a checkpoint to resume."""
     cpu_guard(training_args)
-    refuse_ignored_flags(recipe, ignored_flags(script_args, model_args, lora, quantized) | (ignored or {}),
-                         script_args, training_args, model_args)  # fmt: skip
+    refuse_ignored_flags(
+        recipe,
+        ignored_flags(script_args, model_args, lora, quantized) | (ignored or {}),
+        script_args,
+        training_args,
+        model_args,
+    )
     check_output_dir(training_args.output_dir)
 
 

@@ -68,8 +68,12 @@ def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args:
     # Toy data: fresh a+b problems, disjoint from the held-out ones.
     exclude = held_out_arithmetic(max(script_args.num_eval_prompts, 200))
     train_dataset = resolve_dataset(script_args, make_arithmetic_dataset(1500, seed=2, exclude=exclude))
-    config = MoraConfig(r=script_args.mora_r, mora_type=script_args.mora_type, mora_dropout=script_args.mora_dropout,
-                        target_modules=script_args.mora_target_modules or default_target_modules(model))  # fmt: skip
+    config = MoraConfig(
+        r=script_args.mora_r,
+        mora_type=script_args.mora_type,
+        mora_dropout=script_args.mora_dropout,
+        target_modules=script_args.mora_target_modules or default_target_modules(model),
+    )
     record = RunRecord("mora_sft", "MoRA SFT", adapter_record(config))
     checkpoint = record.check_resume(training_args)  # before any training: only this run's own checkpoints
     if model_args.load_in_4bit or model_args.load_in_8bit:  # QMoRA: M trains on the frozen quantised base
@@ -82,8 +86,9 @@ def main(script_args: MoraScriptArguments, training_args: SFTConfig, model_args:
     callbacks = [*(callbacks or []), record.callback()]
     if remora:
         callbacks.append(remora)
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
-                         callbacks=callbacks)  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks
+    )
     train(trainer, checkpoint)
     if evaluate:
         results["accuracy_after"] = evaluate(trainer.model, tokenizer)

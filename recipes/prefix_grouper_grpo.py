@@ -62,10 +62,15 @@ def main(
     results = {"dtype": str(model.dtype)}
     if evaluate:
         results["accuracy_before"] = evaluate(model, tokenizer)
-    trainer = PrefixGrouperGRPOTrainer(model=model, reward_funcs=rewards, args=training_args,
-                                       train_dataset=train_dataset, processing_class=tokenizer,
-                                       callbacks=[*(callbacks or []), record.callback()],
-                                       peft_config=peft_config)  # fmt: skip
+    trainer = PrefixGrouperGRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[*(callbacks or []), record.callback()],
+        peft_config=peft_config,
+    )
     train(trainer, checkpoint)
     if evaluate:
         results["accuracy_after"] = evaluate(trainer.model, tokenizer)

@@ -53,9 +53,14 @@ def main(
     results = {"dtype": str(model.dtype)}
     if evaluate:
         results["accuracy_before"] = evaluate(model, tokenizer)
-    trainer = QTuningSFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                                processing_class=tokenizer, callbacks=[*(callbacks or []), record.callback()],
-                                peft_config=peft_config)  # fmt: skip
+    trainer = QTuningSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[*(callbacks or []), record.callback()],
+        peft_config=peft_config,
+    )
     train(trainer, checkpoint)
     if evaluate:
         results["accuracy_after"] = evaluate(trainer.model, tokenizer)

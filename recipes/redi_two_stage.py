@@ -147,10 +147,16 @@ def sample_traces(script_args: REDIScriptArguments, seed: int = 0) -> tuple[Data
     if teacher == "toy":
         teacher = toy_teacher_path()
     return generate_traces(
-        teacher, teacher_prompts(script_args, seed), get_verifier(script_args), script_args.num_traces_per_prompt,
-        temperature=script_args.teacher_temperature, top_p=script_args.teacher_top_p,
-        max_new_tokens=script_args.teacher_max_new_tokens, batch_size=script_args.teacher_batch_size, seed=seed,
-    )  # fmt: skip
+        teacher,
+        teacher_prompts(script_args, seed),
+        get_verifier(script_args),
+        script_args.num_traces_per_prompt,
+        temperature=script_args.teacher_temperature,
+        top_p=script_args.teacher_top_p,
+        max_new_tokens=script_args.teacher_max_new_tokens,
+        batch_size=script_args.teacher_batch_size,
+        seed=seed,
+    )
 
 
 def load_traces(script_args: REDIScriptArguments, seed: int = 0) -> tuple[Dataset, TraceReport | None]:
@@ -198,8 +204,13 @@ def _same_path(a: str, b: str) -> bool:
 def ignored_flags(script_args: REDIScriptArguments) -> dict[str, str]:
     """This recipe's flags that the other flags make ineffective, with the reason."""
     ignored = {}
-    teacher = ("num_traces_per_prompt", "teacher_temperature", "teacher_top_p", "teacher_max_new_tokens",
-               "teacher_batch_size")  # fmt: skip
+    teacher = (
+        "num_traces_per_prompt",
+        "teacher_temperature",
+        "teacher_top_p",
+        "teacher_max_new_tokens",
+        "teacher_batch_size",
+    )
     if script_args.traces_path:
         reason = "--traces_path is given, so its traces are used and no other source is read"
         ignored |= {name: reason for name in ("teacher_model_name_or_path", "dataset_name", "num_toy_prompts")}
@@ -272,8 +283,13 @@ def redi_stage(
     Returns the trained trainer."""
     model_args = model_args or ModelConfig()
     args.model_init_kwargs = model_init_kwargs(model_args, args) | (args.model_init_kwargs or {})
-    trainer = REDITrainer(model=model_path, args=args, train_dataset=pairs, callbacks=callbacks,
-                          peft_config=lora_config(model_args, AutoConfig.from_pretrained(model_path)))  # fmt: skip
+    trainer = REDITrainer(
+        model=model_path,
+        args=args,
+        train_dataset=pairs,
+        callbacks=callbacks,
+        peft_config=lora_config(model_args, AutoConfig.from_pretrained(model_path)),
+    )
     train(trainer, checkpoint)
     return trainer
 
@@ -297,11 +313,16 @@ def main(script_args: REDIScriptArguments, training_args: REDIConfig, model_args
             "pick another --output_dir."
         )
     if script_args.teacher_model_name_or_path:
-        check_generation_args(temperature=script_args.teacher_temperature, top_p=script_args.teacher_top_p,
-                              max_new_tokens=script_args.teacher_max_new_tokens,
-                              batch_size=script_args.teacher_batch_size, seed=training_args.seed)  # fmt: skip
-    record = RunRecord("redi_two_stage", "REDI stage 2",
-                       adapter_record(lora_config(model_args, AutoConfig.from_pretrained(path))))  # fmt: skip
+        check_generation_args(
+            temperature=script_args.teacher_temperature,
+            top_p=script_args.teacher_top_p,
+            max_new_tokens=script_args.teacher_max_new_tokens,
+            batch_size=script_args.teacher_batch_size,
+            seed=training_args.seed,
+        )
+    record = RunRecord(
+        "redi_two_stage", "REDI stage 2", adapter_record(lora_config(model_args, AutoConfig.from_pretrained(path)))
+    )
     checkpoint = record.check_resume(training_args)
     sft_path = os.path.join(out, "sft")
     stage_1_saved = bool(checkpoint) and os.path.exists(os.path.join(sft_path, "config.json"))

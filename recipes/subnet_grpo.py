@@ -108,11 +108,12 @@ def main(
 ) -> dict:
     check_run("subnet_grpo", script_args, training_args, model_args, lora=False)
     refuse_deepspeed_stages(
-        training_args, "recipes.subnet_grpo (full GRPO, then the subnetwork's GRPO)",
+        training_args,
+        "recipes.subnet_grpo (full GRPO, then the subnetwork's GRPO)",
         "Launch it with recipes/accelerate_configs/multi_gpu.yaml, or train the subnetwork alone with DeepSpeed: "
         "make masks with `python -m peft_ext.subnet diff` and train a SubnetConfig(mask_source=masks) adapter "
         "with TRL's GRPOTrainer.",
-    )  # fmt: skip
+    )
     out = Path(training_args.output_dir)
     full_record = RunRecord("subnet_grpo", "full GRPO")
     resume = stage_checkpoints(resume_arg(training_args), out)
@@ -135,9 +136,14 @@ def main(
 
     print("[subnet] 1/3 full-parameter GRPO")
     full_args = _with_output_dir(training_args, out / "full", push_to_hub=False)
-    full = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(base, **load), reward_funcs=rewards,
-                       args=full_args, train_dataset=train_dataset, processing_class=tokenizer,
-                       callbacks=[full_record.callback()])  # fmt: skip
+    full = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base, **load),
+        reward_funcs=rewards,
+        args=full_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[full_record.callback()],
+    )
     # Each stage checkpoints in its own folder; a resumed run resumes each from its latest checkpoint.
     full.train(resume_from_checkpoint=resume["full"])
     full.save_model(str(out / "full"))
@@ -159,8 +165,14 @@ def main(
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, **load), subnet_config)
     trainable, total = model.get_nb_trainable_parameters()
     sub_args = _with_output_dir(training_args, out / "subnet")
-    sub = GRPOTrainer(model=model, reward_funcs=rewards, args=sub_args, train_dataset=train_dataset,
-                      processing_class=tokenizer, callbacks=[*(callbacks or []), sub_record.callback()])  # fmt: skip
+    sub = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=sub_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[*(callbacks or []), sub_record.callback()],
+    )
     sub.train(resume_from_checkpoint=resume["subnet"])
     save_model(sub, str(out / "subnet"))
     sub_record.save(out / "subnet")

@@ -1,10 +1,14 @@
-"""Dependencies point one way: peft_ext never needs TRL, the testbed is light, library code never imports it."""
+"""Dependencies point one way: peft_ext never needs TRL, the testbed is light, library code never imports it,
+recipes never import benchmarks or tests, benchmarks never import tests, and the wheel ships the libraries only."""
 
 import ast
+import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -98,3 +102,45 @@ def test_peft_ext_docstrings_do_not_use_trl():
         if re.search(r"\b(from|import)\s+trl(_ext)?\b|\btrl_ext\.", line)
     ]
     assert hits == []
+
+
+@pytest.mark.parametrize(
+    "directory, forbidden",
+    [
+        ("recipes", ("benchmarks", "tests")),
+        ("benchmarks", ("tests",)),
+        ("peft_trl_testbed", ("recipes", "benchmarks", "tests")),
+    ],
+)
+def test_scripts_import_only_downwards(directory, forbidden):
+    offenders = {}
+    for path in sorted((REPO_ROOT / directory).rglob("*.py")):
+        bad = {m for m in _imported_modules(path) if m.split(".")[0] in forbidden}
+        if bad:
+            offenders[str(path.relative_to(REPO_ROOT))] = sorted(bad)
+    assert offenders == {}
+
+
+def test_the_import_scan_sees_function_level_and_relative_imports(tmp_path):
+    """The scan above must catch an import inside a function, or it would pass on the quickstart's old layout."""
+    path = REPO_ROOT / "recipes" / "quickstart.py"
+    found = _imported_modules(path)
+    assert "recipes.timing" in found and "recipes.common.ToyEval" in found
+
+
+def test_the_wheel_ships_the_libraries_and_the_testbed_only(tmp_path):
+    """Build the wheel from a copy of the checkout (a build writes build/ and egg-info beside the sources), without
+    dependencies, and list its top-level names. Where setuptools is installed the build reuses it (no isolation, no
+    network); elsewhere pip fetches the build backend as usual."""
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", "dist", "outputs", ".*_cache")
+    shutil.copytree(REPO_ROOT, source, ignore=ignore)
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--no-cache-dir", "-q"]
+    out = subprocess.run([*pip, "-w", str(tmp_path), str(source)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    print(f"wheel {wheel.name}: top-level names {sorted(top)}")
+    assert top == {"peft_ext", "trl_ext", "peft_trl_testbed"}

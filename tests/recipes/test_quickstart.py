@@ -9,11 +9,20 @@ from recipes import quickstart  # noqa: E402
 
 def _results(redi, dpo, q, full):
     return {
-        "REDI": {"accuracy_after_sft": 0.80, "accuracy_after_redi": redi, "accuracy_dpo": dpo,
-                 "step_time_vs_dpo": 0.7, "curves": {"REDI": ([0, 100], [0.8, redi]), "DPO": ([0, 100], [0.8, dpo])}},
-        "Q-Tuning": {"accuracy_after": q, "accuracy_full_sft": full, "time_ratio": 0.5,
-                     "curves": {"Q-Tuning": ([0, 32], [0.9, q]), "full-data SFT": ([0, 32], [0.9, full])}},
-    }  # fmt: skip
+        "REDI": {
+            "accuracy_after_sft": 0.80,
+            "accuracy_after_redi": redi,
+            "accuracy_dpo": dpo,
+            "step_time_vs_dpo": 0.7,
+            "curves": {"REDI": ([0, 100], [0.8, redi]), "DPO": ([0, 100], [0.8, dpo])},
+        },
+        "Q-Tuning": {
+            "accuracy_after": q,
+            "accuracy_full_sft": full,
+            "time_ratio": 0.5,
+            "curves": {"Q-Tuning": ([0, 32], [0.9, q]), "full-data SFT": ([0, 32], [0.9, full])},
+        },
+    }
 
 
 def test_findings_follow_the_numbers():

@@ -89,8 +89,9 @@ def qwen2_cli_runs(tmp_path_factory):
     runs = [
         (name, ["--model_name_or_path", model, "--dtype", "bfloat16", *_argv(name, out)]) for name, out in dirs.items()
     ]
-    proc = subprocess.run([sys.executable, "-c", f"RUNS = {runs!r}\n{RUN_AS_MAIN}"], cwd=ROOT, text=True,
-                          capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", f"RUNS = {runs!r}\n{RUN_AS_MAIN}"], cwd=ROOT, text=True, capture_output=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = re.findall(r"=== (\w+) start\n(.*?)=== \1 exit (\d)", proc.stdout, re.S)
     return {name: (dirs[name], stdout, int(status)) for name, stdout, status in runs}
@@ -114,8 +115,7 @@ def test_recipe_on_gpt2(name, tmp_path):
     _check_outputs(name, tmp_path, results)
 
 
-RESUME = ("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
-          "--num_eval_prompts", "0")  # fmt: skip
+RESUME = tuple("--max_steps 4 --save_strategy steps --save_steps 2 --learning_rate 1e-3 --num_eval_prompts 0".split())
 SAVED = {"mora_sft": "adapter_model.safetensors", "redi_two_stage": "model.safetensors"}
 
 
@@ -196,8 +196,8 @@ def test_documented_commands_parse(name, flags, monkeypatch):
 
 
 def test_redi_stage_one_config_derives_from_the_parsed_redi_config(tmp_path):
-    argv = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--seed", "7", "--gradient_accumulation_steps", "3",
-            "--sft_learning_rate", "1e-3", "--sft_max_steps", "30", "--sft_batch_size", "5"]  # fmt: skip
+    argv = ["--output_dir", str(tmp_path), *"--use_cpu true --seed 7 --gradient_accumulation_steps 3".split()]
+    argv += "--sft_learning_rate 1e-3 --sft_max_steps 30 --sft_batch_size 5".split()
     script_args, training_args, _ = redi_two_stage.make_parser().parse_args_and_config(args=argv)
     sft = redi_two_stage.sft_config(training_args, script_args)
     assert (sft.use_cpu, sft.seed, sft.gradient_accumulation_steps, sft.bf16) == (True, 7, 3, training_args.bf16)
@@ -207,19 +207,29 @@ def test_redi_stage_one_config_derives_from_the_parsed_redi_config(tmp_path):
 
 
 # REDI from a teacher: generate -> label -> pair -> SFT -> REDI, each stage saved under output_dir.
-TEACHER = ("--num_traces_per_prompt 3 --num_toy_prompts 6 --teacher_max_new_tokens 16 --teacher_batch_size 4 "
-           "--sft_max_steps 2 --sft_batch_size 4 --max_steps 2 --per_device_train_batch_size 2 --num_eval_prompts 0 "
-           "--report_to none --disable_tqdm true --save_strategy no")  # fmt: skip
-STAGE2 = ("--max_steps 2 --per_device_train_batch_size 2 --num_eval_prompts 0 --report_to none --disable_tqdm true "
-          "--save_strategy no")  # fmt: skip
+TEACHER = (
+    "--num_traces_per_prompt 3 --num_toy_prompts 6 --teacher_max_new_tokens 16 --teacher_batch_size 4 "
+    "--sft_max_steps 2 --sft_batch_size 4 --max_steps 2 --per_device_train_batch_size 2 --num_eval_prompts 0 "
+    "--report_to none --disable_tqdm true --save_strategy no"
+)
+STAGE2 = (
+    "--max_steps 2 --per_device_train_batch_size 2 --num_eval_prompts 0 --report_to none --disable_tqdm true "
+    "--save_strategy no"
+)
 VERIFIER = "tests.recipes.rewards:even_length"
 
 
 def _redi(tmp_path, *extra: str, flags: str = TEACHER) -> dict:
     from peft_trl_testbed import pretrained_toy_model_path
 
-    argv = ["--output_dir", str(tmp_path), "--teacher_model_name_or_path", pretrained_toy_model_path(),
-            *shlex.split(flags), *extra]  # fmt: skip
+    argv = [
+        "--output_dir",
+        str(tmp_path),
+        "--teacher_model_name_or_path",
+        pretrained_toy_model_path(),
+        *shlex.split(flags),
+        *extra,
+    ]
     return _main("redi_two_stage", argv)
 
 
@@ -252,9 +262,19 @@ def test_redi_recipe_from_a_teacher_saves_every_stage(tmp_path, monkeypatch):
     import recipes.redi_two_stage as recipe
 
     monkeypatch.setattr(recipe, "generate_traces", lambda *a, **k: pytest.fail("traces were generated again"))
-    again = _main("redi_two_stage", ["--output_dir", str(tmp_path / "again"), *shlex.split(STAGE2),
-                                     "--traces_path", str(tmp_path / "run" / "traces"), "--skip_sft",
-                                     "--model_name_or_path", str(tmp_path / "run" / "sft")])  # fmt: skip
+    again = _main(
+        "redi_two_stage",
+        [
+            "--output_dir",
+            str(tmp_path / "again"),
+            *shlex.split(STAGE2),
+            "--traces_path",
+            str(tmp_path / "run" / "traces"),
+            "--skip_sft",
+            "--model_name_or_path",
+            str(tmp_path / "run" / "sft"),
+        ],
+    )
     assert again["pairs"] == results["pairs"] and not (tmp_path / "again" / "sft").exists()
 
 
@@ -308,8 +328,11 @@ def test_a_checkpoint_records_its_recipe_and_adapter_and_a_foreign_resume_stops_
 
     checkpoint = checkpointed_runs("mora_sft") / "checkpoint-2"
     record = RunRecord.load(checkpoint)
-    expected = MoraConfig(r=4, mora_type="rotation", target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                     "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    expected = MoraConfig(
+        r=4,
+        mora_type="rotation",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     assert (record.recipe, record.method, record.adapter) == ("mora_sft", "MoRA SFT", adapter_record(expected))
     assert RunRecord.load(checkpointed_runs("mora_sft")).recipe == "mora_sft"  # the final output too
     assert RunRecord.load(checkpointed_runs("redi_two_stage") / "checkpoint-2").method == "REDI stage 2"
@@ -318,13 +341,19 @@ def test_a_checkpoint_records_its_recipe_and_adapter_and_a_foreign_resume_stops_
     for module in RECIPES.values():
         monkeypatch.setattr(module, "train", lambda *a, **k: pytest.fail("training started"), raising=False)
     resume = ("--resume_from_checkpoint", str(checkpoint), "--num_eval_prompts", "0")
-    with pytest.raises(ValueError, match=r"written by recipe mora_sft \(MoRA SFT, MORA adapter\), but this run is "
-                                         r"recipe qtuning_sft \(Q-Tuning SFT, full fine-tuning\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"written by recipe mora_sft \(MoRA SFT, MORA adapter\), but this run is "
+        r"recipe qtuning_sft \(Q-Tuning SFT, full fine-tuning\)",
+    ):
         _main("qtuning_sft", _argv("qtuning_sft", tmp_path / "q", *resume))
     with pytest.raises(ValueError, match=r"recipe mora_sft .* but this run is recipe prefix_grouper_grpo"):
         _main("prefix_grouper_grpo", _argv("prefix_grouper_grpo", tmp_path / "pg", *resume))
-    with pytest.raises(ValueError, match=r"MORA adapter config differs from this run's \(r: 4 in the checkpoint, 8 "
-                                         r"now\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"MORA adapter config differs from this run's \(r: 4 in the checkpoint, 8 "
+        r"now\)",
+    ):
         _main("mora_sft", _argv("mora_sft", tmp_path / "m", *resume, "--mora_r", "8"))
     with pytest.raises(ValueError, match=r"mora_type: 'rotation' in the checkpoint, 'sharing' now"):
         _main("mora_sft", _argv("mora_sft", tmp_path / "m", *resume, "--mora_type", "sharing"))
@@ -349,21 +378,38 @@ IGNORED = [
     ("mora_sft", "--use_peft true --lora_r 16", "--use_peft True would be ignored: this recipe does not train LoRA"),
     ("mora_sft", "--lora_r 16", "--lora_r 16 would be ignored: this recipe does not train LoRA"),
     ("subnet_grpo", "--use_peft true", "--use_peft True would be ignored"),
-    ("qtuning_sft", "--lora_r 8", "--lora_r 8 would be ignored: it configures LoRA, which is trained only with --use_peft"),
-    ("prefix_grouper_grpo", "--load_in_4bit true", "--load_in_4bit True would be ignored: only mora_sft trains on a "
-                                                   "quantised base"),  # fmt: skip
+    (
+        "qtuning_sft",
+        "--lora_r 8",
+        "--lora_r 8 would be ignored: it configures LoRA, which is trained only with --use_peft",
+    ),
+    (
+        "prefix_grouper_grpo",
+        "--load_in_4bit true",
+        "--load_in_4bit True would be ignored: only mora_sft trains on a quantised base",
+    ),
     ("mora_sft", "--bnb_4bit_quant_type fp4", "--bnb_4bit_quant_type 'fp4' would be ignored: it configures 4-bit"),
     ("qtuning_sft", "--dataset_test_split validation", "--dataset_test_split 'validation' would be ignored"),
     ("mora_sft", "--dataset_config main", "--dataset_config 'main' would be ignored: it has no effect without"),
     ("redi_two_stage", "--verifier toy", "--verifier 'toy' would be ignored: the default toy traces are already"),
     ("redi_two_stage", "--skip_sft --sft_max_steps 5", "--sft_max_steps 5 would be ignored: --skip_sft skips stage 1"),
-    ("redi_two_stage", "--teacher_temperature 0.5", "--teacher_temperature 0.5 would be ignored: it applies only with"),
-    ("redi_two_stage", "--teacher_model_name_or_path toy --teacher_max_new_tokens 0",
-     "max_new_tokens=0 must be a positive integer"),
-    ("qtuning_sft", "--dataset_name some/data --num_eval_prompts 50",
-     "--num_eval_prompts 50 would be ignored: the held-out evaluation runs on the toy data only"),
+    (
+        "redi_two_stage",
+        "--teacher_temperature 0.5",
+        "--teacher_temperature 0.5 would be ignored: it applies only with",
+    ),
+    (
+        "redi_two_stage",
+        "--teacher_model_name_or_path toy --teacher_max_new_tokens 0",
+        "max_new_tokens=0 must be a positive integer",
+    ),
+    (
+        "qtuning_sft",
+        "--dataset_name some/data --num_eval_prompts 50",
+        "--num_eval_prompts 50 would be ignored: the held-out evaluation runs on the toy data only",
+    ),
     ("mora_sft", "--remora_every_n_steps 10", "mora_type='rotation', which is not in cycle"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name, flags, match", IGNORED, ids=[f"{n}:{f}" for n, f, _ in IGNORED])
@@ -384,8 +430,10 @@ def test_verifier_on_labelled_traces_is_refused(tmp_path):
     traces = tmp_path / "labelled"
     Dataset.from_dict({"prompt": ["p"], "completion": ["c"], "answer": [1], "correct": [True]}).save_to_disk(traces)
     with pytest.raises(ValueError, match=r"--verifier 'toy' would be ignored: the traces in .* are already labelled"):
-        _main("redi_two_stage", ["--output_dir", str(tmp_path / "out"), "--traces_path", str(traces),
-                                 "--verifier", "toy"])  # fmt: skip
+        _main(
+            "redi_two_stage",
+            ["--output_dir", str(tmp_path / "out"), "--traces_path", str(traces), "--verifier", "toy"],
+        )
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -409,8 +457,16 @@ def test_redi_reuses_traces_in_place_and_never_overwrites_them(tmp_path, monkeyp
     first = _main("redi_two_stage", ["--output_dir", str(out), *flags])
     saved = load_from_disk(str(out / "traces")).to_list()
     # The documented reuse, in the same output folder: works, leaves the traces as they were.
-    again = _main("redi_two_stage", ["--output_dir", str(out), "--traces_path", str(out / "traces"),
-                                     *[f for f in flags if f not in ("--num_toy_prompts", "16")]])  # fmt: skip
+    again = _main(
+        "redi_two_stage",
+        [
+            "--output_dir",
+            str(out),
+            "--traces_path",
+            str(out / "traces"),
+            *[f for f in flags if f not in ("--num_toy_prompts", "16")],
+        ],
+    )
     assert load_from_disk(str(out / "traces")).to_list() == saved and again["pairs"] == first["pairs"]
     # Without --traces_path, the run would overwrite them: refused before any work.
     with pytest.raises(ValueError, match=rf"'{out}/traces' already holds traces from an earlier run.*--traces_path"):
@@ -431,9 +487,21 @@ def test_redi_reuses_traces_in_place_and_never_overwrites_them(tmp_path, monkeyp
     monkeypatch.setattr(recipe, "redi_stage", stop)
     student = toy_model_path(arch="llama")
     with pytest.raises(KeyboardInterrupt):
-        _main("redi_two_stage", ["--output_dir", str(out), "--traces_path", str(out / "traces"), "--skip_sft",
-                                 "--resume_from_checkpoint", "true", "--model_name_or_path", student,
-                                 *shlex.split(STAGE2)])  # fmt: skip
+        _main(
+            "redi_two_stage",
+            [
+                "--output_dir",
+                str(out),
+                "--traces_path",
+                str(out / "traces"),
+                "--skip_sft",
+                "--resume_from_checkpoint",
+                "true",
+                "--model_name_or_path",
+                student,
+                *shlex.split(STAGE2),
+            ],
+        )
     assert started == [student]
 
 

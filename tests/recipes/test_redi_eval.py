@@ -17,8 +17,14 @@ def _reference_accuracy(path: str, prompts: list[str], answers: list[int]) -> fl
     for prompt, answer in zip(prompts, answers):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=6,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         match = re.search(r"-?\d+", text)
         hits += match is not None and int(match.group()) == answer
@@ -34,9 +40,11 @@ def test_accuracy_on_a_dataset_matches_decoding_each_prompt_alone(tmp_path, monk
         for p, a in zip(problems["prompt"], problems["answer"]):
             f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
     path = pretrained_toy_model_path()
-    argv = shlex.split(f"--model_name_or_path {path} --dataset_name {data} --num_eval_prompts 16 --max_new_tokens 6 "
-                       f"--batch_size 5 --verifier tests.recipes.rewards:first_int_equals_answer "
-                       f"--output_file {tmp_path / 'acc.json'}")  # fmt: skip
+    argv = shlex.split(
+        f"--model_name_or_path {path} --dataset_name {data} --num_eval_prompts 16 --max_new_tokens 6 "
+        f"--batch_size 5 --verifier tests.recipes.rewards:first_int_equals_answer "
+        f"--output_file {tmp_path / 'acc.json'}"
+    )
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     results = redi_eval.main(*redi_eval.make_parser().parse_args_into_dataclasses(args=argv))
     expected = _reference_accuracy(path, problems["prompt"][:16], problems["answer"][:16])
@@ -48,8 +56,11 @@ def test_toy_default_is_the_recipes_held_out_set():
     from peft_trl_testbed import check_reasoning_answer, make_reasoning_traces
 
     path = pretrained_toy_model_path()
-    results = redi_eval.main(*redi_eval.make_parser().parse_args_into_dataclasses(
-        args=["--model_name_or_path", path, "--num_eval_prompts", "8", "--seed", "3"]))  # fmt: skip
+    results = redi_eval.main(
+        *redi_eval.make_parser().parse_args_into_dataclasses(
+            args=["--model_name_or_path", path, "--num_eval_prompts", "8", "--seed", "3"]
+        )
+    )
     # Reference: the reasoning task's held-out problems for seed 3 (offset 10,000 from the training seeds),
     # each decoded alone (48 new tokens) and checked with the toy checker.
     held_out = make_reasoning_traces(8, seed=10_000 + 3, traces_per_prompt=1)
@@ -58,8 +69,14 @@ def test_toy_default_is_the_recipes_held_out_set():
     for prompt, answer in zip(held_out["prompt"], held_out["answer"]):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=48,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=48,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         hits += check_reasoning_answer(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), answer)
     assert results[path] == hits / len(held_out)
 
@@ -69,8 +86,11 @@ def test_documented_commands_parse():
 
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     texts = [redi_eval.__doc__, open(os.path.join(root, "README.md")).read()]
-    commands = [flags for text in texts for flags in re.findall(r"python -m recipes\.redi_eval([^`\n]*)",
-                                                                  text.replace("\\\n", " "))]  # fmt: skip
+    commands = [
+        flags
+        for text in texts
+        for flags in re.findall(r"python -m recipes\.redi_eval([^`\n]*)", text.replace("\\\n", " "))
+    ]
     assert len(commands) >= 3
     for flags in commands:
         (args,) = redi_eval.make_parser().parse_args_into_dataclasses(args=shlex.split(flags))

@@ -78,9 +78,15 @@ def make_trainer(
     path = model_path(arch)
     model = sharpen_(AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32))
     return trainer_for_model(
-        model, grouped, tmp_path, attn, peft_config=peft_config, plain_config=plain_config, reward_funcs=reward_funcs,
+        model,
+        grouped,
+        tmp_path,
+        attn,
+        peft_config=peft_config,
+        plain_config=plain_config,
+        reward_funcs=reward_funcs,
         **overrides,
-    )  # fmt: skip
+    )
 
 
 def tiny_model(model_type: str, attn: str = "sdpa", **config):
@@ -184,8 +190,9 @@ def peak_backward_bytes(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn().sum().backward()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())  # fmt: skip
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = top = 0
     for event in events:
         live += event.nbytes()

@@ -184,16 +184,25 @@ def test_rejects_unsupported_attention_implementation(implementation, tmp_path):
     # and through the trainer, at construction
     args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
     with pytest.raises(ValueError, match=rf"model_type='qwen2'.*{implementation}.*stock `trl.GRPOTrainer`"):
-        PrefixGrouperGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args,
-                                 train_dataset=make_arithmetic_dataset(8))  # fmt: skip
+        PrefixGrouperGRPOTrainer(
+            model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=make_arithmetic_dataset(8)
+        )
 
 
 def tiny_moe(router_aux_loss_coef):
     config = Qwen3MoeConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-        router_aux_loss_coef=router_aux_loss_coef, attn_implementation="sdpa",
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=router_aux_loss_coef,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return sharpen_(AutoModelForCausalLM.from_config(config))
 
@@ -203,21 +212,38 @@ def test_rejects_moe_load_balancing_loss_at_construction(tmp_path):
     with pytest.raises(
         ValueError, match=r"model_type='qwen3_moe'.*router_aux_loss_coef=0.01.*stock `trl.GRPOTrainer`"
     ):
-        PrefixGrouperGRPOTrainer(model=tiny_moe(0.01), reward_funcs=arithmetic_reward, args=args,
-                                 train_dataset=make_arithmetic_dataset(8),
-                                 processing_class=build_toy_tokenizer())  # fmt: skip
+        PrefixGrouperGRPOTrainer(
+            model=tiny_moe(0.01),
+            reward_funcs=arithmetic_reward,
+            args=args,
+            train_dataset=make_arithmetic_dataset(8),
+            processing_class=build_toy_tokenizer(),
+        )
 
 
 def test_moe_without_load_balancing_loss_matches_stock(tmp_path):
     # Routing is per token, so the packed forward routes every token as the stock forward does
     trainers = []
     for grouped in (False, True):
-        config_cls, trainer_cls = (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (
-            GRPOConfig, GRPOTrainer)  # fmt: skip
-        args = toy_args(config_cls, tmp_path / str(grouped), per_device_train_batch_size=8, num_generations=4,
-                        max_completion_length=7, disable_dropout=True, router_aux_loss_coef=0.0)  # fmt: skip
-        trainer = trainer_cls(model=tiny_moe(0.01), reward_funcs=arithmetic_reward, args=args,
-                              train_dataset=make_arithmetic_dataset(8), processing_class=build_toy_tokenizer())  # fmt: skip
+        config_cls, trainer_cls = (
+            (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
+        )
+        args = toy_args(
+            config_cls,
+            tmp_path / str(grouped),
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=7,
+            disable_dropout=True,
+            router_aux_loss_coef=0.0,
+        )
+        trainer = trainer_cls(
+            model=tiny_moe(0.01),
+            reward_funcs=arithmetic_reward,
+            args=args,
+            train_dataset=make_arithmetic_dataset(8),
+            processing_class=build_toy_tokenizer(),
+        )
         trainer.current_gradient_accumulation_steps = 1
         trainer.model.train()
         trainers.append(trainer)
@@ -236,8 +262,9 @@ def test_rejects_attention_layers_that_drop_the_layout_at_construction(tmp_path)
     model = drop_layout_kwarg(sharpen_(AutoModelForCausalLM.from_pretrained(model_path("llama"))))
     args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
     with pytest.raises(ValueError, match=r"model_type='llama'.*keyword arguments.*stock `trl.GRPOTrainer`"):
-        PrefixGrouperGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args,
-                                 train_dataset=make_arithmetic_dataset(8))  # fmt: skip
+        PrefixGrouperGRPOTrainer(
+            model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=make_arithmetic_dataset(8)
+        )
 
 
 def test_rejects_attention_layers_that_drop_the_layout_later(tmp_path):

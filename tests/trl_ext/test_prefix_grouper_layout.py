@@ -242,14 +242,21 @@ def test_split_attention_without_padding_or_prefix(kernel):
             batch["prompt_ids"][:, -prompt_len:],
             batch["prompt_mask"][:, -prompt_len:],
         )
-        packed = pack_groups(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                             batch["completion_mask"], [[0, 1, 2, 3]])  # fmt: skip
+        packed = pack_groups(
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["completion_ids"],
+            batch["completion_mask"],
+            [[0, 1, 2, 3]],
+        )
         layout = GroupedAttentionLayout.from_packed(packed)
         layout.kernel = kernel
         assert layout.prefix_key_padding is None and layout.prefix_width == prompt_len - 1
         gen = torch.Generator().manual_seed(1)
-        q, k, v = (torch.randn(1, 4, packed.seq_len, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-                   for _ in range(3))  # fmt: skip
+        q, k, v = (
+            torch.randn(1, 4, packed.seq_len, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+            for _ in range(3)
+        )
         real = (packed.segment_ids != -1)[:, :, None, None]
         out = split_attention(q, k, v, layout)
         expected = dense_attention(q, k, v, attention_allowed(packed.segment_ids), 8**-0.5)

@@ -45,8 +45,16 @@ def stock_and_grouped_differ(model_factory, tmp_path, monkeypatch, batch_size=No
 # ------------------------------------------------------------------ refusals at construction
 def bart_family(model_type):
     def build():
-        return tiny_model(model_type, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
-                          encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64)  # fmt: skip
+        return tiny_model(
+            model_type,
+            d_model=32,
+            decoder_layers=2,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=64,
+            encoder_layers=1,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=64,
+        )
 
     return build
 
@@ -151,18 +159,32 @@ def test_bf16_drift_is_no_worse_than_stock(family, tmp_path):
 def dynamic_rope(attn="sdpa"):
     # Sequences of the test batch reach position 17, past max_position_embeddings=12: the frequencies then depend on
     # the forward's largest position, which differs between a packed chunk and the stock padded batch
-    return tiny_model("llama", attn=attn, num_key_value_heads=2, max_position_embeddings=12,
-                      rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})  # fmt: skip
+    return tiny_model(
+        "llama",
+        attn=attn,
+        num_key_value_heads=2,
+        max_position_embeddings=12,
+        rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+    )
 
 
 def longrope(attn="sdpa"):
     half = 4  # head_dim 8 / 2
-    return tiny_model("phi3", attn=attn, num_key_value_heads=2, max_position_embeddings=64,
-                      original_max_position_embeddings=12,
-                      pad_token_id=0, rope_parameters={
-                          "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 12,
-                          "short_factor": [1.0 + i for i in range(half)], "long_factor": [3.0 + 2 * i for i in range(half)],
-                      })  # fmt: skip
+    return tiny_model(
+        "phi3",
+        attn=attn,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        original_max_position_embeddings=12,
+        pad_token_id=0,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "original_max_position_embeddings": 12,
+            "short_factor": [1.0 + i for i in range(half)],
+            "long_factor": [3.0 + 2 * i for i in range(half)],
+        },
+    )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -189,12 +211,21 @@ def test_length_dependent_rope_needs_the_stock_largest_position(build):
     width = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)
     logps = []
     for max_position in (None, width - 1):
-        packed = pack_groups(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                             batch["completion_mask"], groups, max_position=max_position)  # fmt: skip
+        packed = pack_groups(
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["completion_ids"],
+            batch["completion_mask"],
+            groups,
+            max_position=max_position,
+        )
         with torch.no_grad():
-            logits = model(input_ids=packed.input_ids, attention_mask=packed.segment_ids[:, None, None, :],
-                           position_ids=packed.position_ids,
-                           **{LAYOUT_KWARG: GroupedAttentionLayout.from_packed(packed)}).logits  # fmt: skip
+            logits = model(
+                input_ids=packed.input_ids,
+                attention_mask=packed.segment_ids[:, None, None, :],
+                position_ids=packed.position_ids,
+                **{LAYOUT_KWARG: GroupedAttentionLayout.from_packed(packed)},
+            ).logits
         labels = packed.shift_labels.clamp(min=0)
         logps.append(ungroup(logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0], packed))
     assert (logps[0] - logps[1]).abs().max() > 1e-3
@@ -240,9 +271,13 @@ def test_self_check_leaves_training_mode_and_weights_alone(training, tmp_path):
         model.model.decoder.layers[1].fc1.bias.zero_()  # zero-initialised: perturbed by the check, then restored
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
-    trainer = PrefixGrouperGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args,
-                                       train_dataset=make_arithmetic_dataset(8),
-                                       processing_class=build_toy_tokenizer())  # fmt: skip
+    trainer = PrefixGrouperGRPOTrainer(
+        model=model,
+        reward_funcs=arithmetic_reward,
+        args=args,
+        train_dataset=make_arithmetic_dataset(8),
+        processing_class=build_toy_tokenizer(),
+    )
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param, before[name]), name
     assert all(module.training == training for module in trainer.model.modules())
@@ -268,14 +303,21 @@ def test_tolerance_dtype_is_the_least_precise_compute_dtype():
     assert compute_dtype(model) == torch.float32
     assert compute_dtype(model, torch.bfloat16) == torch.bfloat16  # fp32 weights under bf16 autocast
     assert compute_dtype(model.to(torch.float16)) == torch.float16
-    model.model.layers[0].mlp.register_parameter("packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8),
-                                                                            requires_grad=False))  # fmt: skip
+    model.model.layers[0].mlp.register_parameter(
+        "packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+    )
     assert compute_dtype(model.float()) == torch.bfloat16  # quantized weights compute in low precision
 
 
 def phimoe(window):
-    return lambda: tiny_model("phimoe", num_key_value_heads=2, sliding_window=window, num_local_experts=4,
-                              num_experts_per_tok=2, router_aux_loss_coef=0.0)  # fmt: skip
+    return lambda: tiny_model(
+        "phimoe",
+        num_key_value_heads=2,
+        sliding_window=window,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.0,
+    )
 
 
 def test_sliding_window_applied_through_the_mask_only_is_refused(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks and the quickstart (run from the repository root).
+"""Timing helpers the quickstart uses and the benchmarks reuse (run from the repository root, like every recipe).
 
 - Prefix Grouper: :func:`logprob_speedup` times the log-prob forward+backward of the grouped
   trainer against the stock GRPO trainer on one synthetic group (process CPU time).
@@ -9,7 +9,7 @@
 
 Example:
     ```py
-    >>> from benchmarks.timing import logprob_speedup
+    >>> from recipes.timing import logprob_speedup
     >>> logprob_speedup(prompt_len=512, completion_len=32, group=8)["speedup"]
     ```
 """
@@ -50,8 +50,13 @@ def make_trainer(grouped: bool, spec: ToyModelSpec | torch.nn.Module, output_dir
         (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
     )
     args = toy_args(config_cls, output_dir, per_device_train_batch_size=4, num_generations=4, disable_dropout=True)
-    trainer = trainer_cls(model=model, reward_funcs=arithmetic_reward, args=args,
-                          train_dataset=make_arithmetic_dataset(8), processing_class=build_toy_tokenizer())  # fmt: skip
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=arithmetic_reward,
+        args=args,
+        train_dataset=make_arithmetic_dataset(8),
+        processing_class=build_toy_tokenizer(),
+    )
     trainer.model.train()
     return trainer
 
@@ -80,9 +85,16 @@ def spec_ideal_speedup(spec: ToyModelSpec, vocab: int, prompt_len: int, completi
     from trl_ext.prefix_grouper.cost import ideal_speedup
 
     d = spec.hidden_size
-    return ideal_speedup(prompt_len, completion_len, group, hidden_size=d, num_layers=spec.num_hidden_layers,
-                         intermediate_size=spec.intermediate_size or 4 * d,
-                         kv_size=d * spec.kv_heads // spec.num_attention_heads, vocab_size=vocab)  # fmt: skip
+    return ideal_speedup(
+        prompt_len,
+        completion_len,
+        group,
+        hidden_size=d,
+        num_layers=spec.num_hidden_layers,
+        intermediate_size=spec.intermediate_size or 4 * d,
+        kv_size=d * spec.kv_heads // spec.num_attention_heads,
+        vocab_size=vocab,
+    )
 
 
 def logprob_speedup(
@@ -93,8 +105,13 @@ def logprob_speedup(
     Returns ``{"stock_s", "grouped_s", "speedup", "ideal"}``; times are the fastest of
     ``repeats`` runs after one warm-up.
     """
-    spec = spec or ToyModelSpec(arch="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                max_position_embeddings=max(1024, prompt_len + completion_len))  # fmt: skip
+    spec = spec or ToyModelSpec(
+        arch="llama",
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max(1024, prompt_len + completion_len),
+    )
     with tempfile.TemporaryDirectory() as out:
         trainers = {name: make_trainer(name == "grouped", spec, out) for name in ("stock", "grouped")}
     vocab = trainers["stock"].model.config.vocab_size
@@ -130,14 +147,33 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def mean_step_time(trainer_cls, config_cls, model_path: str, steps: int = 4, warmup: int = 1, batch: int = 8,
-                   output_dir: str | None = None, **config) -> tuple[float, object]:  # fmt: skip
-    """Mean step time of ``trainer_cls`` over ``steps`` timed steps after ``warmup``; returns (seconds, trainer)."""
+def mean_step_time(
+    trainer_cls,
+    config_cls,
+    model_path: str,
+    steps: int = 4,
+    warmup: int = 1,
+    batch: int = 8,
+    output_dir: str | None = None,
+    **config,
+) -> tuple[float, object]:
+    """Mean step time of ``trainer_cls`` over ``steps`` timed steps after ``warmup``; returns (seconds, trainer).
+
+    ``config`` goes to the trainer's config; its ``seed`` (default 0) also seeds the preference pairs.
+    """
     timer = StepTimer()
-    data = make_reasoning_preferences(batch * (steps + warmup), seed=0)
+    data = make_reasoning_preferences(batch * (steps + warmup), seed=config.get("seed", 0))
     with tempfile.TemporaryDirectory() as tmp:
-        args = toy_args(config_cls, output_dir or tmp, max_steps=steps + warmup, per_device_train_batch_size=batch,
-                        disable_tqdm=True, learning_rate=1e-5, logging_steps=1000, **config)  # fmt: skip
+        args = toy_args(
+            config_cls,
+            output_dir or tmp,
+            max_steps=steps + warmup,
+            per_device_train_batch_size=batch,
+            disable_tqdm=True,
+            learning_rate=1e-5,
+            logging_steps=1000,
+            **config,
+        )
         trainer = trainer_cls(model=model_path, args=args, train_dataset=data, callbacks=[timer])
         trainer.train()
     timed = timer.times[warmup:]
@@ -173,14 +209,27 @@ def epoch_time(
 
     from trl_ext import QTuningConfig, QTuningSFTTrainer
 
-    common = dict(num_train_epochs=1, per_device_train_batch_size=batch, disable_tqdm=True, learning_rate=1e-4,
-                  logging_steps=10_000, dataloader_drop_last=True)  # fmt: skip
+    common = dict(
+        num_train_epochs=1,
+        per_device_train_batch_size=batch,
+        disable_tqdm=True,
+        learning_rate=1e-4,
+        logging_steps=10_000,
+        dataloader_drop_last=True,
+    )
     with tempfile.TemporaryDirectory() as out:
         if scoring is None:
             trainer = SFTTrainer(model=model_path, args=toy_args(SFTConfig, out, **common), train_dataset=dataset)
         else:
-            args = toy_args(QTuningConfig, out, scoring=scoring, sample_keep_ratio=sample_keep_ratio,
-                            token_keep_ratio=token_keep_ratio, eu_record_steps=0, **common)  # fmt: skip
+            args = toy_args(
+                QTuningConfig,
+                out,
+                scoring=scoring,
+                sample_keep_ratio=sample_keep_ratio,
+                token_keep_ratio=token_keep_ratio,
+                eu_record_steps=0,
+                **common,
+            )
             trainer = QTuningSFTTrainer(model=model_path, args=args, train_dataset=dataset)
         output = trainer.train()
     return output.metrics["train_runtime"], trainer._total_train_tokens
