@@ -70,7 +70,8 @@ def attention_calls_seen():
 
     register_grouped_attention()
     seen = AttentionCalls(set())
-    originals = {name: AttentionInterface._global_mapping[name] for name in GROUPED_IMPLEMENTATIONS.values()}
+    registry = AttentionInterface()
+    originals = {name: registry[name] for name in GROUPED_IMPLEMENTATIONS.values()}
 
     def spy(function):
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
@@ -83,11 +84,12 @@ def attention_calls_seen():
         return attention
 
     for name, function in originals.items():
-        AttentionInterface._global_mapping[name] = spy(function)
+        AttentionInterface.register(name, spy(function))
     try:
         yield seen
     finally:
-        AttentionInterface._global_mapping.update(originals)
+        for name, function in originals.items():
+            AttentionInterface.register(name, function)
 
 
 @dataclass
