@@ -189,3 +189,25 @@ def unmask_tokens(values: dict, args) -> dict:
 # ``tests/trl_ext/test_compat.py::test_cpu_flash_attention_backward_uses_the_given_logsumexp``.
 cpu_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 cpu_flash_attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+# ======================================================================================================= DeepSpeed
+
+
+def zero3_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a DeepSpeed ZeRO-3 parameter (its local tensor is an empty shard until gathered).
+
+    deepspeed 0.19.8, ``deepspeed/runtime/zero/partition_parameters.py``: ``zero.Init`` gives each parameter a
+    ``ds_id`` and a ``ds_status`` (``ZeroParamStatus``), and leaves a local tensor of 0 elements while partitioned.
+    Pinned by ``tests/trl_ext/test_compat.py::test_zero3_parameter_attributes``.
+    """
+    return hasattr(param, "ds_id") and getattr(param, "ds_status", None) is not None
+
+
+def zero3_full_shape(param: torch.Tensor | None):
+    """The full shape of a ZeRO-3 partitioned parameter (``ds_shape``); ``None`` for any other tensor or ``None``.
+
+    deepspeed 0.19.8, ``deepspeed/runtime/zero/partition_parameters.py``: ``zero.Init`` keeps the unpartitioned
+    shape in ``ds_shape``. Pinned by ``tests/trl_ext/test_compat.py::test_zero3_parameter_attributes``.
+    """
+    return getattr(param, "ds_shape", None)

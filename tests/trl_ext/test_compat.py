@@ -5,6 +5,10 @@ logits, and the documented public behaviour around each private name.
 """
 
 import inspect
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -202,3 +206,31 @@ def test_cpu_flash_attention_backward_uses_the_given_logsumexp():
     torch.testing.assert_close(grads[0][0] + grads[1][0], expected_q, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]], dim=2), expected_k, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat([grads[0][2], grads[1][2]], dim=2), expected_v, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- DeepSpeed
+
+_ZERO3_PROBE = """
+import os, sys
+import torch, deepspeed
+from trl_ext._compat import zero3_full_shape, zero3_partitioned
+deepspeed.init_distributed(dist_backend="gloo")
+with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 1}):
+    layer = torch.nn.Linear(3, 5)
+ordinary = torch.nn.Linear(3, 5).weight
+print(tuple(zero3_full_shape(layer.weight)), layer.weight.numel(), zero3_partitioned(layer.weight),
+      zero3_partitioned(ordinary), zero3_full_shape(ordinary), zero3_full_shape(None))
+"""
+
+
+def test_zero3_parameter_attributes():
+    """A one-process ZeRO-3 ``zero.Init`` on CPU (gloo), in a subprocess so no process group leaks into the tests."""
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0"}
+    env["WORLD_SIZE"] = "1"
+    result = subprocess.run([sys.executable, "-c", _ZERO3_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "(5, 3) 0 True False None None"

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._compat import zero3_partitioned
 from .attention import FALLBACK_HINT
 
 # count_padding of :func:`~trl_ext.prefix_grouper.layout.pack_groups` for each position convention, in trial order
@@ -153,10 +154,7 @@ def max_diff(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -
 def weights_materialised(model: torch.nn.Module) -> bool:
     """False while weights are on the meta device or partitioned (DeepSpeed ZeRO-3 leaves empty local shards)."""
     params = list(model.parameters())
-    return bool(params) and not any(
-        p.device.type == "meta" or p.numel() == 0 or hasattr(p, "ds_id") and getattr(p, "ds_status", None) is not None
-        for p in params
-    )
+    return bool(params) and not any(p.device.type == "meta" or p.numel() == 0 or zero3_partitioned(p) for p in params)
 
 
 @contextlib.contextmanager

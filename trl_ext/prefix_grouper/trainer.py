@@ -6,7 +6,7 @@ import torch
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 
-from .._compat import grpo_tokenizer, stock_grpo_logps
+from .._compat import grpo_tokenizer, stock_grpo_logps, zero3_full_shape
 from .._peft import refuse_prompt_learning
 from .attention import FALLBACK_HINT, LAYOUT_KWARG, GroupedAttentionLayout, install_grouped_attention
 from .layout import chunk_groups, find_groups, pack_groups, split_groups, ungroup
@@ -112,7 +112,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
                 conventions = [k for k, v in POSITION_CONVENTIONS.items() if v == self._prefix_grouper_count_padding]
             weight = getattr(unwrapped.get_output_embeddings(), "weight", None)
             # A ZeRO-3 partition holds no rows here; DeepSpeed keeps the full shape in ds_shape
-            shape = getattr(weight, "ds_shape", None) or (weight.shape if weight is not None else None)
+            shape = zero3_full_shape(weight) or (weight.shape if weight is not None else None)
             vocab_size = shape[0] if shape else unwrapped.config.get_text_config().vocab_size
             result = self_check(self._self_check_scores, model, vocab_size, dtype, conventions)
             self._prefix_grouper_count_padding = POSITION_CONVENTIONS[result.position_convention]
