@@ -9,6 +9,7 @@ from trl import DPOConfig, SFTConfig
 
 from peft_trl_testbed import make_mixed_quality_sft, make_reasoning_preferences, pretrained_toy_model_path, toy_args
 from trl_ext import QTuningConfig, QTuningSFTTrainer, REDIConfig, REDITrainer
+from trl_ext._args import convert_args
 
 
 @pytest.mark.parametrize("config_cls", [SFTConfig, TrainingArguments])
@@ -37,3 +38,13 @@ def test_redi_trainer_converts_a_plain_dpo_config(tmp_path):
     assert isinstance(trainer.args, REDIConfig)
     assert (trainer.args.learning_rate, trainer.args.redi_alpha) == (3e-3, 0.8)
     trainer.train()
+
+
+def test_token_fields_keep_their_values(tmp_path):
+    """``TrainingArguments.to_dict`` masks every ``*_token`` field; the converted config has the real values."""
+    args = toy_args(DPOConfig, tmp_path, pad_token="<|pad|>", hub_token="secret", learning_rate=2e-4)
+    converted = convert_args(args, REDIConfig, "REDITrainer")
+    assert isinstance(converted, REDIConfig)
+    assert (converted.pad_token, converted.hub_token, converted.learning_rate) == ("<|pad|>", "secret", 2e-4)
+    with pytest.raises(TypeError, match=r"args is a dict; REDITrainer takes a REDIConfig"):
+        convert_args({"output_dir": str(tmp_path)}, REDIConfig, "REDITrainer")

@@ -40,6 +40,7 @@ class REDITrainer(DPOTrainer):
 
     _tag_names = ["trl", "redi", "peft-trl-ext"]
     _name = "REDI"
+    loss_is_scaled_for_ga = False  # compute_loss returns each micro-batch's mean; Trainer divides by the accumulation
     ref_model = reference_free_ref_model("REDITrainer")
 
     def __init__(self, model, ref_model=None, args: REDIConfig | None = None, train_dataset=None, **kwargs):
