@@ -35,7 +35,9 @@ class REDITrainer(DPOTrainer):
     ``logps_norm/chosen``, ``logps_norm/rejected`` and ``logps_norm/margin`` (the quantities
     REDI optimises), ``rewards/accuracies`` (share of pairs with chosen_norm > rejected_norm),
     ``entropy``, ``mean_token_accuracy``, ``logits/chosen``, ``logits/rejected``, ``num_tokens``, and
-    ``aux_loss`` on Mixture-of-Experts models (as DPO logs it).
+    ``aux_loss`` on Mixture-of-Experts models. The policy metrics are computed as ``DPOTrainer`` computes them
+    (:func:`trl_ext._compat.log_dpo_policy_metrics`); DPO's ``rewards/chosen``, ``rewards/rejected`` and
+    ``rewards/margins`` need a reference model and are not logged.
     """
 
     _tag_names = ["trl", "redi", "peft-trl-ext"]
