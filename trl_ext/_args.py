@@ -6,6 +6,8 @@ import dataclasses
 
 from transformers import TrainingArguments
 
+from ._compat import unmask_tokens
+
 
 def convert_args(args, config_cls, trainer_name: str, carry: type | None = None, **overrides):
     """``args`` as an instance of ``config_cls`` (a subclass of ``args``' class, e.g. ``SFTConfig`` -> ``QTuningConfig``).
@@ -27,8 +29,5 @@ def convert_args(args, config_cls, trainer_name: str, carry: type | None = None,
     init_fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
     if carry is not None:
         init_fields &= {f.name for f in dataclasses.fields(carry)}
-    values = {k: v for k, v in args.to_dict().items() if k in init_fields}
-    for key, value in values.items():  # to_dict masks every *_token field (hub_token, but also SFT's eos_token)
-        if key.endswith("_token") and value == f"<{key.upper()}>":
-            values[key] = getattr(args, key)
+    values = unmask_tokens({k: v for k, v in args.to_dict().items() if k in init_fields}, args)
     return config_cls(**{**values, **overrides})

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from trl_ext.redi import as_label, build_redi_pairs, label_traces, positives, read_labels, traces_to_pairs
+from peft_trl_testbed import check_reasoning_answer, make_reasoning_traces
+from trl_ext.redi import (
+    as_label,
+    build_redi_pairs,
+    label_traces,
+    math_verify_checker,
+    positives,
+    read_labels,
+    traces_to_pairs,
+)
 
 ROWS = [  # prompt, answer, completion; the verifier below accepts "x=<answer>"
     ("Solve x + 1 = 4.", 3, "x=3"),
@@ -145,3 +154,82 @@ def test_a_max_length_that_keeps_no_trace_is_refused_not_ignored(max_length):
         build_redi_pairs(traces, min_length=0, max_length=max_length)
     pairs, _ = build_redi_pairs(traces, min_length=0, max_length=4)  # the limit applies: "long wrong" is too long
     assert len(pairs) == 0
+
+
+def _slow_pairs(rows):
+    """Obvious reference: loop over prompts in order of appearance."""
+    order, out, reasons = [], [], {}
+    for r in rows:
+        if r["prompt"] not in order:
+            order.append(r["prompt"])
+    for p in order:
+        mine = [r for r in rows if r["prompt"] == p and 3 <= len(r["completion"]) <= 12]
+        good = [r["completion"] for r in mine if r["correct"]]
+        bad = [r["completion"] for r in mine if not r["correct"]]
+        if not mine:
+            reasons["all traces filtered by length"] = reasons.get("all traces filtered by length", 0) + 1
+        elif not good:
+            reasons["no correct trace"] = reasons.get("no correct trace", 0) + 1
+        elif not bad:
+            reasons["no incorrect trace"] = reasons.get("no incorrect trace", 0) + 1
+        else:
+            out.append((p, good[0], bad[0]))
+    return out, reasons
+
+
+def test_build_pairs_matches_slow_reference():
+    rows = [
+        {"prompt": "p1", "completion": "wrong1", "correct": False},
+        {"prompt": "p1", "completion": "right1", "correct": True},
+        {"prompt": "p1", "completion": "right2", "correct": True},
+        {"prompt": "p2", "completion": "ok", "correct": True},  # too short
+        {"prompt": "p2", "completion": "right-long-enough", "correct": True},  # too long
+        {"prompt": "p3", "completion": "right3", "correct": True},
+        {"prompt": "p4", "completion": "wrong4", "correct": False},
+        {"prompt": "p5", "completion": "bad5", "correct": False},
+        {"prompt": "p5", "completion": "good5", "correct": True},
+    ]
+    pairs, report = build_redi_pairs(Dataset.from_list(rows), min_length=3, max_length=12, keep_columns=())
+    expected, reasons = _slow_pairs(rows)
+    assert list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])) == expected
+    assert dict(report.dropped) == reasons == {
+        "all traces filtered by length": 1, "no incorrect trace": 1, "no correct trace": 1,
+    }  # fmt: skip
+    assert report.prompts == 5 and report.pairs == 2
+
+
+def test_toy_traces_pairs_verify():
+    traces = make_reasoning_traces(60, seed=3)
+    relabelled = label_traces(traces.remove_columns("correct"), verifier=check_reasoning_answer)
+    assert relabelled["correct"] == traces["correct"]
+    pairs, report = build_redi_pairs(relabelled)
+    assert report.pairs + sum(report.dropped.values()) == 60
+    assert all(check_reasoning_answer(c, a) == 1.0 for c, a in zip(pairs["chosen"], pairs["answer"]))
+    assert not any(check_reasoning_answer(r, a) == 1.0 for r, a in zip(pairs["rejected"], pairs["answer"]))
+    sft = positives(relabelled)
+    assert "correct" not in sft.column_names
+    expected = [c for c, ok in zip(traces["completion"], traces["correct"]) if ok]
+    assert 0 < len(expected) < len(traces)
+    assert sft["completion"] == expected
+    assert all(check_reasoning_answer(c, a) == 1.0 for c, a in zip(sft["completion"], sft["answer"]))
+
+
+def test_label_traces_takes_any_callable_and_refuses_names():
+    traces = make_reasoning_traces(10, seed=4).remove_columns("correct")
+    labelled = label_traces(
+        traces, verifier=lambda completion, answer: completion.rstrip().endswith(f"Answer: {answer}")
+    )
+    assert labelled["correct"] == [
+        check_reasoning_answer(c, a) == 1.0 for c, a in zip(traces["completion"], traces["answer"])
+    ]
+    with pytest.raises(TypeError, match="verifier='toy' is not callable"):
+        label_traces(traces, verifier="toy")
+
+
+def test_math_verify_labels_boxed_answers():
+    pytest.importorskip("math_verify")
+    assert math_verify_checker(r"so x = \boxed{\frac{1}{2}}", "0.5")
+    assert not math_verify_checker(r"so x = \boxed{3}", "0.5")
+    assert math_verify_checker(r"\boxed{42}", 42)
+    traces = Dataset.from_dict({"completion": [r"\boxed{7}", r"\boxed{8}"], "answer": ["7", "7"]})
+    assert label_traces(traces, verifier=math_verify_checker)["correct"] == [True, False]

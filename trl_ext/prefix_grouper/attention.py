@@ -65,6 +65,9 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.utils import logging
 
+from .._compat import attn_implementation
+from .._compat import cpu_flash_attention as _cpu_flash
+from .._compat import cpu_flash_attention_backward as _cpu_flash_backward
 from .layout import PackedGroups
 
 logger = logging.get_logger(__name__)
@@ -371,10 +374,6 @@ def _to_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
 def _from_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
     """Inverse of :func:`_to_blocks`."""
     return x.unflatten(0, (-1, blocks)).transpose(1, 2).flatten(2, 3)
-
-
-_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def _equal_head_dims(query, key, value):
@@ -725,9 +724,9 @@ def _grouped_forward(base: str) -> Callable:
 def register_grouped_attention() -> None:
     """Register the grouped attention functions with transformers (idempotent; done by the installer)."""
     for base, name in GROUPED_IMPLEMENTATIONS.items():
-        if name not in AttentionInterface._global_mapping:
+        if name not in AttentionInterface():
             AttentionInterface.register(name, _grouped_forward(base))
-        if name not in AttentionMaskInterface._global_mapping:
+        if name not in AttentionMaskInterface():
             # Ordinary forwards (generation) build the base implementation's padding/causal mask
             AttentionMaskInterface.register(name, sdpa_mask if base == "sdpa" else eager_mask)
 
@@ -750,7 +749,7 @@ def install_grouped_attention(model) -> str:
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base_model.config
     model_type = config.model_type
-    current = config._attn_implementation
+    current = attn_implementation(config)
     if current in GROUPED_IMPLEMENTATIONS.values():
         return current
 
@@ -778,6 +777,6 @@ def install_grouped_attention(model) -> str:
     name = GROUPED_IMPLEMENTATIONS[current]
     register_grouped_attention()
     base_model.set_attn_implementation(name)
-    if base_model.config._attn_implementation != name:
+    if attn_implementation(base_model.config) != name:
         raise fail("its attention does not go through transformers' AttentionInterface")
     return name

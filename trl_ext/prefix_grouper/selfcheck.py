@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._compat import zero3_partitioned
 from .attention import FALLBACK_HINT
 
 # count_padding of :func:`~trl_ext.prefix_grouper.layout.pack_groups` for each position convention, in trial order
@@ -70,7 +71,8 @@ def attention_calls_seen():
 
     register_grouped_attention()
     seen = AttentionCalls(set())
-    originals = {name: AttentionInterface._global_mapping[name] for name in GROUPED_IMPLEMENTATIONS.values()}
+    registry = AttentionInterface()
+    originals = {name: registry[name] for name in GROUPED_IMPLEMENTATIONS.values()}
 
     def spy(function):
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
@@ -83,11 +85,12 @@ def attention_calls_seen():
         return attention
 
     for name, function in originals.items():
-        AttentionInterface._global_mapping[name] = spy(function)
+        AttentionInterface.register(name, spy(function))
     try:
         yield seen
     finally:
-        AttentionInterface._global_mapping.update(originals)
+        for name, function in originals.items():
+            AttentionInterface.register(name, function)
 
 
 @dataclass
@@ -151,10 +154,7 @@ def max_diff(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor) -
 def weights_materialised(model: torch.nn.Module) -> bool:
     """False while weights are on the meta device or partitioned (DeepSpeed ZeRO-3 leaves empty local shards)."""
     params = list(model.parameters())
-    return bool(params) and not any(
-        p.device.type == "meta" or p.numel() == 0 or hasattr(p, "ds_id") and getattr(p, "ds_status", None) is not None
-        for p in params
-    )
+    return bool(params) and not any(p.device.type == "meta" or p.numel() == 0 or zero3_partitioned(p) for p in params)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import torch
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 
+from .._compat import grpo_tokenizer, stock_grpo_logps, zero3_full_shape
 from .._peft import refuse_prompt_learning
 from .attention import FALLBACK_HINT, LAYOUT_KWARG, GroupedAttentionLayout, install_grouped_attention
 from .layout import chunk_groups, find_groups, pack_groups, split_groups, ungroup
@@ -111,7 +112,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
                 conventions = [k for k, v in POSITION_CONVENTIONS.items() if v == self._prefix_grouper_count_padding]
             weight = getattr(unwrapped.get_output_embeddings(), "weight", None)
             # A ZeRO-3 partition holds no rows here; DeepSpeed keeps the full shape in ds_shape
-            shape = getattr(weight, "ds_shape", None) or (weight.shape if weight is not None else None)
+            shape = zero3_full_shape(weight) or (weight.shape if weight is not None else None)
             vocab_size = shape[0] if shape else unwrapped.config.get_text_config().vocab_size
             result = self_check(self._self_check_scores, model, vocab_size, dtype, conventions)
             self._prefix_grouper_count_padding = POSITION_CONVENTIONS[result.position_convention]
@@ -119,13 +120,12 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
 
     def _self_check_scores(self, model, input_ids, attention_mask, logits_to_keep, batch_size, count_padding):
         if count_padding is None:
-            return GRPOTrainer._get_per_token_logps_and_entropies(
-                self, model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size
-            )[0]
+            return stock_grpo_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)
         return self._grouped_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, batch_size, False, count_padding
         )[0]
 
+    # The one GRPOTrainer hook this trainer overrides (trl_ext._compat.GRPO_LOGPS_HOOK pins its name and signature)
     @profiling_decorator
     def _get_per_token_logps_and_entropies(
         self,
@@ -173,7 +173,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
         max_rows = batch_size or input_ids.size(0)
         group_size = min(self.prefix_grouper_max_completions or max_rows, max_rows)
         groups = split_groups(find_groups(prompt_ids, prompt_mask), group_size)
-        pad_token_id = self._tokenizer.pad_token_id or 0
+        pad_token_id = grpo_tokenizer(self).pad_token_id or 0
 
         logps, entropies = [], []
         for chunk in chunk_groups(groups, max_rows):

@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import trl.trainer.dpo_trainer as dpo_module
 from trl import DPOTrainer
 
 from .._args import convert_args
+from .._compat import NO_REFERENCE_MODEL, dpo_metrics, log_dpo_policy_metrics, reference_free_ref_model
 from .config import REDIConfig
 from .loss import redi_loss, sequence_logps
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-
-
-@contextlib.contextmanager
-def _without_reference_model(policy_from_path: bool):
-    """Make ``DPOTrainer.__init__`` skip loading a reference model.
-
-    DPO loads its reference with ``create_model_from_path`` after the policy. REDI has no
-    reference, so every call after the policy's own load returns ``None`` (``DPOTrainer``
-    treats ``ref_model=None`` as "no reference" everywhere after that point).
-    """
-    original = getattr(dpo_module, "create_model_from_path", None)
-    if original is None:
-        raise RuntimeError(
-            "trl.trainer.dpo_trainer.create_model_from_path is gone in this TRL version, so REDITrainer cannot keep "
-            "DPOTrainer from loading a reference model. Install a TRL version this package was tested with."
-        )
-    calls = 0
-
-    def create(path, **kwargs):
-        nonlocal calls
-        calls += 1
-        return original(path, **kwargs) if policy_from_path and calls == 1 else None
-
-    dpo_module.create_model_from_path = create
-    try:
-        yield
-    finally:
-        dpo_module.create_model_from_path = original
 
 
 class REDITrainer(DPOTrainer):
@@ -65,11 +35,15 @@ class REDITrainer(DPOTrainer):
     ``logps_norm/chosen``, ``logps_norm/rejected`` and ``logps_norm/margin`` (the quantities
     REDI optimises), ``rewards/accuracies`` (share of pairs with chosen_norm > rejected_norm),
     ``entropy``, ``mean_token_accuracy``, ``logits/chosen``, ``logits/rejected``, ``num_tokens``, and
-    ``aux_loss`` on Mixture-of-Experts models (as DPO logs it).
+    ``aux_loss`` on Mixture-of-Experts models. The policy metrics are computed as ``DPOTrainer`` computes them
+    (:func:`trl_ext._compat.log_dpo_policy_metrics`); DPO's ``rewards/chosen``, ``rewards/rejected`` and
+    ``rewards/margins`` need a reference model and are not logged.
     """
 
     _tag_names = ["trl", "redi", "peft-trl-ext"]
     _name = "REDI"
+    loss_is_scaled_for_ga = False  # compute_loss returns each micro-batch's mean; Trainer divides by the accumulation
+    ref_model = reference_free_ref_model("REDITrainer")
 
     def __init__(self, model, ref_model=None, args: REDIConfig | None = None, train_dataset=None, **kwargs):
         if ref_model is not None:
@@ -79,21 +53,20 @@ class REDITrainer(DPOTrainer):
                 "Remove ref_model (use trl.DPOTrainer if you want a reference-regularised objective)."
             )
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            name = model if isinstance(model, str) else getattr(model.config, "name_or_path", None)
+            name = "model" if name is None else name
             args = REDIConfig(f"{str(name).rstrip('/').split('/')[-1]}-REDI")
         else:  # a plain DPOConfig/TrainingArguments converts, with redi_alpha at its default
             args = convert_args(args, REDIConfig, "REDITrainer")
         _check_preference_columns(train_dataset, "train_dataset")
         _check_preference_columns(kwargs.get("eval_dataset"), "eval_dataset")
-        with _without_reference_model(policy_from_path=isinstance(model, str)):
-            super().__init__(model=model, ref_model=None, args=args, train_dataset=train_dataset, **kwargs)
-        # DPOTrainer copies a pretrained adapter into a frozen "ref" adapter; REDI never reads it.
-        peft_config = getattr(self.model, "peft_config", None)
-        if isinstance(peft_config, dict) and "ref" in peft_config and len(peft_config) > 1:
-            self.model.delete_adapter("ref")
-        self.ref_model = None
+        # Given a reference, DPOTrainer neither loads one nor copies a pretrained adapter into a "ref" adapter; the
+        # ref_model attribute above keeps it None (see trl_ext._compat.reference_free_ref_model).
+        super().__init__(model=model, ref_model=NO_REFERENCE_MODEL, args=args, train_dataset=train_dataset, **kwargs)
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The REDI loss of one ``[chosen; rejected]`` batch (its own mean over pairs; ``num_items_in_batch`` is
+        not used, as in ``DPOTrainer``), plus the MoE load-balancing loss as ``DPOTrainer`` adds it."""
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
@@ -104,8 +77,7 @@ class REDITrainer(DPOTrainer):
         # The fused LM head returns per-token log-probs without materialising full-vocabulary logits.
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         shift_mask = completion_mask[:, 1:]
-        seq_len = shift_mask.size(1)
-        per_token_logps = outputs.log_probs[:, -seq_len:]
+        per_token_logps = outputs.log_probs[:, -shift_mask.size(1) :]  # prompt-learning PEFT prepends virtual tokens
 
         logps, lengths = sequence_logps(per_token_logps, shift_mask)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # the collator stacks [chosen; rejected]
@@ -113,11 +85,11 @@ class REDITrainer(DPOTrainer):
         loss, chosen_norm, rejected_norm = redi_loss(
             chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, alpha=self.args.redi_alpha
         )
-        if self.aux_loss_enabled:  # as DPOTrainer adds and logs the MoE load-balancing loss
+        if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
-        self._log_redi_metrics(mode, inputs, outputs, shift_mask, logps, chosen_norm, rejected_norm)
+        log_dpo_policy_metrics(self, mode, inputs, outputs, shift_mask, per_token_logps)
+        self._log_redi_metrics(mode, chosen_norm, rejected_norm)
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**{k: v for k, v in model_kwargs.items() if k != "output_router_logits"})
@@ -125,36 +97,16 @@ class REDITrainer(DPOTrainer):
         return loss
 
     @torch.no_grad()
-    def _log_redi_metrics(self, mode, inputs, outputs, shift_mask, logps, chosen_norm, rejected_norm):
+    def _log_redi_metrics(self, mode, chosen_norm, rejected_norm):
+        """The quantities REDI optimises, which DPO does not log: the length-normalised log-likelihoods, their
+        margin, and the share of pairs the policy ranks right by them (``rewards/accuracies``)."""
         gather = self.accelerator.gather_for_metrics
-        metrics = self._metrics[mode]
-        seq_len = shift_mask.size(1)
-        mask = shift_mask.bool()
-        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
-
-        def token_mean(values, where):
-            total = gather((values * where).sum().float().reshape(1)).sum()
-            count = gather(where.sum().float().reshape(1)).sum()
-            return (total / count).item() if count > 0 else 0.0
-
-        metrics["entropy"].append(token_mean(outputs.entropy[:, -seq_len:], mask))
-        chosen_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
-        metrics["mean_token_accuracy"].append(token_mean(chosen_top1.float(), chosen_mask))
-        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
-        metrics["logits/chosen"].append(token_mean(chosen_logits, chosen_mask))
-        metrics["logits/rejected"].append(token_mean(rejected_logits, rejected_mask))
-
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        metrics = dpo_metrics(self, mode)
         margin = chosen_norm - rejected_norm
-        metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
-        metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
         metrics["logps_norm/chosen"].append(gather(chosen_norm).mean().item())
         metrics["logps_norm/rejected"].append(gather(rejected_norm).mean().item())
         metrics["logps_norm/margin"].append(gather(margin).mean().item())
         metrics["rewards/accuracies"].append(gather((margin > 0).float()).mean().item())
-        if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum().reshape(1)).sum().item()
-        metrics["num_tokens"] = [self._total_train_tokens]
 
 
 def _check_preference_columns(dataset, name: str) -> None:

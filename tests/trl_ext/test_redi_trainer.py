@@ -1,5 +1,7 @@
-"""REDI: loss against the closed form, alpha=0 against SFT, no reference model, data tooling, errors."""
+"""REDI trainer (``trl_ext.redi.trainer``): its loss against the closed form, alpha=0 against SFT, no reference
+model, every logged metric against the stock DPOTrainer on the same batch or against the closed form, errors."""
 
+import copy
 import math
 
 import pytest
@@ -10,18 +12,13 @@ from datasets import Dataset
 from distributed_helpers import run_distributed
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from trl import DPOConfig, DPOTrainer
 
 from peft_ext import MoraConfig
-from peft_trl_testbed import (
-    check_reasoning_answer,
-    make_reasoning_preferences,
-    make_reasoning_traces,
-    pretrained_toy_model_path,
-    toy_args,
-)
+from peft_trl_testbed import make_reasoning_preferences, pretrained_toy_model_path, toy_args
+from peft_trl_testbed.tokenizer import build_toy_tokenizer
 from trl_ext import REDIConfig, REDITrainer
-from trl_ext.redi import build_redi_pairs, label_traces, math_verify_checker, positives, redi_loss
 
 
 def _trainer(tmp_path, alpha=0.8, model=None, dataset=None, **kw):
@@ -76,14 +73,6 @@ def test_alpha_zero_gradient_is_length_normalised_sft(tmp_path):
         torch.testing.assert_close(redi_grads[name], p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
-def test_redi_loss_function_closed_form():
-    loss, c, r = redi_loss(torch.tensor([-4.0, -6.0]), torch.tensor([-9.0, -2.0]), torch.tensor([2.0, 3.0]),
-                           torch.tensor([3.0, 0.0]), alpha=0.5)  # fmt: skip
-    # second rejected length 0 is clamped to 1
-    assert torch.allclose(loss, torch.tensor(((2.0 + 0.5 * -3.0) + (2.0 + 0.5 * -2.0)) / 2))  # 0.75
-    assert torch.equal(r, torch.tensor([-3.0, -2.0]))
-
-
 def test_no_reference_model_is_created_or_loaded(tmp_path, monkeypatch):
     loads = []
     original = dpo_module.create_model_from_path
@@ -102,6 +91,14 @@ def test_no_reference_model_is_created_or_loaded(tmp_path, monkeypatch):
     instance_loads = len(loads)
     _trainer(tmp_path)
     assert len(loads) == instance_loads  # a model instance loads nothing
+    # nor does one built from a config, which has no path a reference could be loaded from
+    built = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path()).config)
+    built.config.name_or_path = ""
+    trainer = REDITrainer(model=built, args=args, train_dataset=make_reasoning_preferences(8),
+                          processing_class=AutoTokenizer.from_pretrained(pretrained_toy_model_path()))  # fmt: skip
+    assert len(loads) == instance_loads and trainer.ref_model is None
+    with pytest.raises(ValueError, match="REDITrainer is reference-free.*Linear"):
+        trainer.ref_model = torch.nn.Linear(1, 1)
 
 
 @pytest.mark.parametrize(
@@ -168,87 +165,107 @@ def test_bad_input_is_refused(tmp_path):
                     train_dataset=make_reasoning_preferences(4))  # fmt: skip
 
 
-def _slow_pairs(rows):
-    """Obvious reference: loop over prompts in order of appearance."""
-    order, out, reasons = [], [], {}
-    for r in rows:
-        if r["prompt"] not in order:
-            order.append(r["prompt"])
-    for p in order:
-        mine = [r for r in rows if r["prompt"] == p and 3 <= len(r["completion"]) <= 12]
-        good = [r["completion"] for r in mine if r["correct"]]
-        bad = [r["completion"] for r in mine if not r["correct"]]
-        if not mine:
-            reasons["all traces filtered by length"] = reasons.get("all traces filtered by length", 0) + 1
-        elif not good:
-            reasons["no correct trace"] = reasons.get("no correct trace", 0) + 1
-        elif not bad:
-            reasons["no incorrect trace"] = reasons.get("no incorrect trace", 0) + 1
-        else:
-            out.append((p, good[0], bad[0]))
-    return out, reasons
-
-
-def test_build_pairs_matches_slow_reference():
-    rows = [
-        {"prompt": "p1", "completion": "wrong1", "correct": False},
-        {"prompt": "p1", "completion": "right1", "correct": True},
-        {"prompt": "p1", "completion": "right2", "correct": True},
-        {"prompt": "p2", "completion": "ok", "correct": True},  # too short
-        {"prompt": "p2", "completion": "right-long-enough", "correct": True},  # too long
-        {"prompt": "p3", "completion": "right3", "correct": True},
-        {"prompt": "p4", "completion": "wrong4", "correct": False},
-        {"prompt": "p5", "completion": "bad5", "correct": False},
-        {"prompt": "p5", "completion": "good5", "correct": True},
-    ]
-    pairs, report = build_redi_pairs(Dataset.from_list(rows), min_length=3, max_length=12, keep_columns=())
-    expected, reasons = _slow_pairs(rows)
-    assert list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])) == expected
-    assert dict(report.dropped) == reasons == {
-        "all traces filtered by length": 1, "no incorrect trace": 1, "no correct trace": 1,
-    }  # fmt: skip
-    assert report.prompts == 5 and report.pairs == 2
-
-
-def test_toy_traces_pairs_verify():
-    traces = make_reasoning_traces(60, seed=3)
-    relabelled = label_traces(traces.remove_columns("correct"), verifier=check_reasoning_answer)
-    assert relabelled["correct"] == traces["correct"]
-    pairs, report = build_redi_pairs(relabelled)
-    assert report.pairs + sum(report.dropped.values()) == 60
-    assert all(check_reasoning_answer(c, a) == 1.0 for c, a in zip(pairs["chosen"], pairs["answer"]))
-    assert not any(check_reasoning_answer(r, a) == 1.0 for r, a in zip(pairs["rejected"], pairs["answer"]))
-    sft = positives(relabelled)
-    assert "correct" not in sft.column_names
-    expected = [c for c, ok in zip(traces["completion"], traces["correct"]) if ok]
-    assert 0 < len(expected) < len(traces)
-    assert sft["completion"] == expected
-    assert all(check_reasoning_answer(c, a) == 1.0 for c, a in zip(sft["completion"], sft["answer"]))
-
-
-def test_label_traces_takes_any_callable_and_refuses_names():
-    traces = make_reasoning_traces(10, seed=4).remove_columns("correct")
-    labelled = label_traces(
-        traces, verifier=lambda completion, answer: completion.rstrip().endswith(f"Answer: {answer}")
+def test_redi_logs_aux_loss_on_moe_models(tmp_path):
+    tokenizer = build_toy_tokenizer()
+    model = _moe_model(tokenizer)
+    args = toy_args(REDIConfig, tmp_path, max_steps=1, per_device_train_batch_size=4)
+    trainer = REDITrainer(
+        model=model, args=args, train_dataset=make_reasoning_preferences(4, seed=1), processing_class=tokenizer
     )
-    assert labelled["correct"] == [
-        check_reasoning_answer(c, a) == 1.0 for c, a in zip(traces["completion"], traces["answer"])
-    ]
-    with pytest.raises(TypeError, match="verifier='toy' is not callable"):
-        label_traces(traces, verifier="toy")
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "aux_loss" in entry]
+    assert logged and logged[0]["aux_loss"] > 0
 
 
-def test_math_verify_labels_boxed_answers():
-    pytest.importorskip("math_verify")
-    assert math_verify_checker(r"so x = \boxed{\frac{1}{2}}", "0.5")
-    assert not math_verify_checker(r"so x = \boxed{3}", "0.5")
-    assert math_verify_checker(r"\boxed{42}", 42)
-    traces = Dataset.from_dict({"completion": [r"\boxed{7}", r"\boxed{8}"], "answer": ["7", "7"]})
-    assert label_traces(traces, verifier=math_verify_checker)["correct"] == [True, False]
+def _moe_model(tokenizer):
+    """A one-layer Qwen3-MoE built from its config, with a load-balancing loss."""
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.01,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(config)
+
+
+# DPO's metrics that need its reference model; REDI logs its own quantities instead.
+DPO_ONLY_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/margins"}
+REDI_ONLY_METRICS = {"logps_norm/chosen", "logps_norm/rejected", "logps_norm/margin"}
+# Same name, REDI's meaning: the share of pairs with a higher length-normalised log-likelihood for the chosen trace.
+REDI_MEANING = {"rewards/accuracies"}
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_policy_metrics_match_dpo_trainer_on_one_batch(tmp_path, kind):
+    """Every metric REDI logs, on one batch in fp32: the policy's (entropy, token accuracy, logits, summed logps,
+    token count, aux_loss) equal the stock DPOTrainer's on the same model and batch; REDI's own (normalised logps,
+    their margin and accuracy, and the loss) equal the closed form from the plain logits."""
+    if kind == "dense":
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_toy_model_path())
+        policy = AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path())
+    else:
+        tokenizer = build_toy_tokenizer()
+        policy = _moe_model(tokenizer)
+    data = make_reasoning_preferences(8, seed=1)
+    settings = dict(per_device_train_batch_size=4, max_steps=1)
+    redi = REDITrainer(model=copy.deepcopy(policy), args=toy_args(REDIConfig, tmp_path / "redi", **settings),
+                       train_dataset=data, processing_class=tokenizer)  # fmt: skip
+    dpo = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(policy), train_dataset=data,
+                     args=toy_args(DPOConfig, tmp_path / "dpo", **settings), processing_class=tokenizer)  # fmt: skip
+    assert redi.aux_loss_enabled == dpo.aux_loss_enabled == (kind == "moe")
+    batch = next(iter(redi.get_train_dataloader()))
+
+    def logged(trainer, mode, tp_size=1):
+        trainer.model.train(mode == "train")
+        trainer._tp_size = tp_size  # tensor-parallel ranks see the same batch; DPO divides the token count by it
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, batch)
+        return loss, {key: values[-1] for key, values in trainer._metrics[mode].items()}
+
+    for mode, tp_size in (("train", 1), ("eval", 1), ("train", 2)):
+        loss, ours = logged(redi, mode, tp_size)
+        _, stock = logged(dpo, mode, tp_size)
+        assert set(ours) == (set(stock) - DPO_ONLY_METRICS) | REDI_ONLY_METRICS
+        assert ("aux_loss" in ours) == (kind == "moe")
+        for key in sorted(set(ours) - REDI_ONLY_METRICS - REDI_MEANING):
+            assert ours[key] == pytest.approx(stock[key], rel=1e-6, abs=1e-6), (mode, key)
+
+    # REDI's own metrics and loss: the closed form, from a plain forward of the unpatched policy.
+    with torch.no_grad():
+        out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     output_router_logits=kind == "moe")  # fmt: skip
+        logps, lengths = _closed_form_parts(policy, batch)
+    n = logps.shape[0] // 2
+    chosen, rejected = logps[:n] / lengths[:n], logps[n:] / lengths[n:]
+    alpha = redi.args.redi_alpha
+    expected_loss = (-chosen + alpha * rejected).mean()
+    if kind == "moe":
+        expected_loss = expected_loss + 0.01 * out.aux_loss
+        assert ours["aux_loss"] == pytest.approx(out.aux_loss.item(), rel=1e-6)
+    # 1e-6 of the size of the log-likelihoods the quantities are built from (a margin is a small difference of them)
+    scale = chosen.abs().mean().item() + rejected.abs().mean().item()
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-6 * scale)
+    assert ours["logps_norm/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-6 * scale)
+    assert ours["logps_norm/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-6 * scale)
+    assert ours["logps_norm/margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-6 * scale)
+    assert ours["rewards/accuracies"] == (chosen > rejected).float().mean().item()
+    assert 0 < ours["rewards/accuracies"] < 1  # both outcomes occur, so a flipped comparison would show
+    tokens = int(batch["attention_mask"].sum())
+    assert ours["num_tokens"] == stock["num_tokens"] == tokens + tokens // 2  # train calls at tp_size=1 and 2
 
 
 def test_two_processes_match_one_process(tmp_path):
-    script = __file__.replace("test_redi.py", "_redi_distributed.py")
+    script = __file__.replace("test_redi_trainer.py", "_redi_distributed.py")
     run_distributed(script, str(tmp_path / "one" / "w.safetensors"), "1", nproc=1)
     run_distributed(script, str(tmp_path / "two" / "w.safetensors"), "2", nproc=2)
     one, two = load_file(tmp_path / "one" / "w.safetensors"), load_file(tmp_path / "two" / "w.safetensors")
