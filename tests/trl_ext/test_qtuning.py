@@ -65,7 +65,7 @@ def _reference_masked_loss(model, batch, r_s, r_t, lam):
     stats = ref.sample_stats(nll.tolist(), ent.tolist(), sample_ids)
     ppl = [stats[s][0] for s in range(len(stats))]
     mean_ent = [stats[s][1] for s in range(len(stats))]
-    quad, _ = ref.assign(ppl, mean_ent, r_s)
+    quad, _, _ = ref.assign(ppl, mean_ent, r_s)
     token_ppl = [[math.exp(x) for x in row] for row in nll.tolist()]
     scores = ref.token_scores(token_ppl, sample_ids, lam)
     keep = torch.tensor(ref.token_keep(scores, sample_ids, quad, r_s, r_t))
