@@ -153,7 +153,8 @@ class QTuningSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Q-Tuning loss on training batches, through ``SFTTrainer.compute_loss``; SFT's loss otherwise (evaluation).
 
-        ``scoring="separate"`` hands SFTTrainer the kept sub-batch with the pruned labels set to -100;
+        ``scoring="separate"`` hands SFTTrainer the sub-batch of the samples that keep a token, with the pruned
+        labels set to -100;
         ``scoring="reuse"`` hands it the whole batch and a model whose fused LM head outputs are zeroed outside the
         kept tokens (:class:`~trl_ext._compat.KeptTokensForward`). Either way SFTTrainer computes the loss,
         normalised by ``num_items_in_batch`` (the window's kept tokens, see :meth:`get_batch_samples`), and its
@@ -176,7 +177,9 @@ class QTuningSFTTrainer(SFTTrainer):
             forward = KeptTokensForward(model, lambda outputs: selection.token_keep)
             return super().compute_loss(forward, inputs, num_items_in_batch=num_items_in_batch)
         labels = prune_labels(inputs["labels"], selection.token_keep)
-        sub_batch = select_samples(inputs, selection.keep_docs, labels)
+        # The documents that still carry a label: a kept Q2 sample can lose all its tokens to the budget.
+        _, train_docs = sample_ids_from_batch({**inputs, "labels": labels})
+        sub_batch = select_samples(inputs, train_docs, labels)
         return super().compute_loss(model, sub_batch, num_items_in_batch=num_items_in_batch)
 
     def _score(self, model, inputs) -> BatchSelection | None:
