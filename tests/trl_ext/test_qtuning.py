@@ -204,3 +204,21 @@ def test_trainer_errors(tmp_path):
     args = toy_args(QTuningConfig, tmp_path, scoring="reuse", label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="scoring='separate'"):
         QTuningSFTTrainer(model=pretrained_toy_model_path(), args=args, train_dataset=make_mixed_quality_sft(8))
+
+
+@pytest.mark.parametrize("size", ["get_tp_size", "get_cp_size", "get_sp_size"])
+def test_trainer_refuses_tensor_context_and_sequence_parallelism(tmp_path, monkeypatch, size):
+    # Trainer reads these sizes from the accelerator's parallelism config (or the model's tensor-parallel plan).
+    monkeypatch.setattr(QTuningSFTTrainer, size, lambda self: 2)
+    name = size.removeprefix("get_")
+    with pytest.raises(ValueError, match=rf"{name}=2.*data parallelism"):
+        _trainer(tmp_path)
+
+
+def test_trainer_refuses_shift_labels(tmp_path):
+    trainer = _trainer(tmp_path)
+    batch = _batch(trainer, 4)
+    batch["shift_labels"] = batch["labels"][:, 1:]
+    trainer.model.train()
+    with pytest.raises(ValueError, match="shift_labels"):
+        trainer.compute_loss(trainer.model, batch)

@@ -46,14 +46,14 @@ def _moe_model():
     return Qwen3MoeForCausalLM(config), tokenizer
 
 
-def _trainers(tmp_path, arch, scoring):
+def _trainers(tmp_path, arch, scoring, loss_type):
     data = make_mixed_quality_sft(2 * ROWS, seed=3)
     if arch == "moe":
         model, tokenizer = _moe_model()
         models, extra = (model, copy.deepcopy(model)), dict(processing_class=tokenizer)
     else:
         models, extra = (pretrained_toy_model_path(),) * 2, {}
-    common = dict(per_device_train_batch_size=ROWS, max_steps=1, disable_tqdm=True)
+    common = dict(per_device_train_batch_size=ROWS, max_steps=1, disable_tqdm=True, loss_type=loss_type)
     qtuning_args = toy_args(
         QTuningConfig,
         tmp_path / "qtuning",
@@ -124,18 +124,19 @@ def _step(trainer, batches):
 
 
 @pytest.mark.parametrize(
-    "arch, scoring, window",
+    "arch, scoring, window, loss_type",
     [
-        ("llama", "reuse", 1),
-        ("llama", "reuse", 2),
-        ("llama", "separate", 1),
-        ("llama", "separate", 2),
-        ("moe", "reuse", 1),
-        ("moe", "separate", 2),
+        ("llama", "reuse", 1, "nll"),
+        ("llama", "reuse", 2, "nll"),
+        ("llama", "separate", 1, "nll"),
+        ("llama", "separate", 2, "nll"),
+        ("llama", "reuse", 2, "dft"),
+        ("moe", "reuse", 1, "nll"),
+        ("moe", "separate", 2, "nll"),
     ],
 )
-def test_metrics_equal_sft_on_the_kept_tokens_and_the_reference_selection(tmp_path, arch, scoring, window):
-    qtuning, stock = _trainers(tmp_path, arch, scoring)
+def test_metrics_equal_sft_on_the_kept_tokens_and_the_reference_selection(tmp_path, arch, scoring, window, loss_type):
+    qtuning, stock = _trainers(tmp_path, arch, scoring, loss_type)
     examples = [qtuning.train_dataset[i] for i in range(window * ROWS)]
     batches = [qtuning.data_collator(examples[i * ROWS : (i + 1) * ROWS]) for i in range(window)]
     selections = [_reference_selection(stock.model, b) for b in batches]

@@ -32,6 +32,14 @@ class BatchSelection:
         return self.sample_docs[self.assignment.keep]
 
 
+def _refuse_shift_labels(inputs: dict) -> None:
+    if "shift_labels" in inputs:
+        raise ValueError(
+            "The training batch has shift_labels; Q-Tuning scores and prunes the tokens of `labels` (TRL's "
+            "collators never add shift_labels). Drop shift_labels from the data collator's output."
+        )
+
+
 class QTuningSFTTrainer(SFTTrainer):
     """Supervised fine-tuning with Q-Tuning's joint sample and token pruning.
 
@@ -154,15 +162,16 @@ class QTuningSFTTrainer(SFTTrainer):
         """Q-Tuning loss on training batches, through ``SFTTrainer.compute_loss``; SFT's loss otherwise (evaluation).
 
         ``scoring="separate"`` hands SFTTrainer the sub-batch of the samples that keep a token, with the pruned
-        labels set to -100;
-        ``scoring="reuse"`` hands it the whole batch and a model whose fused LM head outputs are zeroed outside the
-        kept tokens (:class:`~trl_ext._compat.KeptTokensForward`). Either way SFTTrainer computes the loss,
-        normalised by ``num_items_in_batch`` (the window's kept tokens, see :meth:`get_batch_samples`), and its
-        metrics over the kept tokens. A batch that was not scored in :meth:`get_batch_samples` (``scoring="reuse"``
-        with a one-batch window on one process, or a direct call) is scored here and is its own kept-token mean.
+        labels set to -100; ``scoring="reuse"`` hands it the whole batch and a model whose fused LM head outputs
+        are zeroed outside the kept tokens (:class:`~trl_ext._compat.KeptTokensForward`). Either way SFTTrainer
+        computes the loss, normalised by ``num_items_in_batch`` (the window's kept tokens, see
+        :meth:`get_batch_samples`), and its metrics over the kept tokens. A batch that was not scored in
+        :meth:`get_batch_samples` (``scoring="reuse"`` with a one-batch window on one process, or a direct call)
+        is scored here and is its own kept-token mean.
         """
         if not self.model.training or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        _refuse_shift_labels(inputs)
         if self.args.scoring == "reuse" and not self._selections:
 
             def keep(outputs):
@@ -183,6 +192,7 @@ class QTuningSFTTrainer(SFTTrainer):
         return super().compute_loss(model, sub_batch, num_items_in_batch=num_items_in_batch)
 
     def _score(self, model, inputs) -> BatchSelection | None:
+        _refuse_shift_labels(inputs)
         with torch.no_grad():
             outputs = fused_forward(model, inputs)
         return self.select(inputs, outputs.log_probs, outputs.entropy)
@@ -204,11 +214,7 @@ class QTuningSFTTrainer(SFTTrainer):
         Logs the selection metrics and records the EU-plane scores. Returns ``None`` when the batch has no
         response token.
         """
-        if "shift_labels" in inputs:
-            raise ValueError(
-                "The training batch has shift_labels; Q-Tuning scores and prunes the tokens of `labels` (TRL's "
-                "collators never add shift_labels). Drop shift_labels from the data collator's output."
-            )
+        _refuse_shift_labels(inputs)
         sample_ids, sample_docs = sample_ids_from_batch(inputs)
         if log_probs.shape != sample_ids.shape:
             raise ValueError(
