@@ -1,4 +1,4 @@
-"""Slow, obvious Q-Tuning references in plain Python (lists and floats, loops, no tensor tricks)."""
+"""Slow, obvious Q-Tuning references in plain Python (lists, floats and exact fractions, loops, no tensor tricks)."""
 
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ class QTuningSFTTrainer(SFTTrainer):
 
     def __init__(self, model, args: QTuningConfig | None = None, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            name = model if isinstance(model, str) else getattr(model, "name_or_path", None) or "model"
             args = QTuningConfig(f"{str(name).rstrip('/').split('/')[-1]}-QTuning")
         else:  # a plain SFTConfig/TrainingArguments converts, with Q-Tuning's options at their defaults
             args = convert_args(args, QTuningConfig, "QTuningSFTTrainer")
