@@ -133,6 +133,8 @@ def test_round_half_up_and_budget():
     [
         (dict(ppl=torch.ones(3), entropy=torch.ones(2), sample_keep_ratio=0.5), "same length"),
         (dict(ppl=torch.ones(3), entropy=torch.ones(3), sample_keep_ratio=0.0), r"sample_keep_ratio=0.0"),
+        (dict(ppl=torch.tensor([1.0, math.nan]), entropy=torch.ones(2), sample_keep_ratio=0.5), r"non-finite"),
+        (dict(ppl=torch.ones(2), entropy=torch.tensor([math.inf, 1.0]), sample_keep_ratio=0.5), r"non-finite"),
     ],
 )
 def test_assign_quadrants_errors(kwargs, match):

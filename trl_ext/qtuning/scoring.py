@@ -196,6 +196,12 @@ def assign_quadrants(ppl: torch.Tensor, entropy: torch.Tensor, sample_keep_ratio
     if not 0.0 < sample_keep_ratio <= 1.0:
         raise ValueError(f"sample_keep_ratio={sample_keep_ratio} is outside (0, 1]; e.g. use 0.25 to keep a quarter.")
     ppl, entropy = ppl.double(), entropy.double()
+    if not bool(torch.isfinite(ppl).all() and torch.isfinite(entropy).all()):
+        raise ValueError(
+            f"Q-Tuning got non-finite sample scores (perplexity {ppl.tolist()}, entropy {entropy.tolist()}), so it "
+            "cannot rank the samples. The model's outputs overflowed or training diverged: lower the learning rate, "
+            "or train in float32/bfloat16 rather than float16."
+        )
     num = ppl.numel()
     target = min(num, max(1, round_half_up(sample_keep_ratio * num)))
     sorted_ppl, sorted_ent = ppl.sort().values, entropy.sort().values

@@ -228,7 +228,7 @@ class QTuningSFTTrainer(SFTTrainer):
         nll = -log_probs.float()
         ppl, mean_entropy, _ = sample_ppl_entropy(nll, entropy.float(), sample_ids, sample_docs.numel())
         assignment = assign_quadrants(ppl, mean_entropy, args.sample_keep_ratio)
-        scores = token_scores(nll.exp(), sample_ids, args.neighbor_lambda)
+        scores = token_scores(nll.double().exp(), sample_ids, args.neighbor_lambda)  # float32 exp overflows at 89
         token_keep = token_keep_mask(
             scores, sample_ids, assignment.quadrant, assignment.keep, args.sample_keep_ratio, args.token_keep_ratio
         )
