@@ -1,14 +1,21 @@
-"""Slow, obvious Q-Tuning references in plain Python (lists and floats, loops, no tensor tricks)."""
+"""Slow, obvious Q-Tuning references in plain Python (lists, floats and exact fractions, loops, no tensor tricks)."""
 
 from __future__ import annotations
 
+import functools
 import math
+from fractions import Fraction
+
+
+@functools.lru_cache(maxsize=64)
+def _sorted_fractions(values: tuple) -> list:
+    return sorted(Fraction(v) for v in values)
 
 
 def quantile(values, q):
-    """Linear interpolation between order statistics (numpy's default)."""
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
+    """Linear interpolation between order statistics (numpy's default), in exact rational arithmetic."""
+    xs = _sorted_fractions(tuple(values))
+    pos = Fraction(q) * (len(xs) - 1)
     k = math.floor(pos)
     if k + 1 >= len(xs):
         return xs[-1]
@@ -27,56 +34,57 @@ def sample_stats(nll, entropy, sample_ids):
     return {s: (math.exp(a / n), b / n, n) for s, (a, b, n) in sums.items()}
 
 
-def regions(ppl, ent, a):
-    p_lo, p_hi = quantile(ppl, a), quantile(ppl, 1 - a)
-    e_lo, e_hi = quantile(ent, a), quantile(ent, 1 - a)
-    q2 = [p > p_hi and e <= e_lo for p, e in zip(ppl, ent)]
-    q4 = [p <= p_lo and e > e_hi for p, e in zip(ppl, ent)]
-    return q2, q4, (p_lo, p_hi, e_lo, e_hi)
-
-
-def assign(ppl, ent, ratio, tol=0.01, max_iter=10):
-    """The spec in words: bisect a in [0, 1/2] for the largest kept count <= k, then fill; returns (quadrants, a)."""
-    n = len(ppl)
-    k = min(n, max(1, math.floor(ratio * n + 0.5)))
-
-    def count(a):
-        q2, q4 = regions(ppl, ent, a)[:2]
-        return sum(q2) + sum(q4)
-
-    lo, hi, evals = 0.0, 0.5, 1
-    if count(0.5) <= k:
-        lo = 0.5
-    else:
-        while hi - lo >= tol and evals < max_iter:
-            mid = (lo + hi) / 2
-            evals += 1
-            c = count(mid)
-            if c <= k:
-                lo = mid
-                if c == k:
-                    break
-            else:
-                hi = mid
-    q2, q4, (p_lo, p_hi, e_lo, e_hi) = regions(ppl, ent, lo)
+def quadrants_at(ppl, ent, a):
+    """The spec's quadrant of each sample at the shared ratio ``a`` (before filling): 1..4, or 0 in between."""
+    p_lo, p_hi = quantile(ppl, a), quantile(ppl, 1 - Fraction(a))
+    e_lo, e_hi = quantile(ent, a), quantile(ent, 1 - Fraction(a))
     quad = []
-    for i in range(n):
-        if q2[i]:
+    for p, e in zip(ppl, ent):
+        if p > p_hi and e <= e_lo:
             quad.append(2)
-        elif q4[i]:
+        elif p <= p_lo and e > e_hi:
             quad.append(4)
-        elif ppl[i] > p_hi and ent[i] > e_hi:
+        elif p > p_hi and e > e_hi:
             quad.append(1)
-        elif ppl[i] <= p_lo and ent[i] <= e_lo:
+        elif p <= p_lo and e <= e_lo:
             quad.append(3)
         else:
             quad.append(0)
+    return quad
+
+
+def candidate_ratios(n):
+    """Every ratio in [0, 1/2] that can matter, ascending.
+
+    A sample's quadrant only changes where a threshold Q_a or Q_{1-a} reaches an observed score. With linear
+    interpolation, the quantile at q = i/(n-1) is the i-th smallest score, and between two such q it moves
+    strictly between two neighbouring scores. So the candidates are every a with a = i/(n-1) or 1 - a = i/(n-1),
+    one a inside each gap between them, and 1/2.
+    """
+    if n == 1:
+        return [Fraction(0), Fraction(1, 2)]
+    points = {Fraction(i, n - 1) for i in range(n)} | {1 - Fraction(i, n - 1) for i in range(n)}
+    points = sorted(a for a in points | {Fraction(1, 2)} if a <= Fraction(1, 2))
+    gaps = [(x + y) / 2 for x, y in zip(points, points[1:])]
+    return sorted(points + gaps)
+
+
+def assign(ppl, ent, ratio):
+    """Brute force: the largest candidate ratio a keeping at most k samples in Q2 or Q4, then the fill rule.
+
+    Returns ``(quadrants, a, num_filled)``, ``a`` as a Fraction.
+    """
+    n = len(ppl)
+    k = min(n, max(1, math.floor(ratio * n + 0.5)))
+    a = max(a for a in candidate_ratios(n) if sum(q in (2, 4) for q in quadrants_at(ppl, ent, a)) <= k)
+    quad = quadrants_at(ppl, ent, a)
 
     def norm(xs):
         lo_, hi_ = min(xs), max(xs)
         return [(x - lo_) / (hi_ - lo_) if hi_ > lo_ else 0.0 for x in xs]
 
     pn, en = norm(ppl), norm(ent)
+    num_filled = 0
     while sum(q in (2, 4) for q in quad) < k:
         best, best_gap = None, None
         for i in range(n):  # strictly larger gap wins, so ties keep the lowest index
@@ -86,7 +94,8 @@ def assign(ppl, ent, ratio, tol=0.01, max_iter=10):
             if best is None or gap > best_gap:
                 best, best_gap = i, gap
         quad[best] = 2 if pn[best] > en[best] else 4
-    return quad, lo
+        num_filled += 1
+    return quad, a, num_filled
 
 
 def token_scores(token_ppl, sample_ids, lam):

@@ -65,7 +65,7 @@ def _reference_masked_loss(model, batch, r_s, r_t, lam):
     stats = ref.sample_stats(nll.tolist(), ent.tolist(), sample_ids)
     ppl = [stats[s][0] for s in range(len(stats))]
     mean_ent = [stats[s][1] for s in range(len(stats))]
-    quad, _ = ref.assign(ppl, mean_ent, r_s)
+    quad, _, _ = ref.assign(ppl, mean_ent, r_s)
     token_ppl = [[math.exp(x) for x in row] for row in nll.tolist()]
     scores = ref.token_scores(token_ppl, sample_ids, lam)
     keep = torch.tensor(ref.token_keep(scores, sample_ids, quad, r_s, r_t))
@@ -204,3 +204,21 @@ def test_trainer_errors(tmp_path):
     args = toy_args(QTuningConfig, tmp_path, scoring="reuse", label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="scoring='separate'"):
         QTuningSFTTrainer(model=pretrained_toy_model_path(), args=args, train_dataset=make_mixed_quality_sft(8))
+
+
+@pytest.mark.parametrize("size", ["get_tp_size", "get_cp_size", "get_sp_size"])
+def test_trainer_refuses_tensor_context_and_sequence_parallelism(tmp_path, monkeypatch, size):
+    # Trainer reads these sizes from the accelerator's parallelism config (or the model's tensor-parallel plan).
+    monkeypatch.setattr(QTuningSFTTrainer, size, lambda self: 2)
+    name = size.removeprefix("get_")
+    with pytest.raises(ValueError, match=rf"{name}=2.*data parallelism"):
+        _trainer(tmp_path)
+
+
+def test_trainer_refuses_shift_labels(tmp_path):
+    trainer = _trainer(tmp_path)
+    batch = _batch(trainer, 4)
+    batch["shift_labels"] = batch["labels"][:, 1:]
+    trainer.model.train()
+    with pytest.raises(ValueError, match="shift_labels"):
+        trainer.compute_loss(trainer.model, batch)

@@ -2,6 +2,7 @@
 
 import math
 import random
+from fractions import Fraction
 
 import pytest
 import qtuning_reference as ref
@@ -22,10 +23,15 @@ from trl_ext.qtuning.scoring import (
 
 def _assert_assignment_matches_reference(ppl, ent, ratio):
     sel = assign_quadrants(torch.tensor(ppl, dtype=torch.float64), torch.tensor(ent, dtype=torch.float64), ratio)
-    quad, a = ref.assign(ppl, ent, ratio)
+    quad, a, num_filled = ref.assign(ppl, ent, ratio)
     assert sel.quadrant.tolist() == quad
-    assert sel.a == pytest.approx(a)
-    assert sel.iterations <= 10
+    assert sel.num_filled == num_filled
+    # The same ratio: a float here, the nearest fraction with a small denominator there.
+    assert Fraction(sel.a).limit_denominator(4 * len(ppl)) == a
+    thresholds = (ref.quantile(ppl, a), ref.quantile(ppl, 1 - a), ref.quantile(ent, a), ref.quantile(ent, 1 - a))
+    got = (sel.ppl_low, sel.ppl_high, sel.ent_low, sel.ent_high)
+    assert got == pytest.approx([float(t) for t in thresholds], rel=1e-12)
+    assert sel.iterations <= math.ceil(math.log2(len(ppl))) + 1
     # Independent of the procedure: exactly round(r * B) kept, all of them in Q2 or Q4.
     k = min(len(ppl), max(1, math.floor(ratio * len(ppl) + 0.5)))
     assert int(sel.keep.sum()) == k
@@ -43,16 +49,32 @@ def test_quadrants_of_a_clear_batch():
     assert sel.a == 0.5 and sel.num_filled == 0
 
 
-def test_bisection_narrows_a_to_hit_the_target():
+@pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
+def test_a_is_the_largest_ratio_keeping_at_most_the_target(ties):
+    # The brute force tries every ratio where a threshold reaches an observed score: quadrants, a and fillers must
+    # match. B = 130 puts the breakpoints j / (B - 1) closer together than a bisection tolerance of 0.01.
     rng = random.Random(0)
-    for _ in range(40):
-        n = rng.choice([2, 3, 5, 8, 16, 33])
-        ppl = [math.exp(rng.gauss(1, 1)) for _ in range(n)]
-        ent = [rng.uniform(0, 4) for _ in range(n)]
-        for ratio in (0.1, 0.25, 0.5, 0.7, 1.0):
-            sel = _assert_assignment_matches_reference(ppl, ent, ratio)
-            if sel.a < 0.5:  # the bisection stopped within tolerance, or on an exact count
-                assert sel.iterations > 1
+    for n in [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17, 33, 130]:
+        for _ in range(1 if n == 130 else 4):
+            if ties:
+                ppl = [float(rng.randint(1, 4)) for _ in range(n)]
+                ent = [float(rng.randint(0, 3)) for _ in range(n)]
+            else:
+                ppl = [math.exp(rng.gauss(1, 1)) for _ in range(n)]
+                ent = [rng.uniform(0, 4) for _ in range(n)]
+            for ratio in (0.1, 0.25, 0.5, 0.7, 1.0) if n < 130 else (0.25,):
+                _assert_assignment_matches_reference(ppl, ent, ratio)
+
+
+def test_a_sample_that_qualifies_exactly_at_a_breakpoint_is_selected_not_filled():
+    # B = 8, k = 2: breakpoints at a = j/7. At a = 2/7, Q_a(H) = 2 (third-smallest entropy) and Q_{1-a}(PPL) = 7,
+    # so samples 4 (PPL 9, H 2) and 7 (PPL 8, H 0) are Q2; just above 2/7, samples 5 and 2 join. A bisection on a
+    # with tolerance 0.01 stops at 0.28125 < 2/7, keeps sample 7 only and fills with sample 2.
+    ppl = [5.0, 6.0, 1.0, 3.0, 9.0, 7.0, 2.0, 8.0]
+    ent = [8.0, 4.0, 6.0, 3.0, 2.0, 7.0, 1.0, 0.0]
+    sel = _assert_assignment_matches_reference(ppl, ent, 0.25)
+    assert sel.quadrant.tolist() == [0, 0, 0, 0, 2, 0, 3, 2]
+    assert sel.num_filled == 0 and sel.a == pytest.approx(2 / 7)
 
 
 def test_bisection_shrinks_a_when_the_medians_qualify_too_many():
@@ -62,8 +84,8 @@ def test_bisection_shrinks_a_when_the_medians_qualify_too_many():
     ent = [float(20 - i) for i in range(20)]
     sel = _assert_assignment_matches_reference(ppl, ent, 0.2)
     assert sel.a < 0.5 and sel.num_filled == 0
-    q2, q4, _ = ref.regions(ppl, ent, sel.a)
-    assert sum(q2) + sum(q4) == 4
+    quad = ref.quadrants_at(ppl, ent, Fraction(sel.a).limit_denominator(80))
+    assert sum(q in (2, 4) for q in quad) == 4
     sel = _assert_assignment_matches_reference(ppl, ent, 0.25)
     assert sel.num_filled == 1
     assert int(assign_quadrants(torch.tensor(ppl), torch.tensor(ent), 1.0).keep.sum()) == 20
@@ -111,6 +133,8 @@ def test_round_half_up_and_budget():
     [
         (dict(ppl=torch.ones(3), entropy=torch.ones(2), sample_keep_ratio=0.5), "same length"),
         (dict(ppl=torch.ones(3), entropy=torch.ones(3), sample_keep_ratio=0.0), r"sample_keep_ratio=0.0"),
+        (dict(ppl=torch.tensor([1.0, math.nan]), entropy=torch.ones(2), sample_keep_ratio=0.5), r"non-finite"),
+        (dict(ppl=torch.ones(2), entropy=torch.tensor([math.inf, 1.0]), sample_keep_ratio=0.5), r"non-finite"),
     ],
 )
 def test_assign_quadrants_errors(kwargs, match):

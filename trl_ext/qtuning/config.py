@@ -35,8 +35,9 @@ class QTuningConfig(SFTConfig):
             score the batch and the loss is masked to kept samples and tokens (no compute saved).
             ``"separate"`` scores with a forward pass without gradient, then runs forward and backward on the
             kept samples only (padding trimmed); pruned tokens stay as context but get no loss. Both give the
-            same selection and loss when the model has no active dropout; ``"separate"`` is cheaper when
-            ``sample_keep_ratio`` is small.
+            same selection and loss when the model has no active dropout (a Mixture-of-Experts model's
+            load-balancing loss is over the rows forwarded: the whole batch, or the kept samples);
+            ``"separate"`` is cheaper when ``sample_keep_ratio`` is small.
         eu_record_steps (`int`, *optional*, defaults to `1000`):
             The trainer keeps the EU-plane scores of the last this-many training micro-batches in
             ``trainer.eu_records`` for :meth:`~trl_ext.qtuning.QTuningSFTTrainer.plot_eu_plane`; ``0`` records nothing.

@@ -11,7 +11,7 @@ The procedure (paper: "Winning the Pruning Gamble", arXiv 2509.23873) per mini-b
 
 1. error and uncertainty of each sample (:func:`sample_ppl_entropy`):
    :math:`\mathrm{PPL} = \exp(\frac{1}{|y|}\sum_i \mathrm{NLL}_i)` and the mean predictive entropy;
-2. the EU plane with one shared quantile ratio ``a`` found by bisection (:func:`assign_quadrants`);
+2. the EU plane with one shared quantile ratio ``a`` found by an exact bisection (:func:`assign_quadrants`);
 3. token scores of the kept "misconception" (Q2) samples (:func:`token_scores`),
    :math:`s_i = (1-\lambda)\,\mathrm{PPL}_i + \lambda\,(\mathrm{PPL}_{i-1} + \mathrm{PPL}_{i+1})`;
 4. a batch token budget met by dropping the highest-scoring Q2 tokens (:func:`token_keep_mask`).
@@ -36,11 +36,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-BISECTION_TOLERANCE = 0.01
-BISECTION_MAX_ITERATIONS = 10
-# Largest shared ratio a: above 1/2, Q_{1-a} < Q_a and the Q2 and Q4 regions can overlap.
-MAX_QUANTILE_RATIO = 0.5
 
 
 def round_half_up(x: float) -> int:
@@ -119,7 +114,7 @@ class QuadrantAssignment:
         a: the shared quantile ratio found by bisection.
         ppl_low, ppl_high, ent_low, ent_high: the thresholds ``Q_a`` and ``Q_{1-a}`` of PPL and entropy.
         num_filled: how many kept samples came from the fill rule.
-        iterations: quantile evaluations the bisection used.
+        iterations: kept-count evaluations the bisection used (about ``log2(B) + 1``).
     """
 
     quadrant: torch.Tensor
@@ -133,18 +128,29 @@ class QuadrantAssignment:
     iterations: int
 
 
-def _quantile(x: torch.Tensor, q: float) -> float:
-    # Linear interpolation between order statistics (numpy's default "linear" method):
-    # Q_q(x) = x_(k) + (q(n-1) - k)(x_(k+1) - x_(k)), k = floor(q(n-1)), x sorted ascending.
-    return torch.quantile(x, q).item()
+def _grid_regions(ppl, ent, sorted_ppl, sorted_ent, c: int):
+    # The regions at a = c / (2(B-1)), from order statistics s_0 <= ... <= s_{B-1} of each score. At even c = 2j,
+    # Q_a = s_j and Q_{1-a} = s_{B-1-j}. At odd c = 2j + 1 both quantiles lie strictly between neighbouring order
+    # statistics (or on a tie), so for the observed scores "x <= Q_a" is "x <= s_j" and "x > Q_{1-a}" is
+    # "x > s_{B-2-j}". Comparing with order statistics keeps the breakpoints exact, where an interpolated quantile
+    # can round to one side of a tied value.
+    low, high = c // 2, ppl.numel() - 1 - (c + 1) // 2
+    ppl_high, ent_high = ppl > sorted_ppl[high], ent > sorted_ent[high]
+    ppl_low, ent_low = ppl <= sorted_ppl[low], ent <= sorted_ent[low]
+    return ppl_high & ent_low, ppl_low & ent_high, ppl_high & ent_high, ppl_low & ent_low
 
 
-def _regions(ppl: torch.Tensor, ent: torch.Tensor, a: float):
-    ppl_low, ppl_high = _quantile(ppl, a), _quantile(ppl, 1 - a)
-    ent_low, ent_high = _quantile(ent, a), _quantile(ent, 1 - a)
-    q2 = (ppl > ppl_high) & (ent <= ent_low)
-    q4 = (ppl <= ppl_low) & (ent > ent_high)
-    return q2, q4, (ppl_low, ppl_high, ent_low, ent_high)
+def _grid_quantiles(sorted_x: torch.Tensor, c: int) -> tuple[float, float]:
+    # (Q_a, Q_{1-a}) at a = c / (2(B-1)) by linear interpolation: positions c/2 and B-1-c/2 in the sorted scores.
+    last = sorted_x.numel() - 1
+
+    def at(pos2: int) -> float:  # the quantile at position pos2 / 2
+        k = pos2 // 2
+        if pos2 % 2 == 0 or k + 1 > last:
+            return sorted_x[k].item()
+        return (sorted_x[k] + 0.5 * (sorted_x[k + 1] - sorted_x[k])).item()
+
+    return at(c), at(2 * last - c)
 
 
 def _min_max(x: torch.Tensor) -> torch.Tensor:
@@ -152,28 +158,25 @@ def _min_max(x: torch.Tensor) -> torch.Tensor:
     return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
 
 
-def assign_quadrants(
-    ppl: torch.Tensor,
-    entropy: torch.Tensor,
-    sample_keep_ratio: float,
-    tolerance: float = BISECTION_TOLERANCE,
-    max_iterations: int = BISECTION_MAX_ITERATIONS,
-) -> QuadrantAssignment:
+def assign_quadrants(ppl: torch.Tensor, entropy: torch.Tensor, sample_keep_ratio: float) -> QuadrantAssignment:
     r"""Place each sample on the Error-Uncertainty plane and keep ``round(r_sample * B)`` of them.
 
-    With one shared ratio ``a`` and the batch quantiles ``Q_a`` (linear interpolation, see ``_quantile``):
+    With one shared ratio ``a`` and the batch quantiles ``Q_a`` (linear interpolation between order statistics,
+    numpy's default):
 
     - Q2 (misconception, kept): :math:`\mathrm{PPL} > Q_{1-a}(\mathrm{PPL})` and :math:`H \le Q_a(H)`;
     - Q4 (calibration, kept): :math:`\mathrm{PPL} \le Q_a(\mathrm{PPL})` and :math:`H > Q_{1-a}(H)`;
     - Q1 (noise, dropped): :math:`\mathrm{PPL} > Q_{1-a}(\mathrm{PPL})` and :math:`H > Q_{1-a}(H)`;
     - Q3 (redundant, dropped): :math:`\mathrm{PPL} \le Q_a(\mathrm{PPL})` and :math:`H \le Q_a(H)`.
 
-    The kept count :math:`|Q2| + |Q4|` grows with ``a`` on ``[0, 1/2]`` (it is 0 at ``a = 0``), so ``a`` is
-    found by bisection on ``[0, 1/2]`` for the target ``k = round_half_up(r_sample * B)`` (at least 1): first
-    ``a = 1/2`` is tried and taken if it keeps at most ``k``; otherwise the interval is halved, keeping as lower
-    end an ``a`` whose count does not exceed ``k``, until the count equals ``k``, the interval is narrower
-    than ``tolerance``, or ``max_iterations`` quantile evaluations are spent; the lower end is used. If fewer
-    than ``k`` qualify, the rest is filled with the unselected samples of largest
+    ``a`` is the largest ratio in ``[0, 1/2]`` whose kept count :math:`|Q2| + |Q4|` does not exceed the target
+    ``k = round_half_up(r_sample * B)`` (at least 1). The paper finds it by bisection on ``a`` with tolerance 0.01,
+    which can stop short of it (on either side of a breakpoint it does not land on, or past breakpoints closer
+    together than the tolerance) and then fill. Here the bisection is exact: the
+    regions grow with ``a`` and change only where a quantile reaches an order statistic, at ``a = j / (B - 1)``,
+    so it runs over the grid ``a = c / (2(B - 1))``, ``c = 0 .. B - 1`` (those breakpoints and one ratio between
+    each two), in about ``log2(B)`` steps; ``a = 1/2`` when it qualifies at most ``k``, and ``a = 1/2`` for
+    ``B = 1``. If fewer than ``k`` qualify, the rest is filled with the unselected samples of largest
     :math:`\max(p_n - h_n, h_n - p_n)`, where :math:`p_n, h_n` are min-max normalised over the batch
     (0 when all values are equal); ties go to the lower index. A filler with :math:`p_n > h_n` counts as
     Q2, otherwise (PPL side not larger, ties included) as Q4. Exactly ``k`` samples are kept.
@@ -193,32 +196,40 @@ def assign_quadrants(
     if not 0.0 < sample_keep_ratio <= 1.0:
         raise ValueError(f"sample_keep_ratio={sample_keep_ratio} is outside (0, 1]; e.g. use 0.25 to keep a quarter.")
     ppl, entropy = ppl.double(), entropy.double()
+    if not bool(torch.isfinite(ppl).all() and torch.isfinite(entropy).all()):
+        raise ValueError(
+            f"Q-Tuning got non-finite sample scores (perplexity {ppl.tolist()}, entropy {entropy.tolist()}), so it "
+            "cannot rank the samples. The model's outputs overflowed or training diverged: lower the learning rate, "
+            "or train in float32/bfloat16 rather than float16."
+        )
     num = ppl.numel()
     target = min(num, max(1, round_half_up(sample_keep_ratio * num)))
+    sorted_ppl, sorted_ent = ppl.sort().values, entropy.sort().values
 
-    def count(a):
-        q2, q4, _ = _regions(ppl, entropy, a)
+    def count(c):
+        q2, q4 = _grid_regions(ppl, entropy, sorted_ppl, sorted_ent, c)[:2]
         return int(q2.sum() + q4.sum())
 
-    lo, hi, iterations = 0.0, MAX_QUANTILE_RATIO, 1
+    # Largest grid index c with count(c) <= target; count(0) = 0, since nothing exceeds the maximum.
+    lo, hi, iterations = 0, num - 1, 1
     if count(hi) <= target:
         lo = hi
-    else:
-        while hi - lo >= tolerance and iterations < max_iterations:
-            mid = (lo + hi) / 2
+    else:  # invariant: count(lo) <= target < count(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
             iterations += 1
-            kept = count(mid)
-            if kept <= target:
+            if count(mid) <= target:
                 lo = mid
-                if kept == target:
-                    break
             else:
                 hi = mid
-    a = lo
-    q2, q4, (ppl_low, ppl_high, ent_low, ent_high) = _regions(ppl, entropy, a)
+    c = lo
+    a = c / (2 * (num - 1)) if num > 1 else 0.5
+    q2, q4, q1, q3 = _grid_regions(ppl, entropy, sorted_ppl, sorted_ent, c)
+    ppl_low, ppl_high = _grid_quantiles(sorted_ppl, c)
+    ent_low, ent_high = _grid_quantiles(sorted_ent, c)
     quadrant = torch.zeros(num, dtype=torch.long, device=ppl.device)
-    quadrant[(ppl > ppl_high) & (entropy > ent_high)] = 1
-    quadrant[(ppl <= ppl_low) & (entropy <= ent_low)] = 3
+    quadrant[q1] = 1
+    quadrant[q3] = 3
     quadrant[q2] = 2
     quadrant[q4] = 4
 

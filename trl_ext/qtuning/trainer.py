@@ -9,6 +9,7 @@ import torch
 from trl import SFTTrainer
 
 from .._args import convert_args
+from .._compat import KeptTokensForward, fused_forward, sft_metrics
 from .._peft import refuse_prompt_learning
 from .batch import prune_labels, sample_ids_from_batch, select_samples
 from .config import QTuningConfig
@@ -29,6 +30,14 @@ class BatchSelection:
     @property
     def keep_docs(self) -> torch.Tensor:
         return self.sample_docs[self.assignment.keep]
+
+
+def _refuse_shift_labels(inputs: dict) -> None:
+    if "shift_labels" in inputs:
+        raise ValueError(
+            "The training batch has shift_labels; Q-Tuning scores and prunes the tokens of `labels` (TRL's "
+            "collators never add shift_labels). Drop shift_labels from the data collator's output."
+        )
 
 
 class QTuningSFTTrainer(SFTTrainer):
@@ -53,11 +62,13 @@ class QTuningSFTTrainer(SFTTrainer):
 
     With ``scoring="separate"`` (the default), the batch is scored by a forward pass without gradient, and
     forward and backward run on the kept samples only. With ``scoring="reuse"``, the training forward's
-    outputs score the batch and the loss is masked (the paper's procedure); with gradient accumulation the
-    window is scored first by forward passes without gradient (the kept-token count of the whole window must
-    be known before the first backward) and the training forward applies that selection as a mask.
-    ``num_tokens`` counts the tokens forwarded with gradient; ``entropy`` and ``mean_token_accuracy`` are
-    over the kept tokens.
+    outputs score the batch and the loss is masked (the paper's procedure); with gradient accumulation or
+    several processes the window is scored first by forward passes without gradient (the kept-token count of
+    the whole window and all processes must be known before the first backward) and the training forward
+    applies that selection as a mask. The loss and SFT's metrics are always computed by
+    ``SFTTrainer.compute_loss``, on the kept sub-batch (separate) or with the dropped tokens masked (reuse):
+    ``num_tokens`` counts the tokens forwarded with gradient; ``entropy`` and ``mean_token_accuracy`` are over
+    the kept tokens. Tensor, context and sequence parallelism are refused at construction.
 
     Packing: ``packing=True`` with the BFD strategies and ``padding_free=True`` work (each packed document
     is a sample); ``packing_strategy="wrapped"`` is refused by the config.
@@ -86,15 +97,15 @@ class QTuningSFTTrainer(SFTTrainer):
 
     def __init__(self, model, args: QTuningConfig | None = None, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            name = model if isinstance(model, str) else getattr(model, "name_or_path", None) or "model"
             args = QTuningConfig(f"{str(name).rstrip('/').split('/')[-1]}-QTuning")
         else:  # a plain SFTConfig/TrainingArguments converts, with Q-Tuning's options at their defaults
             args = convert_args(args, QTuningConfig, "QTuningSFTTrainer")
         if args.scoring == "reuse" and (kwargs.get("compute_loss_func") is not None or args.label_smoothing_factor):
             raise ValueError(
-                "scoring='reuse' computes the masked loss from the fused LM head's per-token log-probabilities, so it "
-                "cannot apply compute_loss_func or label_smoothing_factor. Use scoring='separate', which trains the "
-                "kept sub-batch through SFTTrainer's own loss, or drop those options."
+                "scoring='reuse' masks the per-token log-probabilities of the fused LM head, which SFTTrainer does not "
+                "use with compute_loss_func or label_smoothing_factor. Use scoring='separate', which trains the kept "
+                "sub-batch through SFTTrainer's own loss, or drop those options."
             )
         refuse_prompt_learning(
             model,
@@ -104,6 +115,14 @@ class QTuningSFTTrainer(SFTTrainer):
             "and token pruning do not account for",
         )
         super().__init__(model=model, args=args, **kwargs)
+        sizes = {"tp_size": self.get_tp_size(), "cp_size": self.get_cp_size(), "sp_size": self.get_sp_size()}
+        if any(size > 1 for size in sizes.values()):
+            raise ValueError(
+                f"QTuningSFTTrainer does not support tensor, context or sequence parallelism (got "
+                f"{', '.join(f'{k}={v}' for k, v in sizes.items())}): context and sequence parallelism shard each "
+                "sequence before the loss, so no process sees whole samples to score, and tensor-parallel ranks would "
+                "count each sample once per rank. Train with data parallelism (DDP, DeepSpeed ZeRO or FSDP) instead."
+            )
         self.eu_records: deque[EUPlaneRecord] = deque(maxlen=args.eu_record_steps)
         # (labels, selection) of each micro-batch of the current accumulation window, scored in get_batch_samples
         self._selections: deque[tuple[torch.Tensor, BatchSelection | None]] = deque()
@@ -114,40 +133,69 @@ class QTuningSFTTrainer(SFTTrainer):
         The optimizer step's loss is the kept tokens' NLL summed over the window (and over processes) and divided
         by the number of kept tokens there, so that count must be known before the first backward. Each
         micro-batch is scored here by a forward pass without gradient (through the wrapped model, so ZeRO-3 and
-        FSDP2 gather the weights as in training), and ``num_items_in_batch`` becomes the kept-token count,
-        summed over processes as Trainer sums response tokens. :meth:`compute_loss` then trains on the
-        recorded selections. One exception: ``scoring="reuse"`` with a one-batch window scores with the
-        training forward itself and counts its kept tokens there (see :meth:`_reuse_loss`).
+        FSDP2 gather the weights as in training), and ``num_items_in_batch`` is Trainer's own count of the same
+        batches with the dropped labels set to -100. :meth:`compute_loss` then trains on the recorded selections.
+        One exception: ``scoring="reuse"`` with a one-batch window on one process scores with the training forward
+        itself (see :meth:`compute_loss`).
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._selections.clear()
-        if self.args.scoring == "reuse" and len(batch_samples) == 1:
+        if self._scores_in_training_forward(len(batch_samples)):
             return batch_samples, num_items_in_batch
         model = self.model_wrapped
         model.train()  # score as the training forward would (dropout included)
-        kept = 0
+        kept_batches = []
         for batch in batch_samples:
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.no_grad():
-                outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
-            selection = self.select(inputs, outputs.log_probs, outputs.entropy)
+            selection = self._score(model, inputs)
             self._selections.append((inputs["labels"], selection))
-            kept += int(selection.token_keep.sum()) if selection is not None else 0
-        if num_items_in_batch is not None:
-            num_items_in_batch = self._count_kept_tokens(kept, device)
+            labels = inputs["labels"] if selection is None else prune_labels(inputs["labels"], selection.token_keep)
+            kept_batches.append({**inputs, "labels": labels})
+        _, num_items_in_batch = super().get_batch_samples(iter(kept_batches), len(kept_batches), device)
         return batch_samples, num_items_in_batch
 
-    def _count_kept_tokens(self, kept: int, device) -> torch.Tensor:
-        """Kept tokens as Trainer counts ``num_items_in_batch``: summed over processes, per tensor-parallel group."""
-        kept = torch.tensor(kept, device=device)
-        if self.args.average_tokens_across_devices:
-            if self.args.world_size > 1:
-                kept = self.accelerator.gather(kept.reshape(1)).sum()
-        elif self.args.n_gpu > 1:  # one process driving several GPUs (DataParallel), as Trainer approximates it
-            kept = kept // self.args.n_gpu
-        if self.args.n_gpu > 1:
-            kept = kept.unsqueeze(0).expand(self.args.n_gpu, -1)
-        return kept / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+    def _scores_in_training_forward(self, window: int) -> bool:
+        # Only there is the kept-token count that normalises the loss local to the training forward's own batch.
+        return self.args.scoring == "reuse" and window == 1 and self.args.world_size == 1 and self.args.n_gpu <= 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Q-Tuning loss on training batches, through ``SFTTrainer.compute_loss``; SFT's loss otherwise (evaluation).
+
+        ``scoring="separate"`` hands SFTTrainer the sub-batch of the samples that keep a token, with the pruned
+        labels set to -100; ``scoring="reuse"`` hands it the whole batch and a model whose fused LM head outputs
+        are zeroed outside the kept tokens (:class:`~trl_ext._compat.KeptTokensForward`). Either way SFTTrainer
+        computes the loss, normalised by ``num_items_in_batch`` (the window's kept tokens, see
+        :meth:`get_batch_samples`), and its metrics over the kept tokens. A batch that was not scored in
+        :meth:`get_batch_samples` (``scoring="reuse"`` with a one-batch window on one process, or a direct call)
+        is scored here and is its own kept-token mean.
+        """
+        if not self.model.training or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        _refuse_shift_labels(inputs)
+        if self.args.scoring == "reuse" and not self._selections:
+
+            def keep(outputs):
+                selection = self.select(inputs, outputs.log_probs.detach(), outputs.entropy.detach())
+                return selection.token_keep if selection is not None else torch.zeros_like(outputs.label_mask)
+
+            return super().compute_loss(KeptTokensForward(model, keep), inputs)
+        selection = self._recorded_selection(inputs) if self._selections else self._score(model, inputs)
+        if selection is None:  # no response token anywhere: nothing to select
+            return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.scoring == "reuse":
+            forward = KeptTokensForward(model, lambda outputs: selection.token_keep)
+            return super().compute_loss(forward, inputs, num_items_in_batch=num_items_in_batch)
+        labels = prune_labels(inputs["labels"], selection.token_keep)
+        # The documents that still carry a label: a kept Q2 sample can lose all its tokens to the budget.
+        _, train_docs = sample_ids_from_batch({**inputs, "labels": labels})
+        sub_batch = select_samples(inputs, train_docs, labels)
+        return super().compute_loss(model, sub_batch, num_items_in_batch=num_items_in_batch)
+
+    def _score(self, model, inputs) -> BatchSelection | None:
+        _refuse_shift_labels(inputs)
+        with torch.no_grad():
+            outputs = fused_forward(model, inputs)
+        return self.select(inputs, outputs.log_probs, outputs.entropy)
 
     def _recorded_selection(self, inputs) -> BatchSelection | None:
         labels, selection = self._selections.popleft()
@@ -158,75 +206,6 @@ class QTuningSFTTrainer(SFTTrainer):
             )
         return selection
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Q-Tuning loss on training batches; SFTTrainer's loss otherwise (evaluation, ``return_outputs``).
-
-        While training, the kept tokens' NLL is summed and divided by ``num_items_in_batch``, which
-        :meth:`get_batch_samples` set to the window's kept-token count. Without ``num_items_in_batch`` (a model
-        that takes no loss kwargs, or a direct call), each micro-batch is its own kept-token mean, which Trainer
-        averages over accumulation steps.
-        """
-        if not self.model.training or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self._selections:
-            selection = self._recorded_selection(inputs)
-        elif self.args.scoring == "reuse":
-            return self._reuse_loss(model, inputs, num_items_in_batch)
-        else:  # a direct call outside the training loop: score here
-            with torch.no_grad():
-                outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
-            selection = self.select(inputs, outputs.log_probs, outputs.entropy)
-        if selection is None:  # no response token anywhere: nothing to select
-            return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        if self.args.scoring == "reuse":
-            return self._reuse_loss(model, inputs, num_items_in_batch, selection)
-        labels = prune_labels(inputs["labels"], selection.token_keep)
-        sub_batch = select_samples(inputs, selection.keep_docs, labels)
-        return super().compute_loss(model, sub_batch, num_items_in_batch=num_items_in_batch)
-
-    def _reuse_loss(self, model, inputs, num_items_in_batch=None, selection: BatchSelection | None = None):
-        """The paper's masked loss on the whole batch. Without a ``selection`` (scored in the window prefetch),
-        the training forward scores the batch, and ``num_items_in_batch`` becomes its kept-token count."""
-        inputs["use_cache"] = False
-        if self.aux_loss_enabled:
-            inputs["output_router_logits"] = True
-        outputs = model(**inputs, fused_lm_head=True)
-        if selection is None:
-            selection = self.select(inputs, outputs.log_probs.detach(), outputs.entropy.detach())
-            if num_items_in_batch is not None:  # a one-batch window: its kept tokens, counted as in get_batch_samples
-                kept = int(selection.token_keep.sum()) if selection is not None else 0
-                num_items_in_batch = self._count_kept_tokens(kept, outputs.log_probs.device)
-        keep = selection.token_keep if selection is not None else torch.zeros_like(outputs.label_mask)
-        per_token_loss = -outputs.log_probs
-        if self.args.loss_type == "dft":
-            per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
-        # Normalised as SFTTrainer.compute_loss normalises num_items_in_batch (here: the window's kept tokens).
-        num_tokens = keep.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = (per_token_loss * keep).sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        if self.aux_loss_enabled:
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-
-        # SFTTrainer's metrics, over the tokens that carry loss.
-        gather = self.accelerator.gather
-        metrics = self._metrics["train"]
-        num_valid = gather(keep.sum().reshape(1)).sum()
-        entropy_sum = gather((outputs.entropy.detach() * keep).sum().reshape(1)).sum()
-        num_correct = gather((outputs.is_top1 & keep).sum().reshape(1)).sum()
-        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
-        if "attention_mask" in inputs:
-            local_tokens = inputs["attention_mask"].sum()
-        else:
-            local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-        self._total_train_tokens += gather(local_tokens.reshape(1)).sum().item() // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
-        if self.aux_loss_enabled:
-            metrics["aux_loss"].append(gather(outputs.aux_loss.detach().reshape(1)).mean().item())
-        return loss
-
     @torch.no_grad()
     def select(self, inputs: dict, log_probs: torch.Tensor, entropy: torch.Tensor) -> BatchSelection | None:
         """Score a collated batch from per-token log-probabilities and entropies, and choose what to keep.
@@ -235,6 +214,7 @@ class QTuningSFTTrainer(SFTTrainer):
         Logs the selection metrics and records the EU-plane scores. Returns ``None`` when the batch has no
         response token.
         """
+        _refuse_shift_labels(inputs)
         sample_ids, sample_docs = sample_ids_from_batch(inputs)
         if log_probs.shape != sample_ids.shape:
             raise ValueError(
@@ -248,7 +228,7 @@ class QTuningSFTTrainer(SFTTrainer):
         nll = -log_probs.float()
         ppl, mean_entropy, _ = sample_ppl_entropy(nll, entropy.float(), sample_ids, sample_docs.numel())
         assignment = assign_quadrants(ppl, mean_entropy, args.sample_keep_ratio)
-        scores = token_scores(nll.exp(), sample_ids, args.neighbor_lambda)
+        scores = token_scores(nll.double().exp(), sample_ids, args.neighbor_lambda)  # float32 exp overflows at 89
         token_keep = token_keep_mask(
             scores, sample_ids, assignment.quadrant, assignment.keep, args.sample_keep_ratio, args.token_keep_ratio
         )
@@ -288,7 +268,7 @@ class QTuningSFTTrainer(SFTTrainer):
         )
         total = self.accelerator.gather(local[None]).sum(0).tolist()
         q1, q2, q3, q4, between, samples, filled, kept_tokens, response_tokens, a_sum = total
-        metrics = self._metrics["train"]
+        metrics = sft_metrics(self)
         for name, value in (("q1", q1), ("q2", q2), ("q3", q3), ("q4", q4), ("between", between)):
             metrics[f"qtuning/{name}"].append(value)
         metrics["qtuning/samples"].append(samples)
