@@ -1,7 +1,7 @@
 """Every private upstream name that ``peft_ext`` touches, in one place.
 
 When peft, torch or bitsandbytes release, this file is the one place to look. Each entry names the
-upstream version and file it mirrors, and the test that pins it (in ``tests/peft_ext/test_compat.py``
+upstream version and file it mirrors, and the test that pins it (in ``tests/peft_ext/test_peft_ext_compat.py``
 unless named otherwise):
 
 - :func:`add_peft_type`: adds members to PEFT's ``PeftType`` enum (peft 0.21.2,

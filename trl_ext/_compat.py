@@ -1,7 +1,7 @@
 """Every private upstream name that ``trl_ext`` touches, in one place.
 
 When TRL, transformers, accelerate or torch release, this is the file to check. Each entry names the upstream
-version and file it mirrors and the test that pins it (most in ``tests/trl_ext/test_compat.py``). Entries are
+version and file it mirrors and the test that pins it (most in ``tests/trl_ext/test_trl_ext_compat.py``). Entries are
 grouped by upstream library, and within TRL by the trainer they extend.
 """
 
@@ -39,7 +39,7 @@ def reference_free_ref_model(trainer_name: str) -> property:
     every later use (dropout, fused LM head, DeepSpeed/FSDP/accelerate preparation, the loss) is guarded by
     ``self.ref_model is not None``. So a subclass that declares ``ref_model = reference_free_ref_model(...)`` and
     passes ``ref_model=NO_REFERENCE_MODEL`` gets no reference built, loaded or prepared, and ``self.ref_model`` reads
-    ``None`` everywhere. Pinned by ``tests/trl_ext/test_compat.py::test_dpo_builds_no_reference_for_a_given_one``
+    ``None`` everywhere. Pinned by ``tests/trl_ext/test_trl_ext_compat.py::test_dpo_builds_no_reference_for_a_given_one``
     and ``tests/trl_ext/test_redi_trainer.py::test_no_reference_model_is_created_or_loaded``.
     """
 
@@ -61,7 +61,7 @@ def dpo_metrics(trainer, mode: str):
 
     trl 1.16.0, ``trl/trainer/dpo_trainer.py``: ``DPOTrainer.__init__`` sets ``self._metrics = {"train":
     defaultdict(list), "eval": defaultdict(list)}`` and ``DPOTrainer.log`` logs each key's mean, then clears them.
-    Pinned by ``tests/trl_ext/test_compat.py::test_dpo_builds_no_reference_for_a_given_one``.
+    Pinned by ``tests/trl_ext/test_trl_ext_compat.py::test_dpo_builds_no_reference_for_a_given_one``.
     """
     return trainer._metrics[mode]
 
@@ -123,7 +123,7 @@ def log_dpo_policy_metrics(trainer, mode: str, inputs, outputs, completion_mask,
 # old policy's and the reference model's per-token log-probs (and entropies). Prefix Grouper overrides it. Its
 # parameters are these, then the defaulted ones below, then multimodal inputs defaulting to None (the override takes
 # them as ``**multimodal_inputs`` and refuses any that is given).
-# Pinned by ``tests/trl_ext/test_compat.py::test_grpo_log_prob_hook_has_the_overridden_signature`` and, for what it
+# Pinned by ``tests/trl_ext/test_trl_ext_compat.py::test_grpo_log_prob_hook_has_the_overridden_signature`` and, for what it
 # returns, by the stock-vs-grouped tests in ``tests/trl_ext/test_prefix_grouper.py``.
 GRPO_LOGPS_HOOK = "_get_per_token_logps_and_entropies"
 GRPO_LOGPS_HOOK_PARAMETERS = ("self", "model", "input_ids", "attention_mask", "logits_to_keep")
@@ -135,7 +135,7 @@ def stock_grpo_logps(trainer, model, input_ids, attention_mask, logits_to_keep, 
 
     trl 1.16.0, ``trl/trainer/grpo_trainer.py``, ``GRPOTrainer._get_per_token_logps_and_entropies``: returns
     ``(logps, entropies, aux_loss)``, ``logps`` of shape ``(B, logits_to_keep)``. Pinned by
-    ``tests/trl_ext/test_compat.py::test_grpo_stock_log_probs_and_tokenizer``.
+    ``tests/trl_ext/test_trl_ext_compat.py::test_grpo_stock_log_probs_and_tokenizer``.
     """
     from trl import GRPOTrainer
 
@@ -147,7 +147,7 @@ def grpo_tokenizer(trainer):
     """The text tokenizer GRPOTrainer pads with: ``processing_class`` itself, or a processor's ``tokenizer``.
 
     trl 1.16.0, ``trl/trainer/grpo_trainer.py``, ``GRPOTrainer.__init__`` sets ``self._tokenizer`` (with its
-    ``pad_token`` defaulted to the EOS token). Pinned by ``tests/trl_ext/test_compat.py::test_grpo_stock_log_probs_and_tokenizer``.
+    ``pad_token`` defaulted to the EOS token). Pinned by ``tests/trl_ext/test_trl_ext_compat.py::test_grpo_stock_log_probs_and_tokenizer``.
     """
     return trainer._tokenizer
 
@@ -160,7 +160,7 @@ def attn_implementation(config) -> str | None:
 
     transformers 5.25.0, ``src/transformers/configuration_utils.py``: ``PretrainedConfig._attn_implementation``, a
     property with no public reader (``set_attn_implementation`` on the model is the public writer). Pinned by
-    ``tests/trl_ext/test_compat.py::test_attn_implementation_follows_set_attn_implementation``.
+    ``tests/trl_ext/test_trl_ext_compat.py::test_attn_implementation_follows_set_attn_implementation``.
     """
     return config._attn_implementation
 
@@ -170,7 +170,7 @@ def unmask_tokens(values: dict, args) -> dict:
 
     transformers 5.25.0, ``src/transformers/training_args.py``, ``TrainingArguments.to_dict``: every field whose
     name ends in ``_token`` is replaced by the placeholder ``"<FIELD_NAME_UPPER>"`` (meant for ``hub_token``, but it
-    also hits e.g. ``SFTConfig.eos_token``). Pinned by ``tests/trl_ext/test_compat.py::test_to_dict_masks_tokens``.
+    also hits e.g. ``SFTConfig.eos_token``). Pinned by ``tests/trl_ext/test_trl_ext_compat.py::test_to_dict_masks_tokens``.
     """
     values = dict(values)
     for key, value in values.items():
@@ -187,8 +187,8 @@ def unmask_tokens(values: dict, args) -> dict:
 # heads) handled natively; ``is_causal`` aligned top-left; an additive float ``attn_mask``; and a backward that uses
 # the ``out`` and ``logsumexp`` it is given, so passing the merged output and log-sum-exp of several key sets yields
 # the exact gradient of the joint softmax restricted to this call's keys. Pinned by
-# ``tests/trl_ext/test_compat.py::test_cpu_flash_attention_forward`` and
-# ``tests/trl_ext/test_compat.py::test_cpu_flash_attention_backward_uses_the_given_logsumexp``.
+# ``tests/trl_ext/test_trl_ext_compat.py::test_cpu_flash_attention_forward`` and
+# ``tests/trl_ext/test_trl_ext_compat.py::test_cpu_flash_attention_backward_uses_the_given_logsumexp``.
 cpu_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 cpu_flash_attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -201,7 +201,7 @@ def zero3_partitioned(param: torch.Tensor) -> bool:
 
     deepspeed 0.19.8, ``deepspeed/runtime/zero/partition_parameters.py``: ``zero.Init`` gives each parameter a
     ``ds_id`` and a ``ds_status`` (``ZeroParamStatus``), and leaves a local tensor of 0 elements while partitioned.
-    Pinned by ``tests/trl_ext/test_compat.py::test_zero3_parameter_attributes``.
+    Pinned by ``tests/trl_ext/test_trl_ext_compat.py::test_zero3_parameter_attributes``.
     """
     return hasattr(param, "ds_id") and getattr(param, "ds_status", None) is not None
 
@@ -210,7 +210,7 @@ def zero3_full_shape(param: torch.Tensor | None):
     """The full shape of a ZeRO-3 partitioned parameter (``ds_shape``); ``None`` for any other tensor or ``None``.
 
     deepspeed 0.19.8, ``deepspeed/runtime/zero/partition_parameters.py``: ``zero.Init`` keeps the unpartitioned
-    shape in ``ds_shape``. Pinned by ``tests/trl_ext/test_compat.py::test_zero3_parameter_attributes``.
+    shape in ``ds_shape``. Pinned by ``tests/trl_ext/test_trl_ext_compat.py::test_zero3_parameter_attributes``.
     """
     return getattr(param, "ds_shape", None)
 
