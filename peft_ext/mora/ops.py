@@ -18,10 +18,15 @@ Operators (``mora_type``; integers are the reference implementation's aliases):
 | ``truncation`` (Eq. 4) | | keep the first r_hat inputs | zero-pad |
 | ``sharing`` (Eq. 6) | 1 | wrap x to a multiple of r_hat, sum the r_hat-chunks | tile |
 | ``decoupling`` (Eq. 8) | | wrap x, apply M to each r_hat-chunk | concatenate, tile/truncate |
-| ``rotation`` (Eq. 9) | 6 | as decoupling, chunk i first rotated by RoPE angles i*theta | as decoupling |
+| ``rotation`` (Eq. 9) | 6 | as decoupling, chunk i first rotated by RoPE angles i*theta (folded into M) | as decoupling |
 | ``group_interleave`` | 2 | sum runs of adjacent inputs | repeat each output (repeat_interleave) |
 | ``group_tile`` | 3 | sum runs of adjacent inputs | tile |
 | ``wrap_interleave`` | 4 | as sharing | repeat each output |
+
+Rotation never rotates the activations: the rotation R_i of chunk i is a fixed linear map, so
+chunk i is multiplied by the block ``M @ R_i`` (:func:`rotated_blocks`, built from M once per
+call) in one batched matmul (:func:`chunk_matmul`). Its cost over the frozen layer is then that of
+decoupling, ``r_hat / d_out`` of the frozen layer's multiply-adds.
 
 "Wrap" pads by wrapping around: position j of the padded vector holds ``x[j % d_in]``, so
 it also works when ``r_hat > d_in``. "Runs" split d_in into r_hat contiguous groups whose
@@ -67,7 +72,7 @@ _COMPRESS = {
     "truncation": "truncate",
     "sharing": "wrap_sum",
     "decoupling": "chunk",
-    "rotation": "chunk_rotate",
+    "rotation": "chunk",  # the rotation of each chunk is folded into M (rotated_blocks)
     "group_interleave": "group_sum",
     "group_tile": "group_sum",
     "wrap_interleave": "wrap_sum",
@@ -109,7 +114,7 @@ def resolve_mora_type(mora_type: str | int) -> str:
 
 def is_chunked(mora_type: str) -> bool:
     """Whether M is applied to every r_hat-chunk of the input separately (decoupling, rotation)."""
-    return _COMPRESS[mora_type] in ("chunk", "chunk_rotate")
+    return _COMPRESS[mora_type] == "chunk"
 
 
 def mora_rank(in_features: int, out_features: int, r: int, mora_type: str = "rotation") -> int:
@@ -230,13 +235,11 @@ def rotate(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------- forward path
-def compress(
-    x: torch.Tensor, r_hat: int, mora_type: str, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> torch.Tensor:
-    """``f_comp`` (Eqs. 4, 6, 8, 9): (..., d_in) -> (..., n, r_hat), n = 1 unless chunked.
+def compress(x: torch.Tensor, r_hat: int, mora_type: str) -> torch.Tensor:
+    """``f_comp`` (Eqs. 4, 6, 8): (..., d_in) -> (..., n, r_hat), n = 1 unless chunked.
 
-    ``rope`` is the (cos, sin) pair of :func:`rope_cos_sin` for ``rotation``; it is computed
-    on the fly when omitted.
+    For ``rotation`` these are the unrotated chunks of Eq. 8: the rotation R_i of Eq. 9 is applied
+    by the blocks ``M @ R_i`` of :func:`rotated_blocks`, never to the activations.
     """
     kind = _COMPRESS[mora_type]
     d_in = x.shape[-1]
@@ -249,9 +252,6 @@ def compress(
     z = wrap_to(x, n * r_hat).unflatten(-1, (n, r_hat))
     if kind == "wrap_sum":
         return z.sum(-2, keepdim=True)
-    if kind == "chunk_rotate":
-        cos, sin = rope if rope is not None else rope_cos_sin(r_hat, n, dtype=x.dtype, device=x.device)
-        z = rotate(z, cos, sin)
     return z
 
 
@@ -267,6 +267,84 @@ def decompress(y: torch.Tensor, out_features: int, mora_type: str) -> torch.Tens
     return y[..., :out_features] if length >= out_features else F.pad(y, (0, out_features - length))
 
 
+def rotated_blocks(M: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The n diagonal blocks ``M @ R_i`` of rotation's core (Eq. 9), shape (n, r_hat, r_hat).
+
+    R_i rotates chunk i by ``i * theta`` (:func:`rotate`, rotate-half pairs (j, j + h), h = r_hat // 2).
+    Column by column, ``M @ R_i = [M_1 cos_i + M_2 sin_i | M_2 cos_i - M_1 sin_i | M_odd]`` with
+    ``M_1``, ``M_2`` the first and second h columns of M and ``M_odd`` its unrotated last column when
+    r_hat is odd: two elementwise passes over (n, r_hat, r_hat), differentiable in M.
+
+    ``rope`` is the (cos, sin) pair of :func:`rope_cos_sin` for (r_hat, n) in M's dtype; it is computed
+    when omitted.
+    """
+    r_hat = M.shape[0]
+    h = r_hat // 2
+    cos, sin = rope if rope is not None else rope_cos_sin(r_hat, n, dtype=M.dtype, device=M.device)
+    one, zero = cos.new_ones(n, r_hat - 2 * h), cos.new_zeros(n, r_hat - 2 * h)
+    cos_full = torch.cat([cos, cos, one], dim=-1)[:, None, :]  # (n, 1, r_hat): scales column c of M
+    sin_full = torch.cat([sin, -sin, zero], dim=-1)[:, None, :]
+    swapped = torch.cat([M[:, h : 2 * h], M[:, :h], M[:, 2 * h :]], dim=-1)  # columns (M_2, M_1, M_odd)
+    return torch.addcmul(M * cos_full, swapped, sin_full)
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``torch.bmm`` would compute ``t`` in under the autocast state of its device type."""
+    device_type = t.device.type
+    eligible = t.is_floating_point() and t.dtype != torch.float64  # autocast leaves float64 alone
+    if eligible and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+class _ChunkMatmul(torch.autograd.Function):
+    """``y[t, i] = blocks[i] @ z[t, i]`` for z (T, n, r_in), blocks (n, r_out, r_in) -> y (T, n, r_out).
+
+    The batched matmuls (forward, both gradients) read and write the token-major tensors through
+    transposed views, which BLAS takes as strided operands: no activation-sized copy. The input
+    gradient is this function again (with the blocks transposed), so double backward works too.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        y = z.new_empty(z.shape[0], z.shape[1], blocks.shape[1])
+        torch.bmm(z.transpose(0, 1), blocks.transpose(1, 2), out=y.transpose(0, 1))
+        ctx.save_for_backward(z, blocks)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        z, blocks = ctx.saved_tensors
+        grad_z = grad_blocks = None
+        if ctx.needs_input_grad[0]:
+            grad_z = _ChunkMatmul.apply(grad_y, blocks.transpose(1, 2))
+        if ctx.needs_input_grad[1]:  # sum over tokens of grad_y[t, i] (outer) z[t, i]
+            grad_blocks = torch.bmm(grad_y.permute(1, 2, 0), z.transpose(0, 1))
+        return grad_z, grad_blocks
+
+
+def chunk_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Block i applied to chunk i: (..., n, r_in) x (n, r_out, r_in) -> (..., n, r_out).
+
+    Equal to ``torch.einsum("...ni,noi->...no", z, blocks)`` in one batched matmul over the chunks
+    without copying the activations (:class:`_ChunkMatmul`). Under autocast, both operands are cast
+    as ``torch.bmm`` would cast them.
+    """
+    n, r_out, r_in = blocks.shape
+    if z.shape[-2:] != (n, r_in):
+        raise ValueError(
+            f"chunk_matmul: z of shape {tuple(z.shape)} does not fit {n} blocks of shape ({r_out}, {r_in})."
+        )
+    z, blocks = z.to(_autocast_dtype(z)), blocks.to(_autocast_dtype(blocks))
+    if z.dtype != blocks.dtype:
+        raise RuntimeError(
+            f"chunk_matmul: z is {z.dtype} but the blocks are {blocks.dtype}; cast the input to M's dtype first."
+        )
+    lead = z.shape[:-2]
+    y = _ChunkMatmul.apply(z.reshape(-1, n, r_in), blocks)
+    return y.reshape(*lead, n, r_out)
+
+
 def mora_delta_y(
     x: torch.Tensor,
     M: torch.Tensor,
@@ -276,10 +354,15 @@ def mora_delta_y(
 ) -> torch.Tensor:
     """The adapter's output ``delta_y = f_decomp(M f_comp(x))`` (Eq. 3), M of shape (r_hat, r_hat).
 
-    M acts like an ``nn.Linear`` weight (output index first), on each chunk when chunked.
+    M acts like an ``nn.Linear`` weight (output index first), on each chunk when chunked; for
+    ``rotation``, chunk i meets ``M @ R_i`` (:func:`rotated_blocks`, ``rope`` its cached tables).
     """
-    z = compress(x, M.shape[0], mora_type, rope)
-    return decompress(z @ M.T, out_features, mora_type)
+    z = compress(x, M.shape[0], mora_type)
+    if mora_type == "rotation":
+        y = chunk_matmul(z, rotated_blocks(M, z.shape[-2], rope))
+    else:
+        y = z @ M.T
+    return decompress(y, out_features, mora_type)
 
 
 # ----------------------------------------------------------------------------- dense delta_W
@@ -311,17 +394,6 @@ def decompression_index(out_features: int, length: int, mora_type: str, device=N
     if kind == "interleave":
         return group_index(out_features, length, device=device)
     return torch.where(o < length, o, -1)
-
-
-def rotated_blocks(M: torch.Tensor, n: int) -> torch.Tensor:
-    """The n diagonal blocks ``M @ R_i`` of rotation's delta (Eq. 9), shape (n, r_hat, r_hat).
-
-    R_i rotates chunk i by ``i * theta``. Row by row, ``m @ R_i = R_i^T m``: the rotation by
-    ``-i * theta``, applied to every row of M at once.
-    """
-    r_hat = M.shape[0]
-    cos, sin = rope_cos_sin(r_hat, n, dtype=M.dtype, device=M.device)
-    return rotate(M, cos[:, None, :], -sin[:, None, :]).expand(n, r_hat, r_hat)
 
 
 def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, mora_type: str) -> torch.Tensor:
