@@ -281,6 +281,11 @@ def rotated_blocks(M: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tens
     r_hat = M.shape[0]
     h = r_hat // 2
     cos, sin = rope if rope is not None else rope_cos_sin(r_hat, n, dtype=M.dtype, device=M.device)
+    if cos.shape != (n, h) or sin.shape != (n, h):
+        raise ValueError(
+            f"RoPE tables of shapes {tuple(cos.shape)}, {tuple(sin.shape)} do not fit {n} chunks of size {r_hat}; "
+            f"pass rope_cos_sin({r_hat}, {n}) (or rope=None)."
+        )
     one, zero = cos.new_ones(n, r_hat - 2 * h), cos.new_zeros(n, r_hat - 2 * h)
     cos_full = torch.cat([cos, cos, one], dim=-1)[:, None, :]  # (n, 1, r_hat): scales column c of M
     sin_full = torch.cat([sin, -sin, zero], dim=-1)[:, None, :]

@@ -154,6 +154,24 @@ def test_rotation_folded_into_M_equals_rotating_the_activations(d_in, d_out, r_h
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "strided"])
+def test_rotation_on_inputs_that_are_not_contiguous(layout):
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = {
+        "transposed": torch.randn(3, 14, 5, dtype=torch.float64, generator=gen).transpose(-1, -2),
+        "expanded": torch.randn(1, 14, dtype=torch.float64, generator=gen).expand(4, 14),
+        "strided": torch.randn(4, 30, dtype=torch.float64, generator=gen)[:, ::2][:, :14],
+    }[layout].requires_grad_(True)
+    actual, expected = ops.mora_delta_y(x, M, 30, "rotation"), reference_rotation_forward(x, M, 30)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    for a, e in zip(torch.autograd.grad(actual, (x, M), grad_y), torch.autograd.grad(expected, (x, M), grad_y)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"do not fit 3 chunks of size 6; pass rope_cos_sin\(6, 3\)"):
+        ops.mora_delta_y(x, M, 30, "rotation", ops.rope_cos_sin(6, 2, dtype=torch.float64))
+
+
 def test_chunk_matmul_and_its_gradients():
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
