@@ -25,7 +25,7 @@ Operators (``mora_type``; integers are the reference implementation's aliases):
 
 Rotation never rotates the activations: the rotation R_i of chunk i is a fixed linear map, so
 chunk i is multiplied by the block ``M @ R_i`` (:func:`rotated_blocks`, built from M once per
-call) in one batched matmul (:func:`chunk_matmul`). Its cost over the frozen layer is then that of
+call) in one batched matmul (:func:`rotated_chunk_matmul`). Its cost over the frozen layer is then that of
 decoupling, ``r_hat / d_out`` of the frozen layer's multiply-adds.
 
 "Wrap" pads by wrapping around: position j of the padded vector holds ``x[j % d_in]``, so
@@ -267,30 +267,46 @@ def decompress(y: torch.Tensor, out_features: int, mora_type: str) -> torch.Tens
     return y[..., :out_features] if length >= out_features else F.pad(y, (0, out_features - length))
 
 
-def rotated_blocks(M: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The n diagonal blocks ``M @ R_i`` of rotation's core (Eq. 9), shape (n, r_hat, r_hat).
+def _rope_columns(
+    r_hat: int, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column factors (n, 1, r_hat) with ``M @ R_i = M * cos_cols[i] + swap_halves(M) * sin_cols[i]``.
 
-    R_i rotates chunk i by ``i * theta`` (:func:`rotate`, rotate-half pairs (j, j + h), h = r_hat // 2).
-    Column by column, ``M @ R_i = [M_1 cos_i + M_2 sin_i | M_2 cos_i - M_1 sin_i | M_odd]`` with
-    ``M_1``, ``M_2`` the first and second h columns of M and ``M_odd`` its unrotated last column when
-    r_hat is odd: two elementwise passes over (n, r_hat, r_hat), differentiable in M.
-
-    ``rope`` is the (cos, sin) pair of :func:`rope_cos_sin` for (r_hat, n) in M's dtype; it is computed
-    when omitted.
+    From the rotate-half form of R_i (:func:`rotate`): with ``M_1``, ``M_2`` the first and second
+    h = r_hat // 2 columns of M, ``M @ R_i = [M_1 cos_i + M_2 sin_i | M_2 cos_i - M_1 sin_i | M_odd]``,
+    ``M_odd`` being the unrotated last column when r_hat is odd.
     """
-    r_hat = M.shape[0]
     h = r_hat // 2
-    cos, sin = rope if rope is not None else rope_cos_sin(r_hat, n, dtype=M.dtype, device=M.device)
+    cos, sin = rope if rope is not None else rope_cos_sin(r_hat, n, dtype=like.dtype, device=like.device)
     if cos.shape != (n, h) or sin.shape != (n, h):
         raise ValueError(
             f"RoPE tables of shapes {tuple(cos.shape)}, {tuple(sin.shape)} do not fit {n} chunks of size {r_hat}; "
             f"pass rope_cos_sin({r_hat}, {n}) (or rope=None)."
         )
-    one, zero = cos.new_ones(n, r_hat - 2 * h), cos.new_zeros(n, r_hat - 2 * h)
-    cos_full = torch.cat([cos, cos, one], dim=-1)[:, None, :]  # (n, 1, r_hat): scales column c of M
-    sin_full = torch.cat([sin, -sin, zero], dim=-1)[:, None, :]
-    swapped = torch.cat([M[:, h : 2 * h], M[:, :h], M[:, 2 * h :]], dim=-1)  # columns (M_2, M_1, M_odd)
-    return torch.addcmul(M * cos_full, swapped, sin_full)
+    odd = r_hat - 2 * h
+    cos_cols = torch.cat([cos, cos, cos.new_ones(n, odd)], dim=-1)[:, None, :]
+    sin_cols = torch.cat([sin, -sin, sin.new_zeros(n, odd)], dim=-1)[:, None, :]
+    return cos_cols, sin_cols
+
+
+def swap_halves(M: torch.Tensor) -> torch.Tensor:
+    """Columns ``(M_2, M_1, M_odd)`` of ``(M_1, M_2, M_odd)`` (halves of size r // 2); its own inverse."""
+    h = M.shape[-1] // 2
+    return torch.cat([M[..., h : 2 * h], M[..., :h], M[..., 2 * h :]], dim=-1)
+
+
+def _blocks(M: torch.Tensor, cos_cols: torch.Tensor, sin_cols: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(M * cos_cols, swap_halves(M), sin_cols)
+
+
+def rotated_blocks(M: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The n diagonal blocks ``M @ R_i`` of rotation's core (Eq. 9), shape (n, r_hat, r_hat).
+
+    R_i rotates chunk i by ``i * theta`` (:func:`rotate`); two elementwise passes over the blocks,
+    differentiable in M. ``rope`` is the (cos, sin) pair of :func:`rope_cos_sin` for (r_hat, n) in M's
+    dtype; it is computed when omitted.
+    """
+    return _blocks(M, *_rope_columns(M.shape[0], n, rope, M))
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
@@ -302,20 +318,25 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-class _ChunkMatmul(torch.autograd.Function):
-    """``y[t, i] = blocks[i] @ z[t, i]`` for z (T, n, r_in), blocks (n, r_out, r_in) -> y (T, n, r_out).
+def _bmm_chunks(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``y[t, i] = blocks[i] @ z[t, i]``: (T, n, r_in) x (n, r_out, r_in) -> (T, n, r_out), one batched matmul.
 
-    The batched matmuls (forward, both gradients) read and write the token-major tensors through
-    transposed views, which BLAS takes as strided operands: no activation-sized copy. The input
-    gradient is this function again (with the blocks transposed), so double backward works too.
+    z and y are read and written through transposed views, which BLAS takes as strided operands:
+    no activation-sized copy.
     """
+    y = z.new_empty(z.shape[0], z.shape[1], blocks.shape[1])
+    torch.bmm(z.transpose(0, 1), blocks.transpose(1, 2), out=y.transpose(0, 1))
+    return y
+
+
+class _ChunkMatmul(torch.autograd.Function):
+    """:func:`_bmm_chunks` with its gradients; the input gradient is this function again (blocks
+    transposed), so double backward works too."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        y = z.new_empty(z.shape[0], z.shape[1], blocks.shape[1])
-        torch.bmm(z.transpose(0, 1), blocks.transpose(1, 2), out=y.transpose(0, 1))
         ctx.save_for_backward(z, blocks)
-        return y
+        return _bmm_chunks(z, blocks)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -328,26 +349,71 @@ class _ChunkMatmul(torch.autograd.Function):
         return grad_z, grad_blocks
 
 
+class _RotatedChunkMatmul(torch.autograd.Function):
+    """``y[t, i] = (M @ R_i) @ z[t, i]``, keeping only z and M for backward: the blocks are rebuilt
+    there (two passes over them) rather than held from forward to backward.
+
+    ``grad_M = sum_i grad_B_i * cos_cols[i] + swap_halves(sum_i grad_B_i * sin_cols[i])``, the transpose
+    of :func:`_blocks`. The backward is made of differentiable operations, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, z, M, cos_cols, sin_cols):
+        ctx.save_for_backward(z, M, cos_cols, sin_cols)
+        return _bmm_chunks(z, _blocks(M, cos_cols, sin_cols).to(z.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, M, cos_cols, sin_cols = ctx.saved_tensors
+        grad_z = grad_M = None
+        if ctx.needs_input_grad[0]:
+            blocks = _blocks(M, cos_cols, sin_cols).to(z.dtype)
+            grad_z = _ChunkMatmul.apply(grad_y, blocks.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_blocks = torch.bmm(grad_y.permute(1, 2, 0), z.transpose(0, 1)).to(M.dtype)
+            grad_M = (grad_blocks * cos_cols).sum(0) + swap_halves((grad_blocks * sin_cols).sum(0))
+        return grad_z, grad_M, None, None
+
+
+def _check_chunks(z: torch.Tensor, n: int, r_out: int, r_in: int) -> None:
+    if z.shape[-2:] != (n, r_in):
+        raise ValueError(f"z of shape {tuple(z.shape)} does not fit {n} blocks of shape ({r_out}, {r_in}).")
+
+
 def chunk_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """Block i applied to chunk i: (..., n, r_in) x (n, r_out, r_in) -> (..., n, r_out).
 
     Equal to ``torch.einsum("...ni,noi->...no", z, blocks)`` in one batched matmul over the chunks
-    without copying the activations (:class:`_ChunkMatmul`). Under autocast, both operands are cast
-    as ``torch.bmm`` would cast them.
+    without copying the activations. Under autocast, both operands are cast as ``torch.bmm`` would
+    cast them.
     """
     n, r_out, r_in = blocks.shape
-    if z.shape[-2:] != (n, r_in):
-        raise ValueError(
-            f"chunk_matmul: z of shape {tuple(z.shape)} does not fit {n} blocks of shape ({r_out}, {r_in})."
-        )
+    _check_chunks(z, n, r_out, r_in)
     z, blocks = z.to(_autocast_dtype(z)), blocks.to(_autocast_dtype(blocks))
     if z.dtype != blocks.dtype:
-        raise RuntimeError(
-            f"chunk_matmul: z is {z.dtype} but the blocks are {blocks.dtype}; cast the input to M's dtype first."
-        )
-    lead = z.shape[:-2]
+        raise RuntimeError(f"z is {z.dtype} but the blocks are {blocks.dtype}; cast the input to M's dtype first.")
     y = _ChunkMatmul.apply(z.reshape(-1, n, r_in), blocks)
-    return y.reshape(*lead, n, r_out)
+    return y.reshape(*z.shape[:-2], n, r_out)
+
+
+def rotated_chunk_matmul(
+    z: torch.Tensor, M: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Rotation's core on the unrotated chunks: ``y[..., i] = (M @ R_i) @ z[..., i]`` (Eq. 9).
+
+    Equal to ``chunk_matmul(z, rotated_blocks(M, n, rope))``; the blocks are built from M in its own
+    dtype (then cast as ``torch.bmm`` under autocast would cast them) and not kept for backward.
+    """
+    r_hat = M.shape[0]
+    n = z.shape[-2]
+    _check_chunks(z, n, r_hat, r_hat)
+    cos_cols, sin_cols = _rope_columns(r_hat, n, rope, M)
+    z = z.to(_autocast_dtype(z))
+    compute = _autocast_dtype(M)
+    if z.dtype != compute:
+        raise RuntimeError(f"The input is {z.dtype} but M is {compute}; cast the input to M's dtype first.")
+    y = _RotatedChunkMatmul.apply(z.reshape(-1, n, r_hat), M, cos_cols.to(M.dtype), sin_cols.to(M.dtype))
+    return y.reshape(*z.shape[:-2], n, r_hat)
 
 
 def mora_delta_y(
@@ -360,11 +426,11 @@ def mora_delta_y(
     """The adapter's output ``delta_y = f_decomp(M f_comp(x))`` (Eq. 3), M of shape (r_hat, r_hat).
 
     M acts like an ``nn.Linear`` weight (output index first), on each chunk when chunked; for
-    ``rotation``, chunk i meets ``M @ R_i`` (:func:`rotated_blocks`, ``rope`` its cached tables).
+    ``rotation``, chunk i meets ``M @ R_i`` (:func:`rotated_chunk_matmul`, ``rope`` its cached tables).
     """
     z = compress(x, M.shape[0], mora_type)
     if mora_type == "rotation":
-        y = chunk_matmul(z, rotated_blocks(M, z.shape[-2], rope))
+        y = rotated_chunk_matmul(z, M, rope)
     else:
         y = z @ M.T
     return decompress(y, out_features, mora_type)

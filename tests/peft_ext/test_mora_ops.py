@@ -187,6 +187,31 @@ def test_chunk_matmul_and_its_gradients():
         ops.chunk_matmul(z.float(), blocks)
 
 
+def test_rotated_chunk_matmul_double_backward_and_saved_tensors():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    M = torch.randn(5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    expected = torch.einsum("tni,noi->tno", z, ops.rotated_blocks(M, 3))
+    torch.testing.assert_close(ops.rotated_chunk_matmul(z, M), expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(ops.rotated_chunk_matmul, (z, M))
+    assert torch.autograd.gradgradcheck(ops.rotated_chunk_matmul, (z, M))
+    # For backward, rotation keeps the input (a view of it when d_in is a multiple of r_hat) and
+    # parameter-sized tensors only: no rotated copy of the activations, no blocks.
+    x = torch.randn(64, 48, requires_grad=True)
+    M = torch.randn(16, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.mora_delta_y(x, M, 48, "rotation")
+    kept = {t.untyped_storage().data_ptr(): t.numel() for t in saved}
+    assert x.untyped_storage().data_ptr() in kept
+    assert all(ptr == x.untyped_storage().data_ptr() or numel <= M.numel() for ptr, numel in kept.items())
+
+
 def test_rotation_in_half_precision_and_under_autocast():
     gen = torch.Generator().manual_seed(0)
     M = torch.randn(8, 8, generator=gen) / 8
