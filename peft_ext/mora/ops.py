@@ -23,10 +23,11 @@ Operators (``mora_type``; integers are the reference implementation's aliases):
 | ``group_tile`` | 3 | sum runs of adjacent inputs | tile |
 | ``wrap_interleave`` | 4 | as sharing | repeat each output |
 
-Rotation never rotates the activations: the rotation R_i of chunk i is a fixed linear map, so
-chunk i is multiplied by the block ``M @ R_i`` (:func:`rotated_blocks`, built from M once per
-call) in one batched matmul (:func:`rotated_chunk_matmul`). Its cost over the frozen layer is then that of
-decoupling, ``r_hat / d_out`` of the frozen layer's multiply-adds.
+Rotation does not rotate the activations of a training step: the rotation R_i of chunk i is a
+fixed linear map, so chunk i is multiplied by the block ``M @ R_i`` (:func:`rotated_blocks`, built
+from M once per call) in one batched matmul (:func:`rotated_chunk_matmul`). Its cost over the frozen
+layer is then that of decoupling, ``r_hat / d_out`` of the frozen layer's multiply-adds. With fewer
+tokens than r_hat (decoding) the blocks would outnumber the activations, and the chunks are rotated.
 
 "Wrap" pads by wrapping around: position j of the padded vector holds ``x[j % d_in]``, so
 it also works when ``r_hat > d_in``. "Runs" split d_in into r_hat contiguous groups whose
@@ -267,15 +268,10 @@ def decompress(y: torch.Tensor, out_features: int, mora_type: str) -> torch.Tens
     return y[..., :out_features] if length >= out_features else F.pad(y, (0, out_features - length))
 
 
-def _rope_columns(
+def _rope_tables(
     r_hat: int, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column factors (n, 1, r_hat) with ``M @ R_i = M * cos_cols[i] + swap_halves(M) * sin_cols[i]``.
-
-    From the rotate-half form of R_i (:func:`rotate`): with ``M_1``, ``M_2`` the first and second
-    h = r_hat // 2 columns of M, ``M @ R_i = [M_1 cos_i + M_2 sin_i | M_2 cos_i - M_1 sin_i | M_odd]``,
-    ``M_odd`` being the unrotated last column when r_hat is odd.
-    """
+    """``rope`` checked against (n, r_hat // 2), or computed in the dtype and device of ``like``."""
     h = r_hat // 2
     cos, sin = rope if rope is not None else rope_cos_sin(r_hat, n, dtype=like.dtype, device=like.device)
     if cos.shape != (n, h) or sin.shape != (n, h):
@@ -283,6 +279,17 @@ def _rope_columns(
             f"RoPE tables of shapes {tuple(cos.shape)}, {tuple(sin.shape)} do not fit {n} chunks of size {r_hat}; "
             f"pass rope_cos_sin({r_hat}, {n}) (or rope=None)."
         )
+    return cos, sin
+
+
+def _rope_columns(cos: torch.Tensor, sin: torch.Tensor, r_hat: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column factors (n, 1, r_hat) with ``M @ R_i = M * cos_cols[i] + swap_halves(M) * sin_cols[i]``.
+
+    From the rotate-half form of R_i (:func:`rotate`): with ``M_1``, ``M_2`` the first and second
+    h = r_hat // 2 columns of M, ``M @ R_i = [M_1 cos_i + M_2 sin_i | M_2 cos_i - M_1 sin_i | M_odd]``,
+    ``M_odd`` being the unrotated last column when r_hat is odd.
+    """
+    n, h = cos.shape
     odd = r_hat - 2 * h
     cos_cols = torch.cat([cos, cos, cos.new_ones(n, odd)], dim=-1)[:, None, :]
     sin_cols = torch.cat([sin, -sin, sin.new_zeros(n, odd)], dim=-1)[:, None, :]
@@ -306,7 +313,8 @@ def rotated_blocks(M: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tens
     differentiable in M. ``rope`` is the (cos, sin) pair of :func:`rope_cos_sin` for (r_hat, n) in M's
     dtype; it is computed when omitted.
     """
-    return _blocks(M, *_rope_columns(M.shape[0], n, rope, M))
+    r_hat = M.shape[0]
+    return _blocks(M, *_rope_columns(*_rope_tables(r_hat, n, rope, M), r_hat))
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
@@ -399,20 +407,26 @@ def chunk_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 def rotated_chunk_matmul(
     z: torch.Tensor, M: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """Rotation's core on the unrotated chunks: ``y[..., i] = (M @ R_i) @ z[..., i]`` (Eq. 9).
+    """Rotation's core on the unrotated chunks: ``y[..., i] = M @ R_i @ z[..., i]`` (Eq. 9).
 
-    Equal to ``chunk_matmul(z, rotated_blocks(M, n, rope))``; the blocks are built from M in its own
-    dtype (then cast as ``torch.bmm`` under autocast would cast them) and not kept for backward.
+    Whichever is smaller gets rotated. With at least r_hat tokens (training, prefill), M's n blocks
+    ``M @ R_i`` (:func:`rotated_blocks`, n * r_hat**2 numbers) are applied to the chunks in one batched
+    matmul; the blocks are built from M in its own dtype (then cast as ``torch.bmm`` under autocast
+    would cast them) and rebuilt for backward rather than kept. With fewer tokens (decoding), the
+    chunks themselves (tokens * n * r_hat numbers) are rotated and multiplied by M. Same math either way.
     """
     r_hat = M.shape[0]
     n = z.shape[-2]
     _check_chunks(z, n, r_hat, r_hat)
-    cos_cols, sin_cols = _rope_columns(r_hat, n, rope, M)
+    cos, sin = _rope_tables(r_hat, n, rope, M)
+    if z.numel() < n * r_hat * r_hat:  # fewer tokens than r_hat
+        return rotate(z, cos, sin) @ M.T
+    cos_cols, sin_cols = _rope_columns(cos.to(M.dtype), sin.to(M.dtype), r_hat)
     z = z.to(_autocast_dtype(z))
     compute = _autocast_dtype(M)
     if z.dtype != compute:
         raise RuntimeError(f"The input is {z.dtype} but M is {compute}; cast the input to M's dtype first.")
-    y = _RotatedChunkMatmul.apply(z.reshape(-1, n, r_hat), M, cos_cols.to(M.dtype), sin_cols.to(M.dtype))
+    y = _RotatedChunkMatmul.apply(z.reshape(-1, n, r_hat), M, cos_cols, sin_cols)
     return y.reshape(*z.shape[:-2], n, r_hat)
 
 

@@ -121,7 +121,8 @@ def test_delta_weight_is_differentiable():
     assert math.isclose(M.grad[i, j].item(), fd.item(), rel_tol=1e-5)
 
 
-# (d_in, d_out, r_hat, leading dims of x); r_hat is set directly, so it may be odd.
+# (d_in, d_out, r_hat, leading dims of x); r_hat is set directly, so it may be odd. With fewer tokens
+# than r_hat, the chunks are rotated; with more, M's blocks: each shape is run with both.
 ROTATION_SHAPES = [
     (10, 7, 4, (3,)),  # d_in not a multiple of r_hat; d_out < n * r_hat
     (10, 29, 4, (2, 3)),  # d_out > n * r_hat: tiled
@@ -135,9 +136,12 @@ ROTATION_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("tokens", ["as listed", "at least r_hat"])
 @pytest.mark.parametrize("cached_tables", [False, True])
 @pytest.mark.parametrize("d_in,d_out,r_hat,lead", ROTATION_SHAPES)
-def test_rotation_folded_into_M_equals_rotating_the_activations(d_in, d_out, r_hat, lead, cached_tables):
+def test_rotation_equals_rotating_the_activations(d_in, d_out, r_hat, lead, cached_tables, tokens):
+    if tokens == "at least r_hat":
+        lead = (*lead[:-1], 2, r_hat) if lead else (r_hat,)
     gen = torch.Generator().manual_seed(d_in * 100 + r_hat)
     M = torch.randn(r_hat, r_hat, dtype=torch.float64, generator=gen, requires_grad=True)
     x = torch.randn(*lead, d_in, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -160,8 +164,8 @@ def test_rotation_on_inputs_that_are_not_contiguous(layout):
     M = torch.randn(6, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     x = {
         "transposed": torch.randn(3, 14, 5, dtype=torch.float64, generator=gen).transpose(-1, -2),
-        "expanded": torch.randn(1, 14, dtype=torch.float64, generator=gen).expand(4, 14),
-        "strided": torch.randn(4, 30, dtype=torch.float64, generator=gen)[:, ::2][:, :14],
+        "expanded": torch.randn(1, 14, dtype=torch.float64, generator=gen).expand(9, 14),
+        "strided": torch.randn(4, 30, dtype=torch.float64, generator=gen)[:, ::2][:, :14],  # fewer tokens than r_hat
     }[layout].requires_grad_(True)
     actual, expected = ops.mora_delta_y(x, M, 30, "rotation"), reference_rotation_forward(x, M, 30)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
@@ -189,12 +193,13 @@ def test_chunk_matmul_and_its_gradients():
 
 def test_rotated_chunk_matmul_double_backward_and_saved_tensors():
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     M = torch.randn(5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    expected = torch.einsum("tni,noi->tno", z, ops.rotated_blocks(M, 3))
-    torch.testing.assert_close(ops.rotated_chunk_matmul(z, M), expected, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(ops.rotated_chunk_matmul, (z, M))
-    assert torch.autograd.gradgradcheck(ops.rotated_chunk_matmul, (z, M))
+    for tokens in (2, 6):  # rotating the chunks, rotating M
+        z = torch.randn(tokens, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+        expected = torch.einsum("tni,noi->tno", z, ops.rotated_blocks(M, 3))
+        torch.testing.assert_close(ops.rotated_chunk_matmul(z, M), expected, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(ops.rotated_chunk_matmul, (z, M))
+        assert torch.autograd.gradgradcheck(ops.rotated_chunk_matmul, (z, M))
     # For backward, rotation keeps the input (a view of it when d_in is a multiple of r_hat) and
     # parameter-sized tensors only: no rotated copy of the activations, no blocks.
     x = torch.randn(64, 48, requires_grad=True)
@@ -212,10 +217,11 @@ def test_rotated_chunk_matmul_double_backward_and_saved_tensors():
     assert all(ptr == x.untyped_storage().data_ptr() or numel <= M.numel() for ptr, numel in kept.items())
 
 
-def test_rotation_in_half_precision_and_under_autocast():
+@pytest.mark.parametrize("tokens", [4, 16])  # fewer than r_hat = 8, and more
+def test_rotation_in_half_precision_and_under_autocast(tokens):
     gen = torch.Generator().manual_seed(0)
     M = torch.randn(8, 8, generator=gen) / 8
-    x = torch.randn(4, 20, generator=gen)
+    x = torch.randn(tokens, 20, generator=gen)
     exact = reference_rotation_forward(x.double(), M.double(), 12)
     for dtype in (torch.bfloat16, torch.float16):
         low = ops.mora_delta_y(x.to(dtype), M.to(dtype), 12, "rotation")
