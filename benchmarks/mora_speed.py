@@ -20,7 +20,8 @@ sqrt(2r / d) of the frozen layer's, so its overhead shrinks with model width and
 gradient, as inside a network) for d in ``--dims``, r in ``--ranks``, tokens in ``--tokens``:
 LoRA, MoRA rotation, MoRA rotation "before" (the former implementation, which rotated the
 activations chunk by chunk before multiplying by M; kept here only for comparison) and MoRA
-sharing. Each round times one step of every adapter in turn (order rotating), so machine load
+sharing (with fewer tokens than r_hat, rotation also rotates the activations, then the smaller of
+the two). Each round times one step of every adapter in turn (order rotating), so machine load
 hits all alike; medians are reported. The inherent cost of rotation is ``1 + r_hat / d_out``: its
 forward does ``r_hat / d_out`` of the frozen layer's multiply-adds on top (the goal is rotation
 <= 1.05 x that x LoRA's time). Counted over forward + backward, the frozen layer does 2 d_in d_out
