@@ -298,9 +298,31 @@ def qtuning_quality(path: Path) -> str:
     return "\n".join(lines)
 
 
+def mora_speed_layer(path: Path) -> str:
+    rows = _matches(
+        path,
+        r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)x"
+        r"\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
+        minimum=1,
+    )
+    lines = [
+        "| d | r | tokens | r̂ | LoRA ms | before / LoRA | rotation / LoRA | sharing / LoRA | 1 + r̂/d_out | FLOPs / LoRA "
+        "| rotation / goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        d, r, tokens, r_hat, lora_ms, _b, _rot, _sh, before, rotation, sharing, inherent, flops, goal = m.groups()
+        lines.append(
+            f"| {d} | {r} | {tokens} | {r_hat} | {lora_ms} | {before}x | {rotation}x | {sharing}x | {inherent} "
+            f"| {flops} | {goal} |"
+        )
+    return "\n".join(lines)
+
+
 # name: (results file, renderer)
 BLOCKS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "mora_speed": ("mora_speed.txt", mora_speed),
+    "mora_speed_layer": ("mora_speed.txt", mora_speed_layer),
     "merge_precision": ("merge_precision.txt", merge_precision),
     "subnet_step": ("subnet_speed.txt", subnet_step),
     "prefix_grouper_logps": ("prefix_grouper_logps_all.txt", prefix_grouper_logps),

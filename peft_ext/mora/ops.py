@@ -18,10 +18,16 @@ Operators (``mora_type``; integers are the reference implementation's aliases):
 | ``truncation`` (Eq. 4) | | keep the first r_hat inputs | zero-pad |
 | ``sharing`` (Eq. 6) | 1 | wrap x to a multiple of r_hat, sum the r_hat-chunks | tile |
 | ``decoupling`` (Eq. 8) | | wrap x, apply M to each r_hat-chunk | concatenate, tile/truncate |
-| ``rotation`` (Eq. 9) | 6 | as decoupling, chunk i first rotated by RoPE angles i*theta | as decoupling |
+| ``rotation`` (Eq. 9) | 6 | as decoupling, chunk i first rotated by RoPE angles i*theta (folded into M) | as decoupling |
 | ``group_interleave`` | 2 | sum runs of adjacent inputs | repeat each output (repeat_interleave) |
 | ``group_tile`` | 3 | sum runs of adjacent inputs | tile |
 | ``wrap_interleave`` | 4 | as sharing | repeat each output |
+
+Rotation does not rotate the activations of a training step: the rotation R_i of chunk i is a
+fixed linear map, so chunk i is multiplied by the block ``M @ R_i`` (:func:`rotated_blocks`, built
+from M once per call) in one batched matmul (:func:`rotated_chunk_matmul`). Its cost over the frozen
+layer is then that of decoupling, ``r_hat / d_out`` of the frozen layer's multiply-adds. With fewer
+tokens than r_hat (decoding) the blocks would outnumber the activations, and the chunks are rotated.
 
 "Wrap" pads by wrapping around: position j of the padded vector holds ``x[j % d_in]``, so
 it also works when ``r_hat > d_in``. "Runs" split d_in into r_hat contiguous groups whose
@@ -67,7 +73,7 @@ _COMPRESS = {
     "truncation": "truncate",
     "sharing": "wrap_sum",
     "decoupling": "chunk",
-    "rotation": "chunk_rotate",
+    "rotation": "chunk",  # the rotation of each chunk is folded into M (rotated_blocks)
     "group_interleave": "group_sum",
     "group_tile": "group_sum",
     "wrap_interleave": "wrap_sum",
@@ -109,7 +115,7 @@ def resolve_mora_type(mora_type: str | int) -> str:
 
 def is_chunked(mora_type: str) -> bool:
     """Whether M is applied to every r_hat-chunk of the input separately (decoupling, rotation)."""
-    return _COMPRESS[mora_type] in ("chunk", "chunk_rotate")
+    return _COMPRESS[mora_type] == "chunk"
 
 
 def mora_rank(in_features: int, out_features: int, r: int, mora_type: str = "rotation") -> int:
@@ -230,13 +236,11 @@ def rotate(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------- forward path
-def compress(
-    x: torch.Tensor, r_hat: int, mora_type: str, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> torch.Tensor:
-    """``f_comp`` (Eqs. 4, 6, 8, 9): (..., d_in) -> (..., n, r_hat), n = 1 unless chunked.
+def compress(x: torch.Tensor, r_hat: int, mora_type: str) -> torch.Tensor:
+    """``f_comp`` (Eqs. 4, 6, 8): (..., d_in) -> (..., n, r_hat), n = 1 unless chunked.
 
-    ``rope`` is the (cos, sin) pair of :func:`rope_cos_sin` for ``rotation``; it is computed
-    on the fly when omitted.
+    For ``rotation`` these are the unrotated chunks of Eq. 8: the rotation R_i of Eq. 9 is applied
+    by the blocks ``M @ R_i`` of :func:`rotated_blocks`, never to the activations.
     """
     kind = _COMPRESS[mora_type]
     d_in = x.shape[-1]
@@ -249,9 +253,6 @@ def compress(
     z = wrap_to(x, n * r_hat).unflatten(-1, (n, r_hat))
     if kind == "wrap_sum":
         return z.sum(-2, keepdim=True)
-    if kind == "chunk_rotate":
-        cos, sin = rope if rope is not None else rope_cos_sin(r_hat, n, dtype=x.dtype, device=x.device)
-        z = rotate(z, cos, sin)
     return z
 
 
@@ -267,6 +268,168 @@ def decompress(y: torch.Tensor, out_features: int, mora_type: str) -> torch.Tens
     return y[..., :out_features] if length >= out_features else F.pad(y, (0, out_features - length))
 
 
+def _rope_tables(
+    r_hat: int, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope`` checked against (n, r_hat // 2), or computed in the dtype and device of ``like``."""
+    h = r_hat // 2
+    cos, sin = rope if rope is not None else rope_cos_sin(r_hat, n, dtype=like.dtype, device=like.device)
+    if cos.shape != (n, h) or sin.shape != (n, h):
+        raise ValueError(
+            f"RoPE tables of shapes {tuple(cos.shape)}, {tuple(sin.shape)} do not fit {n} chunks of size {r_hat}; "
+            f"pass rope_cos_sin({r_hat}, {n}) (or rope=None)."
+        )
+    return cos, sin
+
+
+def _rope_columns(cos: torch.Tensor, sin: torch.Tensor, r_hat: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column factors (n, 1, r_hat) with ``M @ R_i = M * cos_cols[i] + swap_halves(M) * sin_cols[i]``.
+
+    From the rotate-half form of R_i (:func:`rotate`): with ``M_1``, ``M_2`` the first and second
+    h = r_hat // 2 columns of M, ``M @ R_i = [M_1 cos_i + M_2 sin_i | M_2 cos_i - M_1 sin_i | M_odd]``,
+    ``M_odd`` being the unrotated last column when r_hat is odd.
+    """
+    n, h = cos.shape
+    odd = r_hat - 2 * h
+    cos_cols = torch.cat([cos, cos, cos.new_ones(n, odd)], dim=-1)[:, None, :]
+    sin_cols = torch.cat([sin, -sin, sin.new_zeros(n, odd)], dim=-1)[:, None, :]
+    return cos_cols, sin_cols
+
+
+def swap_halves(M: torch.Tensor) -> torch.Tensor:
+    """Columns ``(M_2, M_1, M_odd)`` of ``(M_1, M_2, M_odd)`` (halves of size r // 2); its own inverse."""
+    h = M.shape[-1] // 2
+    return torch.cat([M[..., h : 2 * h], M[..., :h], M[..., 2 * h :]], dim=-1)
+
+
+def _blocks(M: torch.Tensor, cos_cols: torch.Tensor, sin_cols: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(M * cos_cols, swap_halves(M), sin_cols)
+
+
+def rotated_blocks(M: torch.Tensor, n: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The n diagonal blocks ``M @ R_i`` of rotation's core (Eq. 9), shape (n, r_hat, r_hat).
+
+    R_i rotates chunk i by ``i * theta`` (:func:`rotate`); two elementwise passes over the blocks,
+    differentiable in M. ``rope`` is the (cos, sin) pair of :func:`rope_cos_sin` for (r_hat, n) in M's
+    dtype; it is computed when omitted.
+    """
+    r_hat = M.shape[0]
+    return _blocks(M, *_rope_columns(*_rope_tables(r_hat, n, rope, M), r_hat))
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``torch.bmm`` would compute ``t`` in under the autocast state of its device type."""
+    device_type = t.device.type
+    eligible = t.is_floating_point() and t.dtype != torch.float64  # autocast leaves float64 alone
+    if eligible and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+def _bmm_chunks(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``y[t, i] = blocks[i] @ z[t, i]``: (T, n, r_in) x (n, r_out, r_in) -> (T, n, r_out), one batched matmul.
+
+    z and y are read and written through transposed views, which BLAS takes as strided operands:
+    no activation-sized copy.
+    """
+    y = z.new_empty(z.shape[0], z.shape[1], blocks.shape[1])
+    torch.bmm(z.transpose(0, 1), blocks.transpose(1, 2), out=y.transpose(0, 1))
+    return y
+
+
+class _ChunkMatmul(torch.autograd.Function):
+    """:func:`_bmm_chunks` with its gradients; the input gradient is this function again (blocks
+    transposed), so double backward works too."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z, blocks)
+        return _bmm_chunks(z, blocks)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        z, blocks = ctx.saved_tensors
+        grad_z = grad_blocks = None
+        if ctx.needs_input_grad[0]:
+            grad_z = _ChunkMatmul.apply(grad_y, blocks.transpose(1, 2))
+        if ctx.needs_input_grad[1]:  # sum over tokens of grad_y[t, i] (outer) z[t, i]
+            grad_blocks = torch.bmm(grad_y.permute(1, 2, 0), z.transpose(0, 1))
+        return grad_z, grad_blocks
+
+
+class _RotatedChunkMatmul(torch.autograd.Function):
+    """``y[t, i] = (M @ R_i) @ z[t, i]``, keeping only z and M for backward: the blocks are rebuilt
+    there (two passes over them) rather than held from forward to backward.
+
+    ``grad_M = sum_i grad_B_i * cos_cols[i] + swap_halves(sum_i grad_B_i * sin_cols[i])``, the transpose
+    of :func:`_blocks`. The backward is made of differentiable operations, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, z, M, cos_cols, sin_cols):
+        ctx.save_for_backward(z, M, cos_cols, sin_cols)
+        return _bmm_chunks(z, _blocks(M, cos_cols, sin_cols).to(z.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, M, cos_cols, sin_cols = ctx.saved_tensors
+        grad_z = grad_M = None
+        if ctx.needs_input_grad[0]:
+            blocks = _blocks(M, cos_cols, sin_cols).to(z.dtype)
+            grad_z = _ChunkMatmul.apply(grad_y, blocks.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_blocks = torch.bmm(grad_y.permute(1, 2, 0), z.transpose(0, 1)).to(M.dtype)
+            grad_M = (grad_blocks * cos_cols).sum(0) + swap_halves((grad_blocks * sin_cols).sum(0))
+        return grad_z, grad_M, None, None
+
+
+def _check_chunks(z: torch.Tensor, n: int, r_out: int, r_in: int) -> None:
+    if z.shape[-2:] != (n, r_in):
+        raise ValueError(f"z of shape {tuple(z.shape)} does not fit {n} blocks of shape ({r_out}, {r_in}).")
+
+
+def chunk_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Block i applied to chunk i: (..., n, r_in) x (n, r_out, r_in) -> (..., n, r_out).
+
+    Equal to ``torch.einsum("...ni,noi->...no", z, blocks)`` in one batched matmul over the chunks
+    without copying the activations. Under autocast, both operands are cast as ``torch.bmm`` would
+    cast them.
+    """
+    n, r_out, r_in = blocks.shape
+    _check_chunks(z, n, r_out, r_in)
+    z, blocks = z.to(_autocast_dtype(z)), blocks.to(_autocast_dtype(blocks))
+    if z.dtype != blocks.dtype:
+        raise RuntimeError(f"z is {z.dtype} but the blocks are {blocks.dtype}; cast the input to M's dtype first.")
+    y = _ChunkMatmul.apply(z.reshape(-1, n, r_in), blocks)
+    return y.reshape(*z.shape[:-2], n, r_out)
+
+
+def rotated_chunk_matmul(
+    z: torch.Tensor, M: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Rotation's core on the unrotated chunks: ``y[..., i] = M @ R_i @ z[..., i]`` (Eq. 9).
+
+    Whichever is smaller gets rotated. With at least r_hat tokens (training, prefill), M's n blocks
+    ``M @ R_i`` (:func:`rotated_blocks`, n * r_hat**2 numbers) are applied to the chunks in one batched
+    matmul; the blocks are built from M in its own dtype (then cast as ``torch.bmm`` under autocast
+    would cast them) and rebuilt for backward rather than kept. With fewer tokens (decoding), the
+    chunks themselves (tokens * n * r_hat numbers) are rotated and multiplied by M. Same math either way.
+    """
+    r_hat = M.shape[0]
+    n = z.shape[-2]
+    _check_chunks(z, n, r_hat, r_hat)
+    cos, sin = _rope_tables(r_hat, n, rope, M)
+    if z.numel() < n * r_hat * r_hat:  # fewer tokens than r_hat
+        return rotate(z, cos, sin) @ M.T
+    cos_cols, sin_cols = _rope_columns(cos.to(M.dtype), sin.to(M.dtype), r_hat)
+    z = z.to(_autocast_dtype(z))
+    compute = _autocast_dtype(M)
+    if z.dtype != compute:
+        raise RuntimeError(f"The input is {z.dtype} but M is {compute}; cast the input to M's dtype first.")
+    y = _RotatedChunkMatmul.apply(z.reshape(-1, n, r_hat), M, cos_cols, sin_cols)
+    return y.reshape(*z.shape[:-2], n, r_hat)
+
+
 def mora_delta_y(
     x: torch.Tensor,
     M: torch.Tensor,
@@ -276,10 +439,15 @@ def mora_delta_y(
 ) -> torch.Tensor:
     """The adapter's output ``delta_y = f_decomp(M f_comp(x))`` (Eq. 3), M of shape (r_hat, r_hat).
 
-    M acts like an ``nn.Linear`` weight (output index first), on each chunk when chunked.
+    M acts like an ``nn.Linear`` weight (output index first), on each chunk when chunked; for
+    ``rotation``, chunk i meets ``M @ R_i`` (:func:`rotated_chunk_matmul`, ``rope`` its cached tables).
     """
-    z = compress(x, M.shape[0], mora_type, rope)
-    return decompress(z @ M.T, out_features, mora_type)
+    z = compress(x, M.shape[0], mora_type)
+    if mora_type == "rotation":
+        y = rotated_chunk_matmul(z, M, rope)
+    else:
+        y = z @ M.T
+    return decompress(y, out_features, mora_type)
 
 
 # ----------------------------------------------------------------------------- dense delta_W
@@ -311,17 +479,6 @@ def decompression_index(out_features: int, length: int, mora_type: str, device=N
     if kind == "interleave":
         return group_index(out_features, length, device=device)
     return torch.where(o < length, o, -1)
-
-
-def rotated_blocks(M: torch.Tensor, n: int) -> torch.Tensor:
-    """The n diagonal blocks ``M @ R_i`` of rotation's delta (Eq. 9), shape (n, r_hat, r_hat).
-
-    R_i rotates chunk i by ``i * theta``. Row by row, ``m @ R_i = R_i^T m``: the rotation by
-    ``-i * theta``, applied to every row of M at once.
-    """
-    r_hat = M.shape[0]
-    cos, sin = rope_cos_sin(r_hat, n, dtype=M.dtype, device=M.device)
-    return rotate(M, cos[:, None, :], -sin[:, None, :]).expand(n, r_hat, r_hat)
 
 
 def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, mora_type: str) -> torch.Tensor:

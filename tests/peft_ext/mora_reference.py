@@ -3,7 +3,9 @@
 They share no code with ``peft_ext.mora`` so that tests compare two independent derivations:
 - :func:`reference_delta_weight` builds the dense update D @ K @ C entry by entry;
 - :func:`reference_code_forward` follows the forward pass of the public reference
-  implementation (types 1 = sharing and 6 = rotation) step by step.
+  implementation (types 1 = sharing and 6 = rotation) step by step;
+- :func:`reference_rotation_forward` rotates the activations chunk by chunk and then applies M,
+  for any shape (differentiable, for gradient checks).
 """
 
 import math
@@ -108,3 +110,22 @@ def reference_code_forward(x: torch.Tensor, M: torch.Tensor, d_out: int, code: i
         reps = math.ceil(d_out / y.shape[-1])
         y = torch.cat([y] * reps, dim=-1)[..., :d_out]
     return y
+
+
+def reference_rotation_forward(x: torch.Tensor, M: torch.Tensor, d_out: int) -> torch.Tensor:
+    """``rotation``'s delta_y by rotating each activation chunk, then multiplying by M (Eqs. 8, 9).
+
+    Chunk i of the wrapped input is rotated by R_i (:func:`_rotation_matrix`, an odd r leaves its last
+    dim alone), multiplied by M, and the chunk outputs are concatenated and tiled (or cut) to d_out.
+    Any shape: d_in not a multiple of r, r > d_in, any leading dims. Differentiable in x and M.
+    """
+    r = M.shape[0]
+    d_in = x.shape[-1]
+    n = math.ceil(d_in / r)
+    outputs = []
+    for i in range(n):
+        chunk = x[..., [(i * r + k) % d_in for k in range(r)]]  # wrap around: padded x[j] = x[j % d_in]
+        rotated = chunk @ _rotation_matrix(r, i).to(x).T
+        outputs.append(rotated @ M.T)
+    y = torch.cat(outputs, dim=-1)
+    return y[..., [o % (n * r) for o in range(d_out)]]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mora_reference import reference_delta_weight
+from mora_reference import reference_delta_weight, reference_rotation_forward
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -118,6 +118,21 @@ def test_dropout_applies_to_input_before_compression():
     assert not torch.allclose(out.double(), base(x).double() + x.double() @ delta_w.T, atol=1e-3)
     layer.eval()
     torch.testing.assert_close(layer(x).double(), base(x).double() + x.double() @ delta_w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_rotation_layer_equals_rotating_the_activations_in_float64(kind):
+    layer = MoraLinear(make_base(kind, 40, 24).double(), "default", MoraConfig(r=2, init_weights=False)).double()
+    M = layer.mora_M["default"]
+    assert layer.mora_type["default"] == "rotation" and M.shape == (10, 10)
+    for tokens in (3, 30):  # fewer tokens than r_hat = 10 (the chunks are rotated), and more (M's blocks)
+        x = torch.randn(2, tokens // 2 + tokens % 2, 40, dtype=torch.float64, requires_grad=True)
+        out = layer(x)
+        expected = layer.base_layer(x) + reference_rotation_forward(x, M, 24)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(out)
+        for a, e in zip(torch.autograd.grad(out, (x, M), grad), torch.autograd.grad(expected, (x, M), grad)):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 def test_rope_tables_are_cached_per_adapter_and_dtype():

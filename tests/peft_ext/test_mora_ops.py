@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from mora_reference import reference_code_forward, reference_delta_weight
+from mora_reference import reference_code_forward, reference_delta_weight, reference_rotation_forward
 
 from peft_ext.mora import ops
 
@@ -119,3 +119,118 @@ def test_delta_weight_is_differentiable():
     bumped[i, j] += eps
     fd = (ops.mora_delta_weight(bumped, 64, 32, "rotation").sum() - W.detach().sum()) / eps
     assert math.isclose(M.grad[i, j].item(), fd.item(), rel_tol=1e-5)
+
+
+# (d_in, d_out, r_hat, leading dims of x); r_hat is set directly, so it may be odd. With fewer tokens
+# than r_hat, the chunks are rotated; with more, M's blocks: each shape is run with both.
+ROTATION_SHAPES = [
+    (10, 7, 4, (3,)),  # d_in not a multiple of r_hat; d_out < n * r_hat
+    (10, 29, 4, (2, 3)),  # d_out > n * r_hat: tiled
+    (13, 20, 5, (1,)),  # odd r_hat (its last dim is not rotated), one token
+    (13, 9, 5, (2, 1, 4)),
+    (3, 50, 10, (4,)),  # r_hat > d_in: x wrapped more than once
+    (64, 64, 16, (2, 5)),  # exact fit
+    (7, 3, 1, (3,)),  # r_hat = 1: nothing rotates
+    (12, 12, 6, ()),  # a single vector
+    (9, 5, 2, (0,)),  # no tokens
+]
+
+
+@pytest.mark.parametrize("tokens", ["as listed", "at least r_hat"])
+@pytest.mark.parametrize("cached_tables", [False, True])
+@pytest.mark.parametrize("d_in,d_out,r_hat,lead", ROTATION_SHAPES)
+def test_rotation_equals_rotating_the_activations(d_in, d_out, r_hat, lead, cached_tables, tokens):
+    if tokens == "at least r_hat":
+        lead = (*lead[:-1], 2, r_hat) if lead else (r_hat,)
+    gen = torch.Generator().manual_seed(d_in * 100 + r_hat)
+    M = torch.randn(r_hat, r_hat, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(*lead, d_in, dtype=torch.float64, generator=gen, requires_grad=True)
+    n = ops.num_chunks(d_in, r_hat)
+    rope = ops.rope_cos_sin(r_hat, n, dtype=torch.float64) if cached_tables else None
+    actual = ops.mora_delta_y(x, M, d_out, "rotation", rope)
+    expected = reference_rotation_forward(x, M, d_out)
+    assert actual.shape == (*lead, d_out)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    actual_grads = torch.autograd.grad(actual, (x, M), grad_y)
+    expected_grads = torch.autograd.grad(expected, (x, M), grad_y)
+    for a, e in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "strided"])
+def test_rotation_on_inputs_that_are_not_contiguous(layout):
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = {
+        "transposed": torch.randn(3, 14, 5, dtype=torch.float64, generator=gen).transpose(-1, -2),
+        "expanded": torch.randn(1, 14, dtype=torch.float64, generator=gen).expand(9, 14),
+        "strided": torch.randn(4, 30, dtype=torch.float64, generator=gen)[:, ::2][:, :14],  # fewer tokens than r_hat
+    }[layout].requires_grad_(True)
+    actual, expected = ops.mora_delta_y(x, M, 30, "rotation"), reference_rotation_forward(x, M, 30)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    for a, e in zip(torch.autograd.grad(actual, (x, M), grad_y), torch.autograd.grad(expected, (x, M), grad_y)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"do not fit 3 chunks of size 6; pass rope_cos_sin\(6, 3\)"):
+        ops.mora_delta_y(x, M, 30, "rotation", ops.rope_cos_sin(6, 2, dtype=torch.float64))
+
+
+def test_chunk_matmul_and_its_gradients():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    blocks = torch.randn(4, 6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    expected = torch.stack([z[:, :, i] @ blocks[i].T for i in range(4)], dim=2)
+    torch.testing.assert_close(ops.chunk_matmul(z, blocks), expected, rtol=1e-12, atol=1e-12)
+    flat = z.detach()[0].clone().requires_grad_(True)  # (T, n, r) as the autograd function sees it
+    assert torch.autograd.gradcheck(ops.chunk_matmul, (flat, blocks))
+    assert torch.autograd.gradgradcheck(ops.chunk_matmul, (flat, blocks))
+    with pytest.raises(ValueError, match=r"does not fit 4 blocks of shape \(6, 5\)"):
+        ops.chunk_matmul(z[..., :4], blocks)
+    with pytest.raises(RuntimeError, match="cast the input to M's dtype"):
+        ops.chunk_matmul(z.float(), blocks)
+
+
+def test_rotated_chunk_matmul_double_backward_and_saved_tensors():
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    for tokens in (2, 6):  # rotating the chunks, rotating M
+        z = torch.randn(tokens, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+        expected = torch.einsum("tni,noi->tno", z, ops.rotated_blocks(M, 3))
+        torch.testing.assert_close(ops.rotated_chunk_matmul(z, M), expected, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(ops.rotated_chunk_matmul, (z, M))
+        assert torch.autograd.gradgradcheck(ops.rotated_chunk_matmul, (z, M))
+    # For backward, rotation keeps the input (a view of it when d_in is a multiple of r_hat) and
+    # parameter-sized tensors only: no rotated copy of the activations, no blocks.
+    x = torch.randn(64, 48, requires_grad=True)
+    M = torch.randn(16, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.mora_delta_y(x, M, 48, "rotation")
+    kept = {t.untyped_storage().data_ptr(): t.numel() for t in saved}
+    assert x.untyped_storage().data_ptr() in kept
+    assert all(ptr == x.untyped_storage().data_ptr() or numel <= M.numel() for ptr, numel in kept.items())
+
+
+@pytest.mark.parametrize("tokens", [4, 16])  # fewer than r_hat = 8, and more
+def test_rotation_in_half_precision_and_under_autocast(tokens):
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(8, 8, generator=gen) / 8
+    x = torch.randn(tokens, 20, generator=gen)
+    exact = reference_rotation_forward(x.double(), M.double(), 12)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = ops.mora_delta_y(x.to(dtype), M.to(dtype), 12, "rotation")
+        assert low.dtype == dtype
+        torch.testing.assert_close(low.double(), exact, rtol=0.05, atol=0.05)
+    M.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.mora_delta_y(x, M, 12, "rotation")
+    assert out.dtype == torch.bfloat16  # as torch.matmul under autocast
+    torch.testing.assert_close(out.double(), exact, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert M.grad.dtype == torch.float32 and M.grad.abs().sum() > 0
