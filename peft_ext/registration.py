@@ -15,13 +15,15 @@ import peft
 from peft.utils import PeftType
 from peft.utils.peft_types import register_peft_method
 
+from ._versions import requirement
+
 
 def _extend_peft_type(name: str) -> PeftType:
     """Return ``PeftType[name]``, adding the member to the enum if it is missing."""
     if not (isinstance(PeftType, enum.EnumMeta) and issubclass(PeftType, str)):
         raise RuntimeError(
             f"peft {peft.__version__}: PeftType is no longer a str Enum, so peft_ext cannot add {name!r} to it. "
-            "Install a peft version this package was tested with (see pyproject.toml)."
+            f'Install a supported release: pip install "{requirement("peft")}"'
         )
     if name in PeftType.__members__:
         return PeftType[name]
@@ -30,7 +32,7 @@ def _extend_peft_type(name: str) -> PeftType:
     if missing:
         raise RuntimeError(
             f"peft {peft.__version__}: the PeftType enum lacks {missing}, so peft_ext cannot register {name!r}. "
-            "Install a peft version this package was tested with (see pyproject.toml)."
+            f'Install a supported release: pip install "{requirement("peft")}"'
         )
     member = str.__new__(PeftType, name)
     member._name_ = name
