@@ -13,7 +13,7 @@ Example:
 
     >>> from peft_ext._versions import requirement
     >>> requirement("trl")
-    'trl>=1.15.0,<1.17'
+    'trl>=1.16.0,<1.17'
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from packaging.version import InvalidVersion, Version
 # distribution -> (lowest supported release, first unsupported release). Lowest releases are the ones
 # the lower-bounds CI job installs; the upper bound is the next minor, which nobody has tested yet.
 SUPPORTED: dict[str, tuple[str, str]] = {
-    "trl": ("1.15.0", "1.17"),
+    "trl": ("1.16.0", "1.17"),
     "transformers": ("5.23.0", "5.26"),
     "peft": ("0.21.0", "0.22"),
     "accelerate": ("1.12.0", "1.17"),
@@ -40,7 +40,7 @@ class UnsupportedVersionError(ImportError):
 
 
 def requirement(name: str) -> str:
-    """The pip requirement for ``name``'s supported range, e.g. ``"trl>=1.15.0,<1.17"``."""
+    """The pip requirement for ``name``'s supported range, e.g. ``"trl>=1.16.0,<1.17"``."""
     low, high = SUPPORTED[name]
     return f"{name}>={low},<{high}"
 
@@ -57,7 +57,7 @@ def is_supported(name: str, version: str) -> bool:
     """Whether ``version`` of ``name`` lies in the supported range.
 
     Pre-releases inside the range count (``1.16.1.dev0``); pre-releases of the upper bound do not
-    (``1.17.0.dev0`` is outside ``<1.17``), nor do those of the lower bound (``1.15.0rc1 < 1.15.0``).
+    (``1.17.0.dev0`` is outside ``<1.17``), nor do those of the lower bound (``1.16.0rc1 < 1.16.0``).
     """
     try:
         Version(version)

@@ -37,12 +37,13 @@ def test_lower_bounds_file_pins_the_lowest_supported_releases():
 @pytest.mark.parametrize(
     "version, supported",
     [
-        ("1.15.0", True),
+        ("1.16.0", True),
         ("1.16.0", True),
         ("1.16.3", True),
         ("1.16.1.dev0", True),
-        ("1.14.2", False),  # TRL 1.14 has no fused LM head (see the README)
-        ("1.15.0rc1", False),  # a pre-release of the lower bound comes before it
+        ("1.14.2", False),  # no fused LM head (see the README)
+        ("1.15.0", False),  # its fused LM head needs Triton on every device (see the README)
+        ("1.16.0rc1", False),  # a pre-release of the lower bound comes before it
         ("1.17.0", False),
         ("1.17.0.dev0", False),  # a pre-release of the next minor is not a 1.16 release
         ("2.0.0", False),
@@ -50,7 +51,7 @@ def test_lower_bounds_file_pins_the_lowest_supported_releases():
     ],
 )
 def test_trl_range_edges(version, supported):
-    assert SUPPORTED["trl"] == ("1.15.0", "1.17")  # the edges below are written for this range
+    assert SUPPORTED["trl"] == ("1.16.0", "1.17")  # the edges below are written for this range
     assert is_supported("trl", version) is supported
 
 
@@ -66,10 +67,10 @@ def test_error_names_installed_version_range_and_pip_command(monkeypatch):
         require_supported_versions(["trl", "transformers", "peft", "accelerate"], package="trl_ext")
     assert str(raised.value).splitlines() == [
         "trl_ext (peft-trl-ext) does not support the installed trl, peft, accelerate:",
-        "  trl 1.14.2: supported is trl>=1.15.0,<1.17",
+        "  trl 1.14.2: supported is trl>=1.16.0,<1.17",
         "  peft 0.22.0: supported is peft>=0.21.0,<0.22",
         "  accelerate (not installed): supported is accelerate>=1.12.0,<1.17",
-        'Install a supported release: pip install "trl>=1.15.0,<1.17" "peft>=0.21.0,<0.22" "accelerate>=1.12.0,<1.17"',
+        'Install a supported release: pip install "trl>=1.16.0,<1.17" "peft>=0.21.0,<0.22" "accelerate>=1.12.0,<1.17"',
     ]
     assert isinstance(raised.value, ImportError)
 
@@ -96,5 +97,5 @@ def test_trl_ext_trainers_refuse_an_unsupported_trl(monkeypatch, name):
     fake_versions(monkeypatch, trl="1.17.0")
     subpackage = {"PrefixGrouperGRPOTrainer": "prefix_grouper", "QTuningSFTTrainer": "qtuning", "REDITrainer": "redi"}
     trl_ext = fresh_import(monkeypatch, "trl_ext", "trl_ext._supported", f"trl_ext.{subpackage[name]}")
-    with pytest.raises(UnsupportedVersionError, match=r'trl 1\.17\.0: .*\n.*pip install "trl>=1\.15\.0,<1\.17"$'):
+    with pytest.raises(UnsupportedVersionError, match=r'trl 1\.17\.0: .*\n.*pip install "trl>=1\.16\.0,<1\.17"$'):
         getattr(trl_ext, name)
