@@ -5,7 +5,13 @@ Importing this package registers the tuner types with PEFT, so ``get_peft_model`
 ``PeftType`` members and their entries in PEFT's ``PEFT_TYPE_TO_*`` mappings) is the only effect of the
 import: no method of PEFT, transformers or torch is replaced. :func:`push_to_hub` and
 :func:`save_pretrained` write a model card that tells readers to install and import this package.
+An unsupported peft, transformers or accelerate release is refused here, before PEFT is imported
+(the supported range is in :mod:`peft_ext._versions`).
 """
+
+from ._versions import require_supported_versions
+
+require_supported_versions(("peft", "transformers", "accelerate"), package="peft_ext")
 
 from .hub import push_to_hub, save_pretrained
 from .mora import MoraConfig, MoraModel, ReMoraCallback

@@ -59,9 +59,11 @@ TORCH_MIRRORED = "2.13"
 
 
 def _install_hint(library: str, mirrored: str) -> str:
+    from ._versions import requirement
+
     return (
-        f"peft_ext mirrors {library} {mirrored} here (peft_ext/_compat.py); install a {library} version in the "
-        f"range that peft-trl-ext declares, e.g. pip install '{library}=={mirrored}'."
+        f"peft_ext mirrors {library} {mirrored} here (peft_ext/_compat.py); install a supported release: "
+        f'pip install "{requirement(library)}".'
     )
 
 

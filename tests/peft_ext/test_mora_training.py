@@ -28,7 +28,7 @@ def sft_trainer(tmp_path, mora_type, max_steps, callbacks=(), **args):
         report_to="none",
         seed=0,
         bf16=False,  # SFTConfig defaults to bf16 and gradient checkpointing; the tests choose explicitly
-        **{"gradient_checkpointing": False, **args},
+        **{"activation_checkpointing": False, **args},
     )
     return SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(path),
@@ -56,7 +56,7 @@ def test_sft_trainer_loss_goes_down(tmp_path, mora_type):
 
 
 def test_sft_trainer_with_gradient_checkpointing(tmp_path):
-    trainer = sft_trainer(tmp_path, "rotation", max_steps=6, gradient_checkpointing=True)
+    trainer = sft_trainer(tmp_path, "rotation", max_steps=6, activation_checkpointing=True)
     trainer.train()
     history = losses(trainer)
     assert history[-1] < history[0], history
@@ -70,7 +70,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)  # same random M in both runs
         model = get_peft_model(model, MoraConfig(r=4, target_modules="all-linear", init_weights=False))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
             model.enable_input_require_grads()
         model.train()
         model(IDS, labels=IDS).loss.backward()

@@ -130,6 +130,7 @@ def test_warmup_callback_collects_statistics_during_grpo(tmp_path):
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
+        activation_checkpointing=True,  # GRPOConfig's default, under the name transformers no longer deprecates
     )
     trainer = GRPOTrainer(
         model=model,

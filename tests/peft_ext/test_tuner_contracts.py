@@ -400,7 +400,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(row, tmp_path):
     def grads(checkpointing):
         model = attach(make_llama(), row, "default", tmp_path, make_base=make_llama, seed=1)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
             model.enable_input_require_grads()
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()

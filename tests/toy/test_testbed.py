@@ -181,3 +181,20 @@ def test_build_once_refuses_to_build_under_zero3_init(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
     with pytest.raises(RuntimeError, match="ZeRO-3 init is active"):
         build_once(tmp_path / "model", "config.json", lambda tmp: pytest.fail("built under ZeRO-3"))
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False])
+def test_toy_args_take_the_old_checkpointing_name_without_a_future_warning(tmp_path, checkpointing):
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from peft_trl_testbed import toy_args
+
+    overrides = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = toy_args(TrainingArguments, tmp_path, **overrides)
+    assert args.activation_checkpointing is bool(checkpointing) and args.gradient_checkpointing is bool(checkpointing)
+    with pytest.raises(ValueError, match="gradient_checkpointing=True and activation_checkpointing=False disagree"):
+        toy_args(TrainingArguments, tmp_path, gradient_checkpointing=True, activation_checkpointing=False)

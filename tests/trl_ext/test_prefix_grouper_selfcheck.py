@@ -98,7 +98,10 @@ def test_self_check_refuses_a_mask_carried_bias_even_before_it_is_trained(tmp_pa
 
 def test_self_check_refuses_falcon_alibi_instead_of_crashing(tmp_path):
     model = tiny_model("falcon", alibi=True, new_decoder_architecture=False, multi_query=True)
-    with pytest.raises(ValueError, match=rf"model_type='falcon'.*packed rows.*{FALLBACK}"):
+    # transformers 5.23's Falcon computes attention itself (refused when installing the grouped attention); 5.25's
+    # goes through the AttentionInterface, and the self-check's forward on the packed rows refuses ALiBi
+    refusal = rf"model_type='falcon'.*(packed rows|does not go through transformers' AttentionInterface).*{FALLBACK}"
+    with pytest.raises(ValueError, match=refusal):
         trainer_for_model(model, True, tmp_path)
 
 

@@ -14,6 +14,7 @@ Example:
     ```
 """
 
+from .. import _supported  # noqa: F401  (refuses unsupported upstream releases before TRL is imported)
 from .attention import (
     GroupedAttentionLayout,
     install_grouped_attention,

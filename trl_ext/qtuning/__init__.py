@@ -1,5 +1,6 @@
 """Q-Tuning: joint sample and token pruning for supervised fine-tuning."""
 
+from .. import _supported  # noqa: F401  (refuses unsupported upstream releases before TRL is imported)
 from .batch import prune_labels, sample_ids_from_batch, select_samples
 from .config import QTuningConfig
 from .plot import EUPlaneRecord, plot_eu_plane

@@ -1,5 +1,6 @@
 """REDI: reinforcement distillation from correct and incorrect teacher traces."""
 
+from .. import _supported  # noqa: F401  (refuses unsupported upstream releases before TRL is imported)
 from .config import REDIConfig
 from .data import (
     PairReport,
