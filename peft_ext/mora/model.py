@@ -184,15 +184,19 @@ def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mism
         module = layer_of(key, stem)
         state_dict.pop(key)
         if tensor.dim() != 1 or tensor.numel() != 2 or tensor.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{key} must hold (in_features, out_features) as 2 integers, got {tensor.dtype} "
-                             f"{tuple(tensor.shape)}; the adapter file is corrupt.")  # fmt: skip
+            raise ValueError(
+                f"{key} must hold (in_features, out_features) as 2 integers, got {tensor.dtype} "
+                f"{tuple(tensor.shape)}; the adapter file is corrupt."
+            )
         saved = tuple(int(d) for d in tensor)
         saved_shapes[stem] = saved
         if saved != (module.in_features, module.out_features):
             name = stem.removeprefix("base_model.model.")
             if ignore_mismatched_sizes:
-                skipped.append(f"{name}: saved for a {saved[0]}->{saved[1]} layer, this one is "
-                               f"{module.in_features}->{module.out_features}")  # fmt: skip
+                skipped.append(
+                    f"{name}: saved for a {saved[0]}->{saved[1]} layer, this one is "
+                    f"{module.in_features}->{module.out_features}"
+                )
                 state_dict.pop(f"{stem}.mora_M", None)
                 continue
             raise ValueError(
@@ -208,8 +212,10 @@ def _check_saved_adapter(model, adapter_name: str, state_dict: dict, ignore_mism
         module = layer_of(key, stem)
         expected = tuple(module.mora_M[adapter_name].shape)
         if tuple(tensor.shape) != expected and not ignore_mismatched_sizes:
-            here = (f"this {module.in_features}->{module.out_features} layer with r={module.r[adapter_name]}, "
-                    f"mora_type={module.mora_type[adapter_name]!r} needs {expected}")  # fmt: skip
+            here = (
+                f"this {module.in_features}->{module.out_features} layer with r={module.r[adapter_name]}, "
+                f"mora_type={module.mora_type[adapter_name]!r} needs {expected}"
+            )
             if stem in saved_shapes:  # same layer sizes: the adapter settings differ
                 cause = (
                     "The layer sizes match, so the adapter was saved with another r or mora_type than this model's "

@@ -354,9 +354,12 @@ def test_saved_adapter_records_each_layer_shape_and_refuses_another_base_with_th
         if isinstance(module, MoraLinear):
             d_out, d_in = module.get_base_layer().weight.shape
             assert saved[f"{name}.mora_shape"].tolist() == [d_in, d_out]
-    with pytest.raises(ValueError, match=r"down_proj.mora_shape: the adapter was trained on a 128->32 layer "
-                                         r"\(in_features->out_features\), but 'model.layers.0.mlp.down_proj' is "
-                                         r"129->32\. Load it onto the base model it was trained on"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"down_proj.mora_shape: the adapter was trained on a 128->32 layer "
+        r"\(in_features->out_features\), but 'model.layers.0.mlp.down_proj' is "
+        r"129->32\. Load it onto the base model it was trained on",
+    ):
         PeftModel.from_pretrained(_mlp_toy(129), path)
     # The same base loads, and gives the trained model's outputs.
     torch.testing.assert_close(_toy_logits(PeftModel.from_pretrained(_mlp_toy(128), path)), _toy_logits(model))

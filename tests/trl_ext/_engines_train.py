@@ -63,19 +63,33 @@ def distinct_characters(completions, **kwargs):
 def build(method, engine, out_dir):
     """The trainer of ``method``; every model is passed by path, so ZeRO-3 loads it partitioned."""
     common = dict(
-        max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
-        disable_tqdm=True, **engine_args(engine),
-    )  # fmt: skip
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        disable_tqdm=True,
+        **engine_args(engine),
+    )
     out = os.path.join(out_dir, method)
     if method == "prefix_grouper":
         args = toy_args(
-            PrefixGrouperGRPOConfig, out, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-            disable_dropout=True, beta=0.0, model_init_kwargs={"dtype": torch.float32}, **common,
-        )  # fmt: skip
+            PrefixGrouperGRPOConfig,
+            out,
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=6,
+            disable_dropout=True,
+            beta=0.0,
+            model_init_kwargs={"dtype": torch.float32},
+            **common,
+        )
         return PrefixGrouperGRPOTrainer(
-            model=toy_model_path(), reward_funcs=distinct_characters, args=args,
+            model=toy_model_path(),
+            reward_funcs=distinct_characters,
+            args=args,
             train_dataset=make_arithmetic_dataset(8, seed=3),
-        )  # fmt: skip
+        )
     if method == "redi":
         args = toy_args(REDIConfig, out, per_device_train_batch_size=2, **common)
         return REDITrainer(
@@ -83,9 +97,14 @@ def build(method, engine, out_dir):
         )
     if method == "qtuning":  # 2 accumulated micro-batches of 2 per process: the window normalisation matters
         args = toy_args(
-            QTuningConfig, out, per_device_train_batch_size=2, gradient_accumulation_steps=2, sample_keep_ratio=0.5,
-            token_keep_ratio=0.5, **common,
-        )  # fmt: skip
+            QTuningConfig,
+            out,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            sample_keep_ratio=0.5,
+            token_keep_ratio=0.5,
+            **common,
+        )
         return QTuningSFTTrainer(
             model=pretrained_toy_model_path(), args=args, train_dataset=make_mixed_quality_sft(8, seed=5)
         )
@@ -157,10 +176,27 @@ def mora_recipe(out_dir):
         with open(files[name], "w") as f:
             json.dump(value, f)
     argv = [
-        "--output_dir", os.path.join(out_dir, "mora_recipe"), "--max_steps", "2", "--num_eval_prompts", "8",
-        "--per_device_train_batch_size", "2", "--mora_r", "4", "--report_to", "none", "--disable_tqdm", "true",
-        "--save_strategy", "no", "--deepspeed", files["deepspeed"], "--accelerator_config", files["accelerator_config"],
-    ]  # fmt: skip
+        "--output_dir",
+        os.path.join(out_dir, "mora_recipe"),
+        "--max_steps",
+        "2",
+        "--num_eval_prompts",
+        "8",
+        "--per_device_train_batch_size",
+        "2",
+        "--mora_r",
+        "4",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--save_strategy",
+        "no",
+        "--deepspeed",
+        files["deepspeed"],
+        "--accelerator_config",
+        files["accelerator_config"],
+    ]
     results = mora_sft.main(*mora_sft.make_parser().parse_args_and_config(args=argv))
     if dist.get_rank() == 0:
         keys = ("accuracy_before", "accuracy_after", "update_rank", "lora_rank_same_params", "trainable_params")

@@ -13,9 +13,16 @@ world = int(os.environ.get("WORLD_SIZE", "1"))
 assert world == expected_world, f"expected {expected_world} processes, got {world}"
 per_device = 4 // world
 args = toy_args(
-    REDIConfig, os.path.dirname(out), max_steps=1, per_device_train_batch_size=per_device, optim="sgd",
-    learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, disable_tqdm=True,
-)  # fmt: skip
+    REDIConfig,
+    os.path.dirname(out),
+    max_steps=1,
+    per_device_train_batch_size=per_device,
+    optim="sgd",
+    learning_rate=0.5,
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    disable_tqdm=True,
+)
 trainer = REDITrainer(
     model=pretrained_toy_model_path(), args=args, train_dataset=make_reasoning_preferences(4, seed=5)
 )

@@ -66,8 +66,9 @@ def packed_batch(one_token_prompt=False, long=False):
         batch["prompt_mask"][[0, 1, 3]] = 0
         batch["prompt_mask"][[0, 1, 3], -1] = 1
     groups = find_groups(batch["prompt_ids"], batch["prompt_mask"])
-    return pack_groups(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"],
-                       groups)  # fmt: skip
+    return pack_groups(
+        batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"], groups
+    )
 
 
 def run(kind, q, k, v, layout, **kwargs):
@@ -141,8 +142,9 @@ def test_window_never_materialises_block_by_prefix_scores():
     prefix, block, blocks, heads, dim, window = 1024, 257, 8, 4, 16, 128
     layout = GroupedAttentionLayout(prefix_width=prefix, block_width=block, num_blocks=blocks)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, heads, prefix + blocks * block, dim, generator=gen, requires_grad=True)
-               for _ in range(3))  # fmt: skip
+    q, k, v = (
+        torch.randn(1, heads, prefix + blocks * block, dim, generator=gen, requires_grad=True) for _ in range(3)
+    )
     score_bytes = heads * blocks * block * prefix * 4
 
     peak = peak_backward_bytes
@@ -172,8 +174,17 @@ def test_rejects_malformed_window():
 # Through the trainer: stock GRPOTrainer vs PrefixGrouperGRPOTrainer on tiny models of each family (fp32)
 
 WINDOW = 4  # the test batch has prompts of 3 and 7 tokens and blocks of up to 8: the window cuts prefix and blocks
-COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, pad_token_id=0, bos_token_id=None, eos_token_id=1)  # fmt: skip
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    bos_token_id=None,
+    eos_token_id=1,
+)
 # MLA keys have one head per query head; query/key head dim 8 + 4, value head dim set per family
 MLA = {
     **COMMON,
@@ -266,12 +277,25 @@ def family_trainer(family: str, attn: str, grouped: bool, tmp_path, **overrides)
                 param.copy_(torch.randn(param.shape, generator=gen))
             if family.startswith("gemma") and name.endswith("embed_tokens.weight"):
                 param.mul_(config.hidden_size**-0.5)  # Gemma scales embeddings up by sqrt(hidden): keep logits sane
-    config_cls, trainer_cls = (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (
-        GRPOConfig, GRPOTrainer)  # fmt: skip
-    args = toy_args(config_cls, tmp_path / f"{family}-{attn}-{grouped}", per_device_train_batch_size=8,
-                    num_generations=4, max_completion_length=7, disable_dropout=True, **overrides)  # fmt: skip
-    trainer = trainer_cls(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=make_arithmetic_dataset(8),
-                          processing_class=build_toy_tokenizer())  # fmt: skip
+    config_cls, trainer_cls = (
+        (PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer) if grouped else (GRPOConfig, GRPOTrainer)
+    )
+    args = toy_args(
+        config_cls,
+        tmp_path / f"{family}-{attn}-{grouped}",
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=7,
+        disable_dropout=True,
+        **overrides,
+    )
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=arithmetic_reward,
+        args=args,
+        train_dataset=make_arithmetic_dataset(8),
+        processing_class=build_toy_tokenizer(),
+    )
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     return trainer
@@ -356,9 +380,17 @@ def test_rejects_sliding_mask_the_attention_is_not_told_about_at_construction(tm
     from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
     from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 
-    config = Qwen2MoeConfig(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
-                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                            router_aux_loss_coef=0.0, attn_implementation="sdpa")  # fmt: skip
+    config = Qwen2MoeConfig(
+        **COMMON,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        router_aux_loss_coef=0.0,
+        attn_implementation="sdpa",
+    )
     assert "sliding_attention" in config.layer_types
     model = AutoModelForCausalLM.from_config(config)
     args = toy_args(PrefixGrouperGRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4)
@@ -424,8 +456,16 @@ def test_rejects_sinks_without_eager():
     q = torch.randn(packed.num_rows, 4, packed.seq_len, 8)
     layout = GroupedAttentionLayout.from_packed(packed)
     with pytest.raises(ValueError, match=r"model_type='gpt_oss'.*sinks need attn_implementation='eager'.*stock"):
-        grouped_sdpa(layer, q, q[:, :2], q[:, :2], None, sliding_window=layer.sliding_window, s_aux=layer.sinks,
-                     **{LAYOUT_KWARG: layout})  # fmt: skip
+        grouped_sdpa(
+            layer,
+            q,
+            q[:, :2],
+            q[:, :2],
+            None,
+            sliding_window=layer.sliding_window,
+            s_aux=layer.sinks,
+            **{LAYOUT_KWARG: layout},
+        )
 
 
 @pytest.mark.parametrize("family,attn", [("gpt_oss", "eager"), ("deepseek_v2", "sdpa")])

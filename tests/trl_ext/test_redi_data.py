@@ -31,8 +31,9 @@ ROWS = [  # prompt, answer, completion; the verifier below accepts "x=<answer>"
 
 
 def _traces(rows=ROWS) -> Dataset:
-    return Dataset.from_dict({"prompt": [r[0] for r in rows], "answer": [r[1] for r in rows],
-                              "completion": [r[2] for r in rows]})  # fmt: skip
+    return Dataset.from_dict(
+        {"prompt": [r[0] for r in rows], "answer": [r[1] for r in rows], "completion": [r[2] for r in rows]}
+    )
 
 
 def _verifier(completion, answer):
@@ -83,8 +84,13 @@ def test_a_verifier_result_that_is_not_a_bool_is_refused_naming_value_and_row(re
 
 def test_int_and_numpy_labels_are_accepted():
     assert [as_label(v, "row") for v in (True, False, 1, 0, np.bool_(True), np.int64(0))] == [
-        True, False, True, False, True, False,
-    ]  # fmt: skip
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]
     labelled = label_traces(_traces(ROWS[:2]), lambda c, a: int(c == f"x={a}"))
     assert labelled["correct"] == [True, False]
 
@@ -148,8 +154,9 @@ def test_a_completion_labelled_both_ways_in_one_group_is_excluded_and_counted():
 
 @pytest.mark.parametrize("max_length", [0, -3])
 def test_a_max_length_that_keeps_no_trace_is_refused_not_ignored(max_length):
-    traces = Dataset.from_dict({"prompt": ["p", "p"], "completion": ["x=3", "long wrong"], "answer": ["3", "3"],
-                                "correct": [True, False]})  # fmt: skip
+    traces = Dataset.from_dict(
+        {"prompt": ["p", "p"], "completion": ["x=3", "long wrong"], "answer": ["3", "3"], "correct": [True, False]}
+    )
     with pytest.raises(ValueError, match=rf"max_length={max_length} keeps no trace.*pass None for no limit"):
         build_redi_pairs(traces, min_length=0, max_length=max_length)
     pairs, _ = build_redi_pairs(traces, min_length=0, max_length=4)  # the limit applies: "long wrong" is too long
@@ -192,9 +199,15 @@ def test_build_pairs_matches_slow_reference():
     pairs, report = build_redi_pairs(Dataset.from_list(rows), min_length=3, max_length=12, keep_columns=())
     expected, reasons = _slow_pairs(rows)
     assert list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])) == expected
-    assert dict(report.dropped) == reasons == {
-        "all traces filtered by length": 1, "no incorrect trace": 1, "no correct trace": 1,
-    }  # fmt: skip
+    assert (
+        dict(report.dropped)
+        == reasons
+        == {
+            "all traces filtered by length": 1,
+            "no incorrect trace": 1,
+            "no correct trace": 1,
+        }
+    )
     assert report.prompts == 5 and report.pairs == 2
 
 

@@ -45,8 +45,14 @@ def _has_digit_of_answer(completion, answer) -> bool:
 def _greedy_one_by_one(model, tokenizer, text: str) -> str:
     """Reference: greedy decoding of one unpadded prompt."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=24,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -56,8 +62,17 @@ def test_k_traces_per_prompt_columns_and_labels(teacher, chat):
     prompts = _prompts(chat=chat)
     # At a near-zero temperature, sampling is greedy decoding: compare each batched, left-padded trace
     # with greedy decoding of its prompt alone.
-    traces, report = generate_traces(model, prompts, _has_digit_of_answer, K, tokenizer=tokenizer,
-                                     temperature=1e-6, max_new_tokens=24, batch_size=5, progress=False)  # fmt: skip
+    traces, report = generate_traces(
+        model,
+        prompts,
+        _has_digit_of_answer,
+        K,
+        tokenizer=tokenizer,
+        temperature=1e-6,
+        max_new_tokens=24,
+        batch_size=5,
+        progress=False,
+    )
     assert traces.column_names == ["prompt", "completion", "answer", "correct", "verifier_error"]
     assert len(traces) == K * len(prompts) and report.traces == len(traces) and report.prompts == len(prompts)
     for i, row in enumerate(traces):
@@ -100,8 +115,12 @@ def test_missing_answer_column_stops_before_loading_the_teacher(monkeypatch):
     with pytest.raises(ValueError, match=r"no answer column 'answer'.*\['prompt', 'solution'\]"):
         generate_traces("/no/such/teacher", prompts, _has_digit_of_answer)
     with pytest.raises(ValueError, match="'prompt'"):
-        generate_traces("/no/such/teacher", prompts.rename_column("prompt", "question"), _has_digit_of_answer,
-                        answer_column="solution")  # fmt: skip
+        generate_traces(
+            "/no/such/teacher",
+            prompts.rename_column("prompt", "question"),
+            _has_digit_of_answer,
+            answer_column="solution",
+        )
 
 
 def test_vllm_requested_without_gpu_is_a_clear_error(teacher):
@@ -122,8 +141,9 @@ def test_a_raising_verifier_excludes_that_trace_and_is_counted_by_reason(teacher
             raise RuntimeError("cannot parse this trace")
         return len(calls) != 3  # the third trace is a real negative
 
-    traces, report = generate_traces(model, _prompts(2), flaky, K, tokenizer=tokenizer, max_new_tokens=8,
-                                     progress=False)  # fmt: skip
+    traces, report = generate_traces(
+        model, _prompts(2), flaky, K, tokenizer=tokenizer, max_new_tokens=8, progress=False
+    )
     assert traces["correct"] == [True, None, False] + [True] * (2 * K - 3)
     assert traces["verifier_error"][1] == "verifier raised RuntimeError: cannot parse this trace"
     assert report.verifier_errors == 1 and report.verifier_error_reasons == {"verifier raised RuntimeError": 1}
@@ -145,8 +165,9 @@ def test_a_raising_verifier_excludes_that_trace_and_is_counted_by_reason(teacher
 
 def test_no_correct_trace_is_a_clear_error_before_training(teacher):
     model, tokenizer = teacher
-    traces, report = generate_traces(model, _prompts(2), lambda c, a: False, K, tokenizer=tokenizer,
-                                     max_new_tokens=8, progress=False)  # fmt: skip
+    traces, report = generate_traces(
+        model, _prompts(2), lambda c, a: False, K, tokenizer=tokenizer, max_new_tokens=8, progress=False
+    )
     assert report.correct == 0 and report.correct_fraction == 0.0
     with pytest.raises(ValueError, match=rf"no correct traces out of {2 * K}"):
         traces_to_pairs(traces, report)
@@ -199,8 +220,9 @@ def test_toy_teacher_is_cached_by_configuration(tmp_path, monkeypatch):
         "train_seconds",
     }
     AutoModelForCausalLM.from_pretrained(path)
-    other = teacher_module.toy_teacher_path(TeacherConfig(num_train_prompts=8, num_eval_prompts=4, steps=3,
-                                                          batch_size=4), progress=False)  # fmt: skip
+    other = teacher_module.toy_teacher_path(
+        TeacherConfig(num_train_prompts=8, num_eval_prompts=4, steps=3, batch_size=4), progress=False
+    )
     assert other != path and len(trained) == 2
 
 
@@ -221,8 +243,7 @@ def test_the_callers_tokenizer_and_model_modes_are_restored_when_generation_rais
     assert tokenizer.padding_side == padding_side
     assert {name: m.training for name, m in model.named_modules()} == modes
     monkeypatch.undo()
-    generate_traces(model, _prompts(1), _has_digit_of_answer, 1, tokenizer=tokenizer, max_new_tokens=2,
-                    progress=False)  # fmt: skip
+    generate_traces(model, _prompts(1), _has_digit_of_answer, 1, tokenizer=tokenizer, max_new_tokens=2, progress=False)
     assert tokenizer.padding_side == padding_side and {n: m.training for n, m in model.named_modules()} == modes
     model.eval()
     tokenizer.padding_side = original

@@ -45,9 +45,7 @@ def test_loss_equals_closed_form_on_trainer_batch(alpha, tmp_path):
     loss = trainer.compute_loss(model, batch)
     logps, lengths = _closed_form_parts(model, batch)
     n = logps.shape[0] // 2
-    expected = sum(
-        -logps[i] / lengths[i] + alpha * logps[n + i] / lengths[n + i] for i in range(n)
-    ) / n  # fmt: skip
+    expected = sum(-logps[i] / lengths[i] + alpha * logps[n + i] / lengths[n + i] for i in range(n)) / n
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -94,8 +92,12 @@ def test_no_reference_model_is_created_or_loaded(tmp_path, monkeypatch):
     # nor does one built from a config, which has no path a reference could be loaded from
     built = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path()).config)
     built.config.name_or_path = ""
-    trainer = REDITrainer(model=built, args=args, train_dataset=make_reasoning_preferences(8),
-                          processing_class=AutoTokenizer.from_pretrained(pretrained_toy_model_path()))  # fmt: skip
+    trainer = REDITrainer(
+        model=built,
+        args=args,
+        train_dataset=make_reasoning_preferences(8),
+        processing_class=AutoTokenizer.from_pretrained(pretrained_toy_model_path()),
+    )
     assert len(loads) == instance_loads and trainer.ref_model is None
     with pytest.raises(ValueError, match="REDITrainer is reference-free.*Linear"):
         trainer.ref_model = torch.nn.Linear(1, 1)
@@ -158,11 +160,18 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.warns(UserWarning, match="collapse"):
         REDIConfig(output_dir=str(tmp_path), redi_alpha=0.95, bf16=False)
     with pytest.raises(ValueError, match="reference-free"):
-        REDITrainer(model=pretrained_toy_model_path(), ref_model=pretrained_toy_model_path(),
-                    args=toy_args(REDIConfig, tmp_path), train_dataset=make_reasoning_preferences(4))  # fmt: skip
+        REDITrainer(
+            model=pretrained_toy_model_path(),
+            ref_model=pretrained_toy_model_path(),
+            args=toy_args(REDIConfig, tmp_path),
+            train_dataset=make_reasoning_preferences(4),
+        )
     with pytest.raises(TypeError, match="takes a REDIConfig"):
-        REDITrainer(model=pretrained_toy_model_path(), args={"output_dir": str(tmp_path)},
-                    train_dataset=make_reasoning_preferences(4))  # fmt: skip
+        REDITrainer(
+            model=pretrained_toy_model_path(),
+            args={"output_dir": str(tmp_path)},
+            train_dataset=make_reasoning_preferences(4),
+        )
 
 
 def test_redi_logs_aux_loss_on_moe_models(tmp_path):
@@ -218,10 +227,19 @@ def test_policy_metrics_match_dpo_trainer_on_one_batch(tmp_path, kind):
         policy = _moe_model(tokenizer)
     data = make_reasoning_preferences(8, seed=1)
     settings = dict(per_device_train_batch_size=4, max_steps=1)
-    redi = REDITrainer(model=copy.deepcopy(policy), args=toy_args(REDIConfig, tmp_path / "redi", **settings),
-                       train_dataset=data, processing_class=tokenizer)  # fmt: skip
-    dpo = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(policy), train_dataset=data,
-                     args=toy_args(DPOConfig, tmp_path / "dpo", **settings), processing_class=tokenizer)  # fmt: skip
+    redi = REDITrainer(
+        model=copy.deepcopy(policy),
+        args=toy_args(REDIConfig, tmp_path / "redi", **settings),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    dpo = DPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(policy),
+        train_dataset=data,
+        args=toy_args(DPOConfig, tmp_path / "dpo", **settings),
+        processing_class=tokenizer,
+    )
     assert redi.aux_loss_enabled == dpo.aux_loss_enabled == (kind == "moe")
     batch = next(iter(redi.get_train_dataloader()))
 
@@ -242,8 +260,9 @@ def test_policy_metrics_match_dpo_trainer_on_one_batch(tmp_path, kind):
 
     # REDI's own metrics and loss: the closed form, from a plain forward of the unpatched policy.
     with torch.no_grad():
-        out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     output_router_logits=kind == "moe")  # fmt: skip
+        out = policy(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=kind == "moe"
+        )
         logps, lengths = _closed_form_parts(policy, batch)
     n = logps.shape[0] // 2
     chosen, rejected = logps[:n] / lengths[:n], logps[n:] / lengths[n:]

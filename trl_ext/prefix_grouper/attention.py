@@ -244,9 +244,17 @@ def _sliding_backward(grad, q, k, v, out, lse, window: int | None, scale: float)
         return _cpu_flash_backward(grad, q, k, v, out, lse, 0.0, True, scale=scale)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     head = slice(0, window)
-    dq, dk, dv = _cpu_flash_backward(grad[:, :, head].contiguous(), q[:, :, head], k[:, :, head], v[:, :, head],
-                                     out[:, :, head].contiguous(), lse[:, :, head].contiguous(), 0.0, True,
-                                     scale=scale)  # fmt: skip
+    dq, dk, dv = _cpu_flash_backward(
+        grad[:, :, head].contiguous(),
+        q[:, :, head],
+        k[:, :, head],
+        v[:, :, head],
+        out[:, :, head].contiguous(),
+        lse[:, :, head].contiguous(),
+        0.0,
+        True,
+        scale=scale,
+    )
     grad_q[:, :, head], grad_k[:, :, head], grad_v[:, :, head] = dq, dk, dv
     for start, count, size in _chunks(length, window):
         mask = _additive(_chunk_band(size, size + window - 1, window, q.device), q.dtype)
@@ -300,14 +308,25 @@ class _SplitAttention(torch.autograd.Function):
             out[:, :, :width], lse[:, :, :width] = o, o_lse
         if blocks:
             tail = slice(width, None)
-            o, o_lse = _sliding_forward(_to_blocks(q[:, :, tail], blocks), _to_blocks(k[:, :, tail], blocks),
-                                        _to_blocks(v[:, :, tail], blocks), window, scale)  # fmt: skip
+            o, o_lse = _sliding_forward(
+                _to_blocks(q[:, :, tail], blocks),
+                _to_blocks(k[:, :, tail], blocks),
+                _to_blocks(v[:, :, tail], blocks),
+                window,
+                scale,
+            )
             out[:, :, tail], lse[:, :, tail] = _from_blocks(o, blocks), _from_blocks(o_lse, blocks)
             for n, plan in enumerate(plans):
                 if plan.hi <= plan.lo:
                     continue  # a one-token prompt: no prefix keys
-                o_a, l_a = _cpu_flash(_queries_a(q, n, width, blocks, plan), *_keys_a(k, v, n, blocks, plan), 0.0, False,
-                                      attn_mask=_prefix_mask(plan, window, q), scale=scale)  # fmt: skip
+                o_a, l_a = _cpu_flash(
+                    _queries_a(q, n, width, blocks, plan),
+                    *_keys_a(k, v, n, blocks, plan),
+                    0.0,
+                    False,
+                    attn_mask=_prefix_mask(plan, window, q),
+                    scale=scale,
+                )
                 o_b, l_b = _queries_a(out, n, width, blocks, plan), _queries_a(lse, n, width, blocks, plan)
                 merged = torch.logaddexp(l_a, l_b)
                 o_b.copy_(
@@ -330,8 +349,16 @@ class _SplitAttention(torch.autograd.Function):
         tail = slice(width, None)
         if blocks:  # first, so that its block-major copies are freed before the gradients are allocated
             to_blocks = lambda x: _to_blocks(x[:, :, tail], blocks).contiguous()  # noqa: E731
-            grads_b = _sliding_backward(to_blocks(grad), to_blocks(q), to_blocks(k), to_blocks(v), to_blocks(out),
-                                        to_blocks(lse), window, scale)  # fmt: skip
+            grads_b = _sliding_backward(
+                to_blocks(grad),
+                to_blocks(q),
+                to_blocks(k),
+                to_blocks(v),
+                to_blocks(out),
+                to_blocks(lse),
+                window,
+                scale,
+            )
         # every position is written by the prefix or the block part before part A adds to it
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if blocks:
@@ -347,8 +374,17 @@ class _SplitAttention(torch.autograd.Function):
                 if plan.hi <= plan.lo:
                     continue
                 grad_a, q_a, out_a, lse_a = (_queries_a(x, n, width, blocks, plan) for x in (grad, q, out, lse))
-                dq, dk, dv = _cpu_flash_backward(grad_a, q_a, *_keys_a(k, v, n, blocks, plan), out_a, lse_a, 0.0,
-                                                 False, attn_mask=_prefix_mask(plan, window, q), scale=scale)  # fmt: skip
+                dq, dk, dv = _cpu_flash_backward(
+                    grad_a,
+                    q_a,
+                    *_keys_a(k, v, n, blocks, plan),
+                    out_a,
+                    lse_a,
+                    0.0,
+                    False,
+                    attn_mask=_prefix_mask(plan, window, q),
+                    scale=scale,
+                )
                 _queries_a(grad_q, n, width, blocks, plan).add_(dq)
                 grad_k[n, :, plan.lo : plan.hi] += dk.sum(0)
                 grad_v[n, :, plan.lo : plan.hi] += dv.sum(0)
@@ -431,8 +467,17 @@ def split_attention(
     if dropout or softcap is not None:
         if dropout:
             _warn_dropout_once()
-        return materialized_split_attention(query, key, value, layout, scaling=scaling, dropout=dropout,
-                                            sliding_window=sliding_window, sinks=sinks, softcap=softcap)  # fmt: skip
+        return materialized_split_attention(
+            query,
+            key,
+            value,
+            layout,
+            scaling=scaling,
+            dropout=dropout,
+            sliding_window=sliding_window,
+            sinks=sinks,
+            softcap=softcap,
+        )
     v_dim = value.size(-1)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     query, key, value = _equal_head_dims(query, key, value)
@@ -512,12 +557,14 @@ def _sliding_sdpa(q, k, v, window, scale, sinks=None, k_before=None, v_before=No
         kh, vh = torch.cat([k_before, kh], dim=2), torch.cat([v_before, vh], dim=2)
     qh = q[:, :, :head]
     if sinks is None and (window is None or before + head - 1 < window):
-        outs = [F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(head, before + head),
-                                               scale=scale)]  # fmt: skip
+        outs = [
+            F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(head, before + head), scale=scale)
+        ]
     else:
         # positions counted from the first key before the sequence
-        allowed = _sliding_allowed(before + torch.arange(head, device=device),
-                                   torch.arange(before + head, device=device), window)  # fmt: skip
+        allowed = _sliding_allowed(
+            before + torch.arange(head, device=device), torch.arange(before + head, device=device), window
+        )
         if sinks is not None:
             qh, kh, vh, allowed = _with_sink(qh, kh, vh, sinks, scale, allowed)
         outs = [F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale)]
@@ -631,14 +678,16 @@ def materialized_split_attention(
     for start in range(0, width, chunk):
         stop = min(start + chunk, width)
         lo = 0 if sliding_window is None else max(0, start - sliding_window + 1)
-        allowed = _sliding_allowed(torch.arange(start, stop, device=device), torch.arange(lo, stop, device=device),
-                                   sliding_window)  # fmt: skip
+        allowed = _sliding_allowed(
+            torch.arange(start, stop, device=device), torch.arange(lo, stop, device=device), sliding_window
+        )
         parts.append(piece(query[:, :, start:stop], key[:, :, lo:stop], value[:, :, lo:stop], allowed))
     if blocks:
         rows = []
         for n, plan in enumerate(plans):
-            key_positions = torch.cat([torch.arange(plan.lo, plan.hi, device=device),
-                                       plan.hi + torch.arange(block, device=device)])  # fmt: skip
+            key_positions = torch.cat(
+                [torch.arange(plan.lo, plan.hi, device=device), plan.hi + torch.arange(block, device=device)]
+            )
             allowed = _sliding_allowed(plan.hi + torch.arange(block, device=device), key_positions, sliding_window)
             row = []
             for g in range(blocks):
@@ -713,8 +762,17 @@ def _grouped_forward(base: str) -> Callable:
         if getattr(module, "is_causal", True) is False:
             raise _unsupported(module, "the attention is not causal")
         layout.calls += 1
-        out = split_attention(query, key, value, layout, scaling=scaling, dropout=dropout, sliding_window=window,
-                              sinks=kwargs.get("s_aux"), softcap=softcap)  # fmt: skip
+        out = split_attention(
+            query,
+            key,
+            value,
+            layout,
+            scaling=scaling,
+            dropout=dropout,
+            sliding_window=window,
+            sinks=kwargs.get("s_aux"),
+            softcap=softcap,
+        )
         return out, None
 
     attention_forward.__name__ = f"prefix_grouper_{base}_attention_forward"

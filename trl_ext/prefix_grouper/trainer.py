@@ -161,9 +161,14 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
         if self._prefix_grouper_unchecked:  # weights were not materialised at construction (ZeRO-3)
             self._prefix_grouper_self_check()
         return self._grouped_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            batch_size,
+            compute_entropy,
             self._prefix_grouper_count_padding,
-        )  # fmt: skip
+        )
 
     def _grouped_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, count_padding
@@ -180,9 +185,15 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
             # The stock forward numbers positions up to the padded row's last column; a padding cell carries that
             # position so that length-dependent RoPE (dynamic, longrope) picks the stock frequencies
             packed = pack_groups(
-                prompt_ids, prompt_mask, completion_ids, completion_mask, chunk, pad_token_id,
-                count_padding=count_padding, max_position=input_ids.size(1) - 1 if count_padding else None,
-            )  # fmt: skip
+                prompt_ids,
+                prompt_mask,
+                completion_ids,
+                completion_mask,
+                chunk,
+                pad_token_id,
+                count_padding=count_padding,
+                max_position=input_ids.size(1) - 1 if count_padding else None,
+            )
             layout = GroupedAttentionLayout.from_packed(packed)
             with self.accelerator.autocast():
                 outputs = model(

@@ -200,8 +200,10 @@ def label_traces(
     if failed:
         logger.warning(
             "The verifier raised on %d of %d traces (%s); they get no label and are excluded from the pairs.",
-            sum(failed.values()), len(labels), ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())),
-        )  # fmt: skip
+            sum(failed.values()),
+            len(labels),
+            ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())),
+        )
     dataset = dataset.remove_columns([c for c in (label_column, ERROR_COLUMN) if c in dataset.column_names])
     return dataset.add_column(label_column, labels).add_column(ERROR_COLUMN, reasons)
 

@@ -242,8 +242,14 @@ def generate_traces(
         or num_traces_per_prompt < 1
     ):
         raise ValueError(f"num_traces_per_prompt={num_traces_per_prompt!r} must be a positive integer, e.g. 4.")
-    check_generation_args(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, seed=seed, use_vllm=use_vllm)  # fmt: skip
+    check_generation_args(
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        use_vllm=use_vllm,
+    )
     if len(dataset) == 0:
         raise ValueError("The prompt dataset is empty; there is nothing to generate.")
     if use_vllm and not _vllm_available():
@@ -253,8 +259,10 @@ def generate_traces(
     model, tokenizer, path = _load_teacher(teacher, tokenizer)
     prompts, answers = dataset[prompt_column], dataset[answer_column]
     chat = [_is_conversational(p) for p in prompts]
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) if c else p
-             for p, c in zip(prompts, chat)]  # fmt: skip
+    texts = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) if c else p
+        for p, c in zip(prompts, chat)
+    ]
     vllm = (use_vllm if use_vllm is not None else _vllm_available()) and path is not None
     k = num_traces_per_prompt
     if vllm:
@@ -267,8 +275,9 @@ def generate_traces(
         cuda = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # seeded sampling without touching the caller's RNG state
             torch.manual_seed(seed)
-            outputs = _transformers_generate(model, tokenizer, texts, k, temperature, top_p, max_new_tokens,
-                                             batch_size, progress)  # fmt: skip
+            outputs = _transformers_generate(
+                model, tokenizer, texts, k, temperature, top_p, max_new_tokens, batch_size, progress
+            )
 
     rows = {"prompt": [], "completion": [], "answer": []}
     for prompt, answer, is_chat, samples in zip(prompts, answers, chat, outputs):
@@ -361,9 +370,14 @@ def traces_to_pairs(
 
 
 def teacher_pipeline(
-    teacher, dataset: Dataset, verifier: Verifier, output_dir: str | os.PathLike, num_traces_per_prompt: int = 4,
-    max_length: int | None = None, **generate_kwargs,
-) -> tuple[Dataset, Dataset, TeacherDataReport]:  # fmt: skip
+    teacher,
+    dataset: Dataset,
+    verifier: Verifier,
+    output_dir: str | os.PathLike,
+    num_traces_per_prompt: int = 4,
+    max_length: int | None = None,
+    **generate_kwargs,
+) -> tuple[Dataset, Dataset, TeacherDataReport]:
     """Generate, label and pair; save ``traces/`` and ``pairs/`` under ``output_dir`` with ``save_to_disk``.
 
     Returns the traces, the pairs and a :class:`TeacherDataReport`; ``positives(traces)`` is the SFT set.
