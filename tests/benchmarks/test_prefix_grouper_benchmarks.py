@@ -15,9 +15,11 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture
 def scripts(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
+    # The scripts set torch's thread count and OMP_NUM_THREADS (--threads); later tests compare results across
+    # processes at the default, so both come back (monkeypatch restores the variable, or its absence).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     yield
-    # The scripts set torch's thread count (--threads); later tests compare results across processes at the default
     torch.set_num_threads(threads)
 
 

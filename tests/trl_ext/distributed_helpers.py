@@ -24,6 +24,7 @@ def _free_port() -> int:
 
 
 ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_distributed(
@@ -35,6 +36,8 @@ def run_distributed(
     script picks an engine of :data:`ENGINES` with :func:`configure_engine` before building each trainer.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # The workers run a script, so the repository root is not on their path; the recipes are not installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     if engines:
         # DeepSpeed would probe for a GPU and fail on this machine; its CPU accelerator runs the gloo backend.
         env["DS_ACCELERATOR"] = "cpu"
