@@ -319,8 +319,27 @@ def mora_speed_layer(path: Path) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- quickstart
+def quickstart(path: Path, threads: int = 1) -> str:
+    """The quickstart's table from its run at ``threads`` threads, as a text block."""
+    body = _body(path)
+    marker = f"== quickstart with OMP_NUM_THREADS={threads}:"
+    starts = [i for i, line in enumerate(body) if line.startswith(marker)]
+    if not starts:
+        raise ResultsFormatError(f"{path}: no line starting with {marker!r}; run benchmarks/quickstart_threads.py.")
+    table = []
+    for line in body[starts[0] + 1 :]:
+        if not line.strip() or line.startswith(("Measured in this run", "==")):
+            break
+        table.append(line.rstrip())
+    if len(table) < 3:
+        raise ResultsFormatError(f"{path}: the table after {marker!r} has {len(table)} line(s).")
+    return "\n".join(["```text", *table, "```"])
+
+
 # name: (results file, renderer)
 BLOCKS: dict[str, tuple[str, Callable[[Path], str]]] = {
+    "quickstart": ("quickstart_threads.txt", quickstart),
     "mora_speed": ("mora_speed.txt", mora_speed),
     "mora_speed_layer": ("mora_speed.txt", mora_speed_layer),
     "merge_precision": ("merge_precision.txt", merge_precision),
