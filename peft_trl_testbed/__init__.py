@@ -27,7 +27,15 @@ from .data import (
     reasoning_reward,
     uuid_char_accuracy,
 )
-from .models import ARCHITECTURES, ToyModelSpec, build_toy_model, cache_dir, save_toy_model, toy_model_path
+from .models import (
+    ARCHITECTURES,
+    ToyModelSpec,
+    build_toy_model,
+    build_toy_moe_model,
+    cache_dir,
+    save_toy_model,
+    toy_model_path,
+)
 from .pretrain import (
     PretrainConfig,
     arithmetic_accuracy,

@@ -161,6 +161,40 @@ def build_toy_model(spec: ToyModelSpec | None = None, **sizes) -> PreTrainedMode
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def build_toy_moe_model(seed: int = 0) -> PreTrainedModel:
+    """A one-layer Qwen3-MoE (4 experts, 2 per token) on the toy tokenizer, with a load-balancing loss.
+
+    For checks that a trainer handles a Mixture-of-Experts model's ``aux_loss`` as the stock trainer does.
+
+    Example:
+        ```py
+        >>> model = build_toy_moe_model()
+        >>> model.config.router_aux_loss_coef
+        0.01
+        ```
+    """
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = build_toy_tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.01,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(config)
+
+
 def save_toy_model(path: str | os.PathLike, spec: ToyModelSpec | None = None, **sizes) -> Path:
     """Build a toy model and save it with its tokenizer at ``path``, like a Hub repo."""
     spec = spec or ToyModelSpec(**sizes)

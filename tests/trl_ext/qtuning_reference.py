@@ -131,3 +131,28 @@ def token_keep(scores, sample_ids, quad, r_s, r_t):
             break
         keep[best] = False
     return [[keep.get((r, c), False) for c in range(len(row))] for r, row in enumerate(sample_ids)]
+
+
+def select_from_logits(logits, labels, r_s, r_t, lam):
+    """The whole selection for a padded batch: ``(nll, quadrants, a, filled, keep)``.
+
+    ``logits`` (rows, T, V) predict ``labels`` (rows, T, -100 where not trained), already shifted. One sample per
+    row, numbered in row order among the rows that have response tokens. ``keep`` is a bool tensor like ``labels``.
+    """
+    import torch
+
+    logp = logits.double().log_softmax(-1)
+    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    rows_with_labels = [r for r in range(labels.size(0)) if (labels[r] != -100).any()]
+    sample_ids = [
+        [rows_with_labels.index(r) if labels[r, t] != -100 else -1 for t in range(labels.size(1))]
+        for r in range(labels.size(0))
+    ]
+    stats = sample_stats(nll.tolist(), ent.tolist(), sample_ids)
+    ppl = [stats[s][0] for s in range(len(stats))]
+    mean_ent = [stats[s][1] for s in range(len(stats))]
+    quad, a, filled = assign(ppl, mean_ent, r_s)
+    scores = token_scores([[math.exp(x) for x in row] for row in nll.tolist()], sample_ids, lam)
+    keep = torch.tensor(token_keep(scores, sample_ids, quad, r_s, r_t))
+    return nll, quad, a, filled, keep

@@ -52,23 +52,7 @@ def _reference_masked_loss(model, batch, r_s, r_t, lam):
     with torch.no_grad():
         kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         logits = model(**kwargs).logits[:, :-1].double()
-    labels = batch["labels"][:, 1:]
-    logp = logits.log_softmax(-1)
-    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    ent = -(logp.exp() * logp).sum(-1)
-    # One sample per row (padded batch), numbered in row order among rows that have response tokens.
-    rows_with_labels = [r for r in range(labels.size(0)) if (labels[r] != -100).any()]
-    sample_ids = [
-        [rows_with_labels.index(r) if labels[r, t] != -100 else -1 for t in range(labels.size(1))]
-        for r in range(labels.size(0))
-    ]
-    stats = ref.sample_stats(nll.tolist(), ent.tolist(), sample_ids)
-    ppl = [stats[s][0] for s in range(len(stats))]
-    mean_ent = [stats[s][1] for s in range(len(stats))]
-    quad, _, _ = ref.assign(ppl, mean_ent, r_s)
-    token_ppl = [[math.exp(x) for x in row] for row in nll.tolist()]
-    scores = ref.token_scores(token_ppl, sample_ids, lam)
-    keep = torch.tensor(ref.token_keep(scores, sample_ids, quad, r_s, r_t))
+    nll, quad, _, _, keep = ref.select_from_logits(logits, batch["labels"][:, 1:], r_s, r_t, lam)
     return (nll * keep).sum() / keep.sum(), quad, keep
 
 

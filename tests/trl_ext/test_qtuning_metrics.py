@@ -8,15 +8,13 @@ the reference's selection. fp32, at 1e-6.
 """
 
 import copy
-import math
 
 import pytest
 import qtuning_reference as ref
 import torch
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from peft_trl_testbed import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
+from peft_trl_testbed import build_toy_moe_model, make_mixed_quality_sft, pretrained_toy_model_path, toy_args
 from peft_trl_testbed.tokenizer import build_toy_tokenizer
 from trl_ext import QTuningConfig, QTuningSFTTrainer
 from trl_ext._compat import sft_metrics
@@ -26,24 +24,7 @@ ROWS = 8  # per micro-batch
 
 
 def _moe_model():
-    tokenizer = build_toy_tokenizer()
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=0.01,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(config), tokenizer
+    return build_toy_moe_model(), build_toy_tokenizer()
 
 
 def _trainers(tmp_path, arch, scoring, loss_type):
@@ -74,21 +55,7 @@ def _reference_selection(model, batch):
     """Full-logit forward in float64, then the spec by the slow reference: (quadrants, a, filled, keep mask)."""
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
-    labels = batch["labels"][:, 1:]
-    logp = logits.log_softmax(-1)
-    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    ent = -(logp.exp() * logp).sum(-1)
-    rows_with_labels = [r for r in range(labels.size(0)) if (labels[r] != -100).any()]
-    sample_ids = [
-        [rows_with_labels.index(r) if labels[r, t] != -100 else -1 for t in range(labels.size(1))]
-        for r in range(labels.size(0))
-    ]
-    stats = ref.sample_stats(nll.tolist(), ent.tolist(), sample_ids)
-    ppl = [stats[s][0] for s in range(len(stats))]
-    mean_ent = [stats[s][1] for s in range(len(stats))]
-    quad, a, filled = ref.assign(ppl, mean_ent, R_SAMPLE)
-    scores = ref.token_scores([[math.exp(x) for x in row] for row in nll.tolist()], sample_ids, LAMBDA)
-    keep = torch.tensor(ref.token_keep(scores, sample_ids, quad, R_SAMPLE, R_TOKEN))
+    _, quad, a, filled, keep = ref.select_from_logits(logits, batch["labels"][:, 1:], R_SAMPLE, R_TOKEN, LAMBDA)
     return quad, a, filled, keep
 
 

@@ -12,11 +12,11 @@ from datasets import Dataset
 from distributed_helpers import run_distributed
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from peft_ext import MoraConfig
-from peft_trl_testbed import make_reasoning_preferences, pretrained_toy_model_path, toy_args
+from peft_trl_testbed import build_toy_moe_model, make_reasoning_preferences, pretrained_toy_model_path, toy_args
 from peft_trl_testbed.tokenizer import build_toy_tokenizer
 from trl_ext import REDIConfig, REDITrainer
 
@@ -176,7 +176,7 @@ def test_bad_input_is_refused(tmp_path):
 
 def test_redi_logs_aux_loss_on_moe_models(tmp_path):
     tokenizer = build_toy_tokenizer()
-    model = _moe_model(tokenizer)
+    model = build_toy_moe_model()
     args = toy_args(REDIConfig, tmp_path, max_steps=1, per_device_train_batch_size=4)
     trainer = REDITrainer(
         model=model, args=args, train_dataset=make_reasoning_preferences(4, seed=1), processing_class=tokenizer
@@ -184,27 +184,6 @@ def test_redi_logs_aux_loss_on_moe_models(tmp_path):
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "aux_loss" in entry]
     assert logged and logged[0]["aux_loss"] > 0
-
-
-def _moe_model(tokenizer):
-    """A one-layer Qwen3-MoE built from its config, with a load-balancing loss."""
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=0.01,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(config)
 
 
 # DPO's metrics that need its reference model; REDI logs its own quantities instead.
@@ -224,7 +203,7 @@ def test_policy_metrics_match_dpo_trainer_on_one_batch(tmp_path, kind):
         policy = AutoModelForCausalLM.from_pretrained(pretrained_toy_model_path())
     else:
         tokenizer = build_toy_tokenizer()
-        policy = _moe_model(tokenizer)
+        policy = build_toy_moe_model()
     data = make_reasoning_preferences(8, seed=1)
     settings = dict(per_device_train_batch_size=4, max_steps=1)
     redi = REDITrainer(
