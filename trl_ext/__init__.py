@@ -1,4 +1,4 @@
-"""TRL trainer and collator subclasses for Prefix Grouper, REDI and Q-Tuning.
+"""TRL trainer and collator subclasses for Prefix Grouper, prefix-shared DPO, REDI and Q-Tuning.
 
 Swap the stock trainer for the subclass; configs, datasets and callbacks stay as they are.
 The offline toy testbed is the separate package :mod:`peft_trl_testbed`.
@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "PrefixGrouperGRPOConfig": "prefix_grouper",
     "PrefixGrouperGRPOTrainer": "prefix_grouper",
+    "PrefixSharingDPOConfig": "prefix_sharing",
+    "PrefixSharingDPOTrainer": "prefix_sharing",
     "QTuningConfig": "qtuning",
     "QTuningSFTTrainer": "qtuning",
     "REDIConfig": "redi",
@@ -28,6 +30,7 @@ __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:
     from .prefix_grouper import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
+    from .prefix_sharing import PrefixSharingDPOConfig, PrefixSharingDPOTrainer
     from .qtuning import QTuningConfig, QTuningSFTTrainer
     from .redi import REDIConfig, REDITrainer
 

@@ -181,6 +181,7 @@ def test_redi_logs_aux_loss_on_moe_models(tmp_path):
     trainer = REDITrainer(
         model=model, args=args, train_dataset=make_reasoning_preferences(4, seed=1), processing_class=tokenizer
     )
+    assert trainer._prefix_sharing_rule is None  # automatic prefix sharing stands down for the aux loss
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "aux_loss" in entry]
     assert logged and logged[0]["aux_loss"] > 0

@@ -789,6 +789,21 @@ def register_grouped_attention() -> None:
             AttentionMaskInterface.register(name, sdpa_mask if base == "sdpa" else eager_mask)
 
 
+def check_grouped_calls(layout: GroupedAttentionLayout, model) -> None:
+    """Raise unless every layer of ``model`` ran the split attention in the forward that carried ``layout``.
+
+    A layer that bypasses the attention-function registry would have attended over the integer segment ids as a
+    mask, so the packed forward is refused rather than trusted.
+    """
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    num_layers = config.get_text_config().num_hidden_layers
+    if layout.calls < num_layers:
+        raise ValueError(
+            f"Prefix grouping cannot run model_type={config.model_type!r}: only {layout.calls} of its {num_layers} "
+            f"layers used the grouped attention. Instead, {FALLBACK_HINT}."
+        )
+
+
 def install_grouped_attention(model) -> str:
     """Switch ``model`` (a transformers causal LM, or a PEFT model around one) to the grouped attention.
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._compat import zero3_partitioned
+from .._compat import zero3_full_shape, zero3_partitioned
 from .attention import FALLBACK_HINT
 
 # count_padding of :func:`~trl_ext.prefix_grouper.layout.pack_groups` for each position convention, in trial order
@@ -155,6 +155,27 @@ def weights_materialised(model: torch.nn.Module) -> bool:
     """False while weights are on the meta device or partitioned (DeepSpeed ZeRO-3 leaves empty local shards)."""
     params = list(model.parameters())
     return bool(params) and not any(p.device.type == "meta" or p.numel() == 0 or zero3_partitioned(p) for p in params)
+
+
+def compute_dtype(model, mixed_precision: torch.dtype | None = None) -> torch.dtype:
+    """The least precise dtype the forward computes in: the autocast dtype, the embeddings' dtype, and bf16 when
+    some weights are quantized (integer storage, computed in a low-precision dtype)."""
+    candidates = [torch.float32] if mixed_precision is None else [mixed_precision]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        candidates.append(weight.dtype)
+    if any(not p.is_floating_point() for p in model.parameters()):
+        candidates.append(torch.bfloat16)
+    return max(candidates, key=lambda dtype: torch.finfo(dtype).eps)
+
+
+def output_vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the model's output embeddings (the full shape under ZeRO-3), else the config's ``vocab_size``."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    # A ZeRO-3 partition holds no rows here; DeepSpeed keeps the full shape in ds_shape
+    shape = zero3_full_shape(weight) or (weight.shape if weight is not None else None)
+    return shape[0] if shape else model.config.get_text_config().vocab_size
 
 
 @contextlib.contextmanager
@@ -342,13 +363,15 @@ def _diagnose(score, model, batch, stock, mask, tol, perturbed: list[str]) -> st
 def longest_sequence(args, config) -> tuple[int | None, str]:
     """The longest prompt + completion a run can score, and what bounds it.
 
-    TRL's ``max_prompt_length`` plus ``max_completion_length`` where the config has both, else
-    ``vllm_max_model_length``, else the model's ``max_position_embeddings``.
+    TRL's ``max_prompt_length`` plus ``max_completion_length`` where the config has both, else DPO's ``max_length``,
+    else ``vllm_max_model_length``, else the model's ``max_position_embeddings``.
     """
     completion = getattr(args, "max_completion_length", None)
     prompt = getattr(args, "max_prompt_length", None)
     if prompt is not None and completion is not None:
         return prompt + completion, f"max_prompt_length + max_completion_length = {prompt} + {completion}"
+    if getattr(args, "max_length", None):  # DPO's bound on prompt + completion
+        return args.max_length, f"max_length={args.max_length}"
     if getattr(args, "vllm_max_model_length", None):
         return args.vllm_max_model_length, f"vllm_max_model_length={args.vllm_max_model_length}"
     limit = getattr(config, "max_position_embeddings", None)
@@ -392,11 +415,12 @@ def check_sliding_window(model: torch.nn.Module, args, seen: tuple[int, ...] | s
         return
     window = min(windows)
     longest, source = longest_sequence(args, config)
+    knob = "max_length" if hasattr(args, "max_length") else "vllm_max_model_length"
     if longest is not None and longest <= window:
         return
     raise _refusal(
         model,
         f"sliding_window={window} is shorter than the sequences this run can score (up to {longest} tokens: "
-        f"{source}), and {windows[window]}. Bound the sequences to the window (vllm_max_model_length<={window}), or "
+        f"{source}), and {windows[window]}. Bound the sequences to the window ({knob}<={window}), or "
         "use a model without a sliding window.",
     )

@@ -6,34 +6,24 @@ import torch
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 
-from .._compat import grpo_tokenizer, stock_grpo_logps, zero3_full_shape
+from .._compat import grpo_tokenizer, stock_grpo_logps
 from .._peft import refuse_prompt_learning
-from .attention import FALLBACK_HINT, LAYOUT_KWARG, GroupedAttentionLayout, install_grouped_attention
+from .attention import (
+    FALLBACK_HINT,
+    LAYOUT_KWARG,
+    GroupedAttentionLayout,
+    check_grouped_calls,
+    install_grouped_attention,
+)
 from .layout import chunk_groups, find_groups, pack_groups, split_groups, ungroup
-from .selfcheck import POSITION_CONVENTIONS, check_sliding_window, self_check, weights_materialised
-
-
-def _check_calls(layout: GroupedAttentionLayout, model) -> None:
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    num_layers = config.get_text_config().num_hidden_layers
-    if layout.calls < num_layers:
-        raise ValueError(
-            f"Prefix grouping cannot run model_type={config.model_type!r}: only {layout.calls} of its {num_layers} "
-            f"layers used the grouped attention. Instead, {FALLBACK_HINT}."
-        )
-
-
-def compute_dtype(model, mixed_precision: torch.dtype | None = None) -> torch.dtype:
-    """The least precise dtype the forward computes in: the autocast dtype, the embeddings' dtype, and bf16 when
-    some weights are quantized (integer storage, computed in a low-precision dtype)."""
-    candidates = [torch.float32] if mixed_precision is None else [mixed_precision]
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        candidates.append(weight.dtype)
-    if any(not p.is_floating_point() for p in model.parameters()):
-        candidates.append(torch.bfloat16)
-    return max(candidates, key=lambda dtype: torch.finfo(dtype).eps)
+from .selfcheck import (
+    POSITION_CONVENTIONS,
+    check_sliding_window,
+    compute_dtype,
+    output_vocab_size,
+    self_check,
+    weights_materialised,
+)
 
 
 class PrefixGrouperGRPOTrainer(GRPOTrainer):
@@ -110,11 +100,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
             conventions = None
             if self._prefix_grouper_count_padding is not None:
                 conventions = [k for k, v in POSITION_CONVENTIONS.items() if v == self._prefix_grouper_count_padding]
-            weight = getattr(unwrapped.get_output_embeddings(), "weight", None)
-            # A ZeRO-3 partition holds no rows here; DeepSpeed keeps the full shape in ds_shape
-            shape = zero3_full_shape(weight) or (weight.shape if weight is not None else None)
-            vocab_size = shape[0] if shape else unwrapped.config.get_text_config().vocab_size
-            result = self_check(self._self_check_scores, model, vocab_size, dtype, conventions)
+            result = self_check(self._self_check_scores, model, output_vocab_size(unwrapped), dtype, conventions)
             self._prefix_grouper_count_padding = POSITION_CONVENTIONS[result.position_convention]
             check_sliding_window(unwrapped, self.args, result.sliding_windows)
 
@@ -206,7 +192,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
                     fused_lm_head=True,
                     **{LAYOUT_KWARG: layout},
                 )
-            _check_calls(layout, self.accelerator.unwrap_model(model))
+            check_grouped_calls(layout, self.accelerator.unwrap_model(model))
             logps.append(ungroup(outputs.log_probs, packed))
             if compute_entropy:
                 entropies.append(ungroup(outputs.entropy, packed))

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from ..prefix_sharing.config import PrefixSharingArguments
+
 
 @dataclass
-class REDIConfig(DPOConfig):
+class REDIConfig(PrefixSharingArguments, DPOConfig):
     r"""Configuration for [`REDITrainer`], a subclass of TRL's [`~trl.DPOConfig`].
 
     All DPO arguments are accepted except those of DPO's loss and reference model. REDI replaces
@@ -30,6 +32,14 @@ class REDIConfig(DPOConfig):
             ``0`` is length-normalised SFT on the chosen traces; ``1`` is the symmetric objective,
             which tends to collapse (a warning is raised above ``0.9``). The paper uses ``0.8``
             with ``learning_rate=1e-6`` after an SFT stage.
+        prefix_sharing (`bool` or `None`, *optional*, defaults to `None`):
+            Whether to encode each prompt once for its chosen and rejected traces (one packed row per prompt, see
+            [`~trl_ext.PrefixSharingDPOTrainer`]). `None` does where the packed forward runs exactly (its
+            construction-time self-check passes) and falls back to the stock forward with a warning elsewhere;
+            `True` refuses such a model instead; `False` runs the stock forward.
+        prefix_sharing_min_prompt_ratio (`float`, *optional*, defaults to `1.0`):
+            Pack a batch only when its prompt tokens are at least this many times its completion tokens, where
+            sharing is measured to pay (`benchmarks/prefix_sharing_dpo.py`); `0` packs every batch.
 
     Example:
         ```py
@@ -44,6 +54,7 @@ class REDIConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        self._check_prefix_sharing()
         if isinstance(self.redi_alpha, bool):
             raise ValueError(
                 f"redi_alpha={self.redi_alpha!r} is a bool, not a weight; pass a number in [0, 1], e.g. redi_alpha=0.8."

@@ -7,13 +7,14 @@ from trl import DPOTrainer
 
 from .._args import convert_args
 from .._compat import NO_REFERENCE_MODEL, dpo_metrics, log_dpo_policy_metrics, reference_free_ref_model
+from ..prefix_sharing.trainer import PrefixSharingMixin
 from .config import REDIConfig
 from .loss import redi_loss, sequence_logps
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
-class REDITrainer(DPOTrainer):
+class REDITrainer(PrefixSharingMixin, DPOTrainer):
     """Reinforcement distillation (REDI) on (prompt, chosen, rejected) preference data.
 
     A drop-in replacement for [`~trl.DPOTrainer`]: the same datasets (plain or conversational
