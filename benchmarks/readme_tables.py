@@ -337,6 +337,37 @@ def quickstart(path: Path, threads: int = 1) -> str:
     return "\n".join(["```text", *table, "```"])
 
 
+# ---------------------------------------------------------------------------------------------------- prefix sharing
+def prefix_sharing_dpo(path: Path) -> str:
+    number = r"\s+([\d.]+)"
+    rows = _matches(
+        path,
+        r"^\s*(dpo\+ref|redi)\s+(\d+)\s+(\d+)\s+([\d.]+) \|" + number * 2 + r"\s+([\d.]+)x\s+([\d.]+)x"
+        r"\s+([\d.]+)\s+([\d.]+)x \|" + number * 3 + r"$",
+    )
+    crossing = _matches(path, r"^crossing: (.*)$")[0].group(1)
+    names = {"dpo+ref": "DPO + reference model", "redi": "REDI (no reference)"}
+    lines = [
+        "| trainer | P | R | P/R | stock s | shared s | speedup | ideal | measured / ideal | memory shared / stock |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    slower = []
+    for m in rows:
+        trainer, p, r, ratio, stock, shared, speedup, ideal, meas, _wall, _smb, _gmb, memory = m.groups()
+        lines.append(
+            f"| {names[trainer]} | {p} | {r} | {ratio} | {stock} | {shared} | {speedup}x | {ideal}x | {meas} "
+            f"| {memory} |"
+        )
+        if float(speedup) <= 1.0:
+            slower.append(f"{names[trainer]} at P={p}, R={r} ({speedup}x)")
+    lines += [
+        "",
+        f"Measured crossing: {crossing}.",
+        "Where it does not pay: " + ("; ".join(slower) if slower else "no measured point is slower shared") + ".",
+    ]
+    return "\n".join(lines)
+
+
 # name: (results file, renderer)
 BLOCKS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "quickstart": ("quickstart_threads.txt", quickstart),
@@ -346,6 +377,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "subnet_step": ("subnet_speed.txt", subnet_step),
     "prefix_grouper_logps": ("prefix_grouper_logps_all.txt", prefix_grouper_logps),
     "prefix_grouper_architectures": ("prefix_grouper_architectures.txt", prefix_grouper_architectures),
+    "prefix_sharing_dpo": ("prefix_sharing_dpo.txt", prefix_sharing_dpo),
     "redi_quality_teacher": ("redi_quality_teacher.txt", redi_quality),
     "redi_speed": ("redi_speed.txt", redi_speed),
     "qtuning_speed": ("qtuning_speed.txt", qtuning_speed),

@@ -56,6 +56,17 @@ def reference_free_ref_model(trainer_name: str) -> property:
     return property(get, set, doc=f"Always None: {trainer_name} has no reference model.")
 
 
+def dpo_vision_dataset(trainer) -> bool:
+    """Whether a ``DPOTrainer`` was given image preference data (its rows go through a processor, not the text rows
+    prefix sharing packs).
+
+    trl 1.16.0, ``trl/trainer/dpo_trainer.py``, ``DPOTrainer.__init__`` sets ``self._is_vision_dataset`` from the
+    first training example (an ``"image"`` or ``"images"`` key). Pinned by
+    ``tests/trl_ext/test_trl_ext_compat.py::test_dpo_records_whether_the_data_has_images``.
+    """
+    return trainer._is_vision_dataset
+
+
 def dpo_metrics(trainer, mode: str):
     """The ``defaultdict(list)`` of metrics that ``trainer.log`` averages for ``mode`` (``"train"``/``"eval"``).
 

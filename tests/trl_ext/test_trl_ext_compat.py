@@ -39,6 +39,19 @@ def _from_config():
 # ------------------------------------------------------------------------------------------- TRL: DPOTrainer
 
 
+def test_dpo_records_whether_the_data_has_images(tmp_path):
+    args = toy_args(DPOConfig, tmp_path, per_device_train_batch_size=2, max_steps=1)
+    model, tokenizer = _from_config()
+    trainer = _ReferenceFreeDPO(
+        model=model,
+        ref_model=_compat.NO_REFERENCE_MODEL,
+        args=args,
+        train_dataset=make_reasoning_preferences(4),
+        processing_class=tokenizer,
+    )
+    assert _compat.dpo_vision_dataset(trainer) is False
+
+
 def test_dpo_builds_no_reference_for_a_given_one(tmp_path, monkeypatch):
     loads = []
     monkeypatch.setattr(dpo_module, "create_model_from_path", lambda path, **kw: loads.append(path))

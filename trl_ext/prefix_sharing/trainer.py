@@ -9,6 +9,7 @@ import torch
 from transformers.utils import logging
 from trl import DPOTrainer
 
+from .._compat import dpo_vision_dataset
 from .._peft import refuse_prompt_learning
 from ..prefix_grouper.attention import FALLBACK_HINT, install_grouped_attention
 from ..prefix_grouper.selfcheck import (
@@ -123,7 +124,7 @@ class PrefixSharingMixin:
                 "load-balancing loss would route each prompt once instead of once per completion. Set "
                 f"router_aux_loss_coef=0.0, or {SHARING_FALLBACK}."
             )
-        if getattr(self, "_is_vision_dataset", False):
+        if dpo_vision_dataset(self):
             raise ValueError(
                 f"Prefix sharing supports text-only preference data, got images. Instead, {SHARING_FALLBACK}."
             )
