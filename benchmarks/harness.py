@@ -267,3 +267,29 @@ def run_worker(script: str, job: dict) -> dict:
     if done.returncode:
         raise RuntimeError(f"worker {job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def one_layer_model(model_type: str, heads: int, head_dim: int, kv_heads: int, max_len: int, seed: int = 0, **config):
+    """``(model, tokenizer)``: one random decoder layer of ``model_type`` (fp32, ``sdpa``, hidden 1024 and MLP 4096
+    unless ``config`` says otherwise) with the toy tokenizer's vocabulary, as the speed benchmarks measure it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peft_trl_testbed import build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()
+    torch.manual_seed(seed)
+    settings = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 1, **config}
+    model_config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_len,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **settings,
+    )
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32, attn_implementation="sdpa")
+    return model, tokenizer

@@ -67,28 +67,11 @@ def estimated_stock_gb(heads: int, head_dim: int, kv_heads: int, prompt_len: int
 
 def build_trainer(grouped: bool, heads: int, head_dim: int, kv_heads: int, max_len: int, output_dir: str, seed=0):
     """A stock or grouped GRPO trainer around one random Llama decoder layer (fp32, sdpa), in train mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from peft_trl_testbed import build_toy_tokenizer
     from recipes.timing import make_trainer
 
-    tokenizer = build_toy_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=1,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_len,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attn_implementation="sdpa",
-    )
-    return make_trainer(grouped, AutoModelForCausalLM.from_config(config, dtype=torch.float32), output_dir)
+    shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE)
+    model, _ = harness.one_layer_model("llama", heads, head_dim, kv_heads, max_len, seed, **shape)
+    return make_trainer(grouped, model, output_dir)
 
 
 def worker(job: dict) -> dict:

@@ -40,29 +40,11 @@ HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM, KV_HEADS = 1024, 4096, 16, 64, 4
 
 def build_trainer(grouped: bool, window: int, max_len: int, output_dir: str, seed: int = 0):
     """A stock or grouped GRPO trainer around one random sliding-window Mistral layer (fp32, sdpa), in train mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    from peft_trl_testbed import build_toy_tokenizer
     from recipes.timing import make_trainer
 
-    tokenizer = build_toy_tokenizer()
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=1,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        sliding_window=window,
-        max_position_embeddings=max_len,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attn_implementation="sdpa",
-    )
-    return make_trainer(grouped, AutoModelForCausalLM.from_config(config, dtype=torch.float32), output_dir)
+    shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, sliding_window=window)
+    model, _ = harness.one_layer_model("mistral", HEADS, HEAD_DIM, KV_HEADS, max_len, seed, **shape)
+    return make_trainer(grouped, model, output_dir)
 
 
 def worker(job: dict) -> dict:

@@ -49,28 +49,13 @@ SWEEPS = {
 
 def build_trainer(trainer: str, shared: bool, max_len: int, seed: int):
     """A stock or prefix-sharing trainer around one random Llama decoder layer (fp32, sdpa), in train mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
     from trl import DPOConfig, DPOTrainer
 
-    from peft_trl_testbed import build_toy_tokenizer, make_reasoning_preferences, toy_args
+    from peft_trl_testbed import make_reasoning_preferences, toy_args
     from trl_ext import PrefixSharingDPOConfig, PrefixSharingDPOTrainer, REDIConfig, REDITrainer
 
-    tokenizer = build_toy_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=1,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=max_len,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    shape = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE)
+    model, tokenizer = harness.one_layer_model("llama", HEADS, HEAD_DIM, KV_HEADS, max_len, seed, **shape)
     common = dict(train_dataset=make_reasoning_preferences(2), processing_class=tokenizer)
     sharing = dict(prefix_sharing=shared, prefix_sharing_min_prompt_ratio=0.0)
     out = tempfile.mkdtemp()

@@ -56,3 +56,35 @@ def test_architecture_sweep_verdicts_and_readme_table(scripts, tmp_path, monkeyp
     section = readme_tables.prefix_grouper_architectures(output)
     assert "3 model types: 1 exact, 1 refused, 1 not buildable, 0 wrong, 0 crash." in section
     assert "| exact (1) | `opt` |" in section
+
+
+@pytest.mark.parametrize("trainer", ["dpo+ref", "redi"])
+def test_prefix_sharing_benchmark_measures_a_packed_step(scripts, trainer):
+    import prefix_sharing_dpo
+
+    job = dict(trainer=trainer, pr=(48, 16), threads=1, rounds=1, seed=0)
+    stock = prefix_sharing_dpo.worker({**job, "shared": False})
+    shared = prefix_sharing_dpo.worker({**job, "shared": True})
+    assert stock["packed_forwards"] == 0 and shared["packed_forwards"] >= 1
+    assert stock["cpu_s"] > 0 and shared["cpu_s"] > 0
+
+
+def test_prefix_sharing_crossing_is_the_smallest_ratio_that_pays_everywhere(scripts):
+    from prefix_sharing_dpo import crossing
+
+    rows = [("redi", 256, 1024, 0.8), ("redi", 256, 256, 1.1), ("dpo+ref", 1024, 1024, 0.95), ("redi", 4096, 64, 3.0)]
+    assert crossing(rows).startswith("crossing: shared is faster at every point with P/R >= 64")
+    rows[2] = ("dpo+ref", 1024, 1024, 1.2)
+    text = crossing(rows)
+    assert "P/R >= 1 " in text and "redi P=256 R=1024 (0.80x)" in text
+
+
+def test_prefix_grouper_benchmarks_build_their_one_layer_models(scripts, tmp_path):
+    import prefix_grouper_logps
+    import prefix_grouper_window
+
+    grouped = prefix_grouper_logps.build_trainer(True, 4, 16, 2, 64, str(tmp_path))
+    assert grouped.model.config.num_attention_heads == 4 and grouped.model.config.num_hidden_layers == 1
+    assert grouped.model.config._attn_implementation == "prefix_grouper_sdpa"
+    window = prefix_grouper_window.build_trainer(False, 16, 64, str(tmp_path))
+    assert window.model.config.sliding_window == 16 and window.model.config.model_type == "mistral"
