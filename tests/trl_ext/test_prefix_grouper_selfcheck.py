@@ -335,3 +335,12 @@ def test_sliding_window_applied_through_the_mask_only_is_refused(tmp_path, monke
     # Without the self-check, the split attention itself refuses the window it is not given: never silent
     with pytest.raises(ValueError, match="passes sliding_window=None to its attention but its stock mask uses"):
         stock_and_grouped_differ(phimoe(4), tmp_path, monkeypatch)
+
+
+def test_refuses_randomness_in_training_mode_that_completions_would_share(tmp_path):
+    # Llama's attention dropout is applied functionally (disable_dropout does not reach it): the packed row would
+    # draw one mask for the prompt all G completions share
+    model = tiny_model("llama", num_key_value_heads=2, attention_dropout=0.1)
+    with pytest.raises(ValueError, match=rf"random in training mode \(attention_dropout=0.1\).*{FALLBACK}"):
+        trainer_for_model(model, True, tmp_path)
+    trainer_for_model(tiny_model("llama", num_key_value_heads=2, attention_dropout=0.1), False, tmp_path)  # stock

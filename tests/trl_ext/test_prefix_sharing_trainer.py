@@ -346,6 +346,41 @@ def test_refuses_a_model_the_packed_forward_cannot_reproduce():
         sgd_step(True, model)
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: llama(attention_dropout=0.1),  # functional attention dropout, which disable_dropout does not reach
+        lambda: tiny_model("opt", ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=256),  # dropout=0.1
+    ],
+    ids=["llama-attention-dropout", "opt-functional-dropout"],
+)
+def test_refuses_randomness_in_training_mode_that_the_prompt_would_share(build):
+    # A packed row draws one dropout mask for the prompt of chosen and rejected, stock draws two: another loss
+    # distribution. Refused when required; the automatic mode (REDI's default) runs the stock forward instead.
+    with pytest.raises(ValueError, match=r"random in training mode \((attention_dropout|dropout)=0.1\).*" + FALLBACK):
+        sgd_step(True, build())
+    redi = sgd_step(False, build(), config=REDIConfig, trainer_cls=REDITrainer, prefix_sharing=None, train=False)[0]
+    assert redi._prefix_sharing_rule is None
+
+
+def test_opt_near_its_position_table_with_padding_to_a_multiple():
+    # OPT numbers positions from the mask: the packed rows must not look up the padded width's position, which the
+    # stock forward never does (the longest row is 140 tokens, padded to 144, the table holds 140 + OPT's offset 2)
+    def opt():
+        # (no biases: the key bias has an analytically zero gradient, whose rounding a relative measure cannot judge)
+        return tiny_model(
+            "opt", ffn_dim=64, word_embed_proj_dim=32, dropout=0.0, enable_bias=False, max_position_embeddings=140
+        )
+
+    compare(opt, ref=True, pad_to_multiple_of=8)
+
+
+def test_eval_logs_the_packed_share_under_an_eval_key():
+    trainer, _ = sgd_step(True, llama(), train=False)
+    metrics = trainer.evaluate(long_prompts(4, seed=2))
+    assert metrics["eval_prefix_sharing/packed_forwards"] == 1.0 and "prefix_sharing/packed_forwards" not in metrics
+
+
 def test_refuses_implicit_prompts_that_differ_with_the_row_index():
     def turns(question, answer):
         return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

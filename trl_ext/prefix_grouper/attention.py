@@ -616,8 +616,9 @@ def _warn_dropout_once() -> None:
     if not _dropout_warned:
         _dropout_warned = True
         logger.warning(
-            "Prefix grouping with attention dropout > 0 runs a slower attention that materialises the scores. "
-            "Set `disable_dropout=True` in the GRPO config (or attention_dropout=0.0) to use the fused kernels."
+            "The split attention with attention dropout > 0 runs a slower attention that materialises the scores "
+            "(the trainers refuse such models: completions sharing a prompt would share its dropout mask). Set "
+            "attention_dropout=0.0 in the model config to use the fused kernels."
         )
 
 

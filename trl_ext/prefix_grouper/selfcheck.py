@@ -360,6 +360,58 @@ def _diagnose(score, model, batch, stock, mask, tol, perturbed: list[str]) -> st
     )
 
 
+# Config fields of randomness some models apply in training mode without an ``nn.Dropout`` module (which TRL's
+# ``disable_dropout`` would switch off); named in the refusal when set
+RANDOM_CONFIG_FIELDS = (
+    "attention_dropout",
+    "attn_pdrop",
+    "dropout",
+    "activation_dropout",
+    "hidden_dropout",
+    "layerdrop",
+    "router_jitter_noise",
+)
+
+
+def check_training_determinism(model: torch.nn.Module, vocab_size: int) -> None:
+    """Refuse a model whose forward is random in training mode (dropout left on, functional dropout that TRL's
+    ``disable_dropout`` does not reach, MoE router jitter, layer drop).
+
+    A packed row encodes the prompt once, so its completions share one dropout mask on the prompt where the stock
+    rows draw one each: the loss then follows another distribution, not just other random draws. The check runs the
+    model twice in training mode on the self-check batch with two seeds (the global random state is restored) and
+    refuses when the outputs differ, naming the config fields that are set.
+
+    Raises:
+        ValueError: naming the model type, the random fields and the fallback.
+    """
+    input_ids, attention_mask, _ = selfcheck_batch(vocab_size, next(model.parameters()).device)
+    modes = {module: module.training for module in model.modules()}
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            outputs = []
+            for seed in (0, 1):
+                torch.manual_seed(seed)
+                outputs.append(model(input_ids=input_ids, attention_mask=attention_mask).logits)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if torch.equal(outputs[0], outputs[1]):
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config()
+    fields = [f"{n}={getattr(config, n)}" for n in RANDOM_CONFIG_FIELDS if getattr(config, n, None) not in (None, 0)]
+    raise _refusal(
+        model,
+        "its forward is random in training mode ("
+        + (", ".join(fields) if fields else "dropout modules with p > 0")
+        + "), and a packed row would draw one random mask for a prompt its completions share, where the stock "
+        "forward draws one per completion; the loss would follow another distribution. Set those to 0 in the model "
+        "config (and disable_dropout=True in the trainer config).",
+    )
+
+
 def longest_sequence(args, config) -> tuple[int | None, str]:
     """The longest prompt + completion a run can score, and what bounds it.
 

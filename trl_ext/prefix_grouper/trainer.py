@@ -19,6 +19,7 @@ from .layout import chunk_groups, find_groups, pack_groups, split_groups, ungrou
 from .selfcheck import (
     POSITION_CONVENTIONS,
     check_sliding_window,
+    check_training_determinism,
     compute_dtype,
     output_vocab_size,
     self_check,
@@ -103,6 +104,8 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
             result = self_check(self._self_check_scores, model, output_vocab_size(unwrapped), dtype, conventions)
             self._prefix_grouper_count_padding = POSITION_CONVENTIONS[result.position_convention]
             check_sliding_window(unwrapped, self.args, result.sliding_windows)
+            if unwrapped is self.accelerator.unwrap_model(self.model):  # the policy is the model that trains
+                check_training_determinism(unwrapped, output_vocab_size(unwrapped))
 
     def _self_check_scores(self, model, input_ids, attention_mask, logits_to_keep, batch_size, count_padding):
         if count_padding is None:

@@ -78,13 +78,14 @@ def install_prefix_sharing(model, rule: SharingRule) -> None:
         base.forward.prefix_sharing_rule = rule
         return
     original = base.forward
+    rotary = uses_rotary_positions(base.config)
 
     @functools.wraps(original)  # generate() validates its kwargs against the wrapped signature
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
         rule = forward.prefix_sharing_rule
         if _packable(args, kwargs, labels, fused_lm_head, shift_labels):
             ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-            pairs = pack_pairs(ids, mask, labels)
+            pairs = pack_pairs(ids, mask, labels, carry_padded_width=rotary)
             if rule.packs(pairs):
                 rule.calls["shared"] += 1
                 return _shared_forward(original, base, pairs, kwargs)
@@ -95,6 +96,12 @@ def install_prefix_sharing(model, rule: SharingRule) -> None:
 
     forward.prefix_sharing_rule = rule
     base.forward = forward
+
+
+def uses_rotary_positions(config) -> bool:
+    """Whether the model encodes positions with RoPE (computed for any position id), not with a position table."""
+    text = config.get_text_config()
+    return any(getattr(text, name, None) is not None for name in ("rope_parameters", "rope_scaling", "rope_theta"))
 
 
 def _shared_forward(original, base, pairs: PackedPairs, kwargs) -> FusedCausalLMOutput:

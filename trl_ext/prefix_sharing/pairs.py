@@ -13,7 +13,8 @@ A row whose prompt differs from its partner's (``max_length`` truncation with ``
 the prompts of a pair differently) keeps a packed row of its own, which encodes it exactly as the stock row does.
 
 Positions are the stock row's columns (right-padded rows number tokens from 0), so the packing uses
-``count_padding=False``, and the largest stock position is carried on a padding cell for length-dependent RoPE.
+``count_padding=False``; for rotary models the largest stock position is carried on a padding cell, for
+length-dependent RoPE.
 
 Example:
     ```py
@@ -78,7 +79,11 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
 
 
 def pack_pairs(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_token_id: int = 0
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    pad_token_id: int = 0,
+    carry_padded_width: bool = True,
 ) -> PackedPairs:
     """Pack right-padded ``[prompt; completion]`` rows one row per distinct prompt (see the module docstring).
 
@@ -88,6 +93,10 @@ def pack_pairs(
         attention_mask (`torch.Tensor` of shape `(B, L)`): 1 on real tokens, 1s then 0s in every row.
         labels (`torch.LongTensor` of shape `(B, L)`): the token ids to score, ``-100`` elsewhere.
         pad_token_id (`int`): id written on the packed padding (never attended to, never scored).
+        carry_padded_width (`bool`): write the stock forward's largest position id, ``L - 1`` (the padded width:
+            rotary models number every column), on a padding cell, so that length-dependent RoPE gets the stock
+            frequencies. Models with a table of absolute positions (GPT-2, OPT) have no such frequencies, and may
+            never look up position ``L - 1`` (OPT numbers positions from the mask): pass `False` for them.
 
     Returns:
         [`PackedPairs`]
@@ -132,7 +141,7 @@ def pack_pairs(
         groups,
         pad_token_id,
         count_padding=False,
-        max_position=width - 1,
+        max_position=width - 1 if carry_padded_width else None,
     )
     prompt_tokens = int(starts.sum())
     return PackedPairs(

@@ -14,6 +14,7 @@ from .._peft import refuse_prompt_learning
 from ..prefix_grouper.attention import FALLBACK_HINT, install_grouped_attention
 from ..prefix_grouper.selfcheck import (
     check_sliding_window,
+    check_training_determinism,
     compute_dtype,
     output_vocab_size,
     self_check,
@@ -109,6 +110,8 @@ class PrefixSharingMixin:
             dtype = compute_dtype(model, mixed)
             result = self_check(score, model, output_vocab_size(model), dtype, POSITION_CONVENTION)
             check_sliding_window(model, self.args, result.sliding_windows)
+        # The policy trains in training mode (also as the reference, with PEFT); a given reference runs in eval mode
+        check_training_determinism(models[0], output_vocab_size(models[0]))
 
     def _refuse_unsupported_options(self) -> None:
         name = type(self).__name__
@@ -149,7 +152,8 @@ class PrefixSharingMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         rule = self._prefix_sharing_rule
         if rule is not None and sum(rule.calls.values()):
-            logs["prefix_sharing/packed_forwards"] = rule.calls["shared"] / sum(rule.calls.values())
+            key = "prefix_sharing/packed_forwards" if self.model.training else "eval_prefix_sharing/packed_forwards"
+            logs[key] = rule.calls["shared"] / sum(rule.calls.values())
             rule.calls.update(shared=0, stock=0)
         super().log(logs, start_time)
 
