@@ -20,7 +20,8 @@ from which the shared step is faster at every measured point.
 
 Usage:
     python benchmarks/prefix_sharing_dpo.py --sweep quick   # P=2048, R=256
-    python benchmarks/prefix_sharing_dpo.py --sweep all     # P in {256, 1024, 2048, 4096} x R in {64, 256, 1024}
+    python benchmarks/prefix_sharing_dpo.py --sweep grid    # P in {256, 1024, 2048, 4096} x R in {64, 256, 1024}
+    python benchmarks/prefix_sharing_dpo.py --sweep all     # the grid and short prompts, P in {16, 64}
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM, KV_HEADS = 1024, 4096, 16, 64, 4
 TRAINERS = ("dpo+ref", "redi")
 SWEEPS = {
     "quick": [(2048, 256)],
-    "all": sorted(itertools.product([256, 1024, 2048, 4096], [64, 256, 1024]), key=lambda pr: pr[0] + pr[1]),
+    # short prompts, below the grid, to find where sharing stops paying
+    "short": list(itertools.product([16, 64], [256, 1024])),
+    "grid": list(itertools.product([256, 1024, 2048, 4096], [64, 256, 1024])),
 }
+SWEEPS["all"] = sorted(SWEEPS["short"] + SWEEPS["grid"], key=lambda pr: pr[0] + pr[1])
 
 
 def build_trainer(trainer: str, shared: bool, max_len: int, seed: int):
