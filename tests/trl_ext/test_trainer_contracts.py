@@ -1,6 +1,6 @@
 """TRL's trainer contracts, checked for every trainer of this package against its parent.
 
-Each row of ``ROWS`` is one trainer (Prefix Grouper GRPO, REDI, Q-Tuning) with its parent, config classes,
+Each row of ``ROWS`` is one trainer (Prefix Grouper GRPO, prefix-shared DPO, REDI, Q-Tuning) with its parent, config classes,
 datasets and model-card tags; each contract runs once per row. A contract either works as it does for
 the parent trainer or is refused at construction with a clear message, and the refusals are named
 (with their reason) in the row. The models are the tiny random toy Llama; one or two steps each.
@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
-from trl import DPOConfig, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from peft_trl_testbed import (
     make_arithmetic_dataset,
@@ -28,6 +28,8 @@ from peft_trl_testbed import (
 from trl_ext import (
     PrefixGrouperGRPOConfig,
     PrefixGrouperGRPOTrainer,
+    PrefixSharingDPOConfig,
+    PrefixSharingDPOTrainer,
     QTuningConfig,
     QTuningSFTTrainer,
     REDIConfig,
@@ -136,6 +138,17 @@ ROWS = [
         standard=lambda n: make_arithmetic_dataset(n, seed=2),
         conversational=lambda n: make_arithmetic_dataset(n, seed=2, conversational=True),
         tags=("trl", "grpo", "prefix-grouper", "peft-trl-ext"),
+        prompt_learning_refusal="the packed shared-prefix rows do not hold",
+    ),
+    TrainerRow(
+        id="prefix_sharing_dpo",
+        trainer_cls=PrefixSharingDPOTrainer,
+        config_cls=PrefixSharingDPOConfig,
+        parent_config_cls=DPOConfig,
+        build=_build_simple(PrefixSharingDPOTrainer),
+        standard=lambda n: make_reasoning_preferences(n, seed=1),
+        conversational=conversational_preferences,
+        tags=("trl", "dpo", "prefix-sharing", "peft-trl-ext"),
         prompt_learning_refusal="the packed shared-prefix rows do not hold",
     ),
     TrainerRow(
@@ -281,7 +294,8 @@ def test_model_card_tags(row, tmp_path):
 def test_gradient_accumulation_and_iterations_match_the_reference(row, tmp_path):
     """One optimizer step over two accumulated micro-batches (and, for GRPO, two iterations per generation).
 
-    References: Prefix Grouper against the stock GRPOTrainer with the same settings; REDI against one
+    References: Prefix Grouper against the stock GRPOTrainer with the same settings, prefix-shared DPO against the
+    stock DPOTrainer likewise; REDI against one
     micro-batch of twice the size (its loss is a mean over pairs); Q-Tuning at keep ratios 1.0 against the
     stock SFTTrainer with the same accumulation.
     """
@@ -297,6 +311,15 @@ def test_gradient_accumulation_and_iterations_match_the_reference(row, tmp_path)
             logs.append(trainer.state.log_history[0])
         stock, grouped = logs
         assert stock["reward_std"] > 0
+    elif row.id == "prefix_sharing_dpo":
+        data = row.standard(8)
+        settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        shared = row.build(row.config_cls, tmp_path, data, prefix_sharing_min_prompt_ratio=0.0, **settings)
+        dpo = _build_simple(DPOTrainer)(DPOConfig, tmp_path, data, **settings)
+        for trainer in (shared, dpo):
+            trainer.train()
+        grouped, stock = shared.state.log_history[0], dpo.state.log_history[0]
+        assert grouped["prefix_sharing/packed_forwards"] == 1.0
     elif row.id == "redi":
         data = row.standard(8)
         accumulated = row.build(
