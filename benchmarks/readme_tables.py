@@ -345,7 +345,7 @@ def prefix_sharing_dpo(path: Path) -> str:
         r"^\s*(dpo\+ref|redi)\s+(\d+)\s+(\d+)\s+([\d.]+) \|" + number * 2 + r"\s+([\d.]+)x\s+([\d.]+)x"
         r"\s+([\d.]+)\s+([\d.]+)x \|" + number * 3 + r"$",
     )
-    crossing = _matches(path, r"^crossing: (.*)$")[0].group(1)
+    crossing = _matches(path, r"^crossing: (.*?)(?: \(slower or equal: .*\))?$")[0].group(1)
     names = {"dpo+ref": "DPO + reference model", "redi": "REDI (no reference)"}
     lines = [
         "| trainer | P | R | P/R | stock s | shared s | speedup | ideal | measured / ideal | memory shared / stock |",
@@ -362,8 +362,9 @@ def prefix_sharing_dpo(path: Path) -> str:
             slower.append(f"{names[trainer]} at P={p}, R={r} ({speedup}x)")
     lines += [
         "",
-        f"Measured crossing: {crossing}.",
-        "Where it does not pay: " + ("; ".join(slower) if slower else "no measured point is slower shared") + ".",
+        f"Measured crossing: {crossing}. Where it does not pay: "
+        + ("; ".join(slower) if slower else "no measured point is slower shared")
+        + ".",
     ]
     return "\n".join(lines)
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-# Prompt/completion token ratio past which the packed forward is faster than the stock one on the benchmark shape
-# (benchmarks/results/prefix_sharing_dpo.txt, "crossing"); below it the stock forward runs.
+# Prompt/completion token ratio from which the packed step was faster than the stock one at every measured point
+# (benchmarks/results/prefix_sharing_dpo.txt, "crossing": P/R >= 1; below it, at P/R <= 1/4, some points were slower
+# and used more memory); below it the stock forward runs.
 DEFAULT_MIN_PROMPT_RATIO = 1.0
 
 
