@@ -251,6 +251,21 @@ def ratio_text(numerator: float, denominator: float, spec: str = ".2f") -> str:
     return format(numerator / denominator, spec) if denominator > 0 else "n/a"
 
 
+def parse_or_work(parser, argv, worker):
+    """Parse ``argv`` (``sys.argv[1:]`` when None) with a hidden ``--worker JOB`` flag added. Given one, run
+    ``worker(job)`` in this process, print its JSON result for :func:`run_worker` and return None; else return the
+    parsed arguments."""
+    import argparse
+    import json
+
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    cli = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if cli.worker:
+        print(json.dumps(worker(json.loads(cli.worker))))
+        return None
+    return cli
+
+
 def run_worker(script: str, job: dict) -> dict:
     """Run ``script --worker <job as JSON>`` in a fresh process with ``job["threads"]`` threads; return the JSON
     its last output line holds (one process per measurement, so each side's peak memory is its own)."""

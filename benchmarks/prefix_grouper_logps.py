@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import resource
 import sys
 import tempfile
@@ -124,11 +123,9 @@ def main(argv=None):
         rounds_help="timed repetitions per point (best kept)",
     )
     parser.add_argument("--resume", action="store_true", help="keep the points already measured in the results file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
-    cli = parser.parse_args(argv)
-    if cli.worker:
-        print(json.dumps(worker(json.loads(cli.worker))))
+    cli = harness.parse_or_work(parser, argv, worker)
+    if cli is None:
         return
 
     from trl_ext.prefix_grouper.cost import ideal_speedup

@@ -24,7 +24,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -86,11 +85,9 @@ def main(argv=None):
     add_common_flags(
         parser, RESULTS / "prefix_grouper_window.txt", rounds=2, rounds_help="rounds of (stock, grouped) workers"
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
-    cli = parser.parse_args(argv)
-    if cli.worker:
-        print(json.dumps(worker(json.loads(cli.worker))))
+    cli = harness.parse_or_work(parser, argv, worker)
+    if cli is None:
         return
 
     import torch
