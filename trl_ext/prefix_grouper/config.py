@@ -27,6 +27,13 @@ class PrefixGrouperGRPOConfig(GRPOConfig):
             (`per_device_train_batch_size` for the old and reference log-probs, the whole local batch for the loss),
             so a packed forward never holds more completions than the stock one.
 
+        > Parameters whose default differs from [`~trl.GRPOConfig`]
+
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Whether to switch off the model's dropout modules. The trainer refuses a model whose forward is random in
+            training mode (completions would share one dropout mask on their prompt, where the stock rows draw one
+            each), so dropout is off by default here, as in [`~trl.DPOConfig`].
+
     Example:
         ```py
         >>> from trl_ext import PrefixGrouperGRPOConfig
@@ -37,6 +44,10 @@ class PrefixGrouperGRPOConfig(GRPOConfig):
     prefix_grouper: bool = field(
         default=True,
         metadata={"help": "Whether to compute the log-probs with the shared-prefix forward (one row per prompt)."},
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Whether to disable dropout in the model (the grouped forward needs a deterministic one)."},
     )
     prefix_grouper_max_completions: int | None = field(
         default=None,
