@@ -33,6 +33,8 @@ from peft_trl_testbed import (
 from trl_ext import (
     PrefixGrouperGRPOConfig,
     PrefixGrouperGRPOTrainer,
+    PrefixSharingDPOConfig,
+    PrefixSharingDPOTrainer,
     QTuningConfig,
     QTuningSFTTrainer,
     REDIConfig,
@@ -93,6 +95,18 @@ def build(method, engine, out_dir):
     if method == "redi":
         args = toy_args(REDIConfig, out, per_device_train_batch_size=2, **common)
         return REDITrainer(
+            model=pretrained_toy_model_path(), args=args, train_dataset=make_reasoning_preferences(4, seed=5)
+        )
+    if method == "prefix_sharing_dpo":  # automatic: ZeRO-3's partitioned weights fall back to the stock forward
+        args = toy_args(
+            PrefixSharingDPOConfig,
+            out,
+            per_device_train_batch_size=2,
+            prefix_sharing=None,
+            prefix_sharing_min_prompt_ratio=0.0,
+            **common,
+        )
+        return PrefixSharingDPOTrainer(
             model=pretrained_toy_model_path(), args=args, train_dataset=make_reasoning_preferences(4, seed=5)
         )
     if method == "qtuning":  # 2 accumulated micro-batches of 2 per process: the window normalisation matters
@@ -204,7 +218,7 @@ def mora_recipe(out_dir):
             json.dump({k: results[k] for k in keys}, f)
 
 
-METHODS = ["prefix_grouper", "redi", "qtuning", "sft_mora", "sft_subnet"]
+METHODS = ["prefix_grouper", "prefix_sharing_dpo", "redi", "qtuning", "sft_mora", "sft_subnet"]
 
 
 def train_one(method, engine, out_dir):
@@ -216,6 +230,9 @@ def train_one(method, engine, out_dir):
     torch.manual_seed(1)  # the same sampling stream for GRPO's generations on every engine
     trainer.train()
     check_engine(trainer, engine)
+    if method == "prefix_sharing_dpo":  # packed where the weights were whole when built; stock under ZeRO-3
+        packed = trainer.state.log_history[0].get("prefix_sharing/packed_forwards")
+        assert packed == (None if engine == "zero3" else 1.0), (engine, packed)
     state = trainable(trainer)
     if dist.get_rank() == 0:
         state["loss"] = torch.tensor([trainer.state.log_history[0]["loss"]])

@@ -26,7 +26,7 @@ from peft_trl_testbed import pretrained_toy_model_path, toy_model_path
 
 SCRIPT = str(Path(__file__).with_name("_engines_train.py"))
 ENGINES = ("zero2", "zero3", "fsdp2")
-METHODS = ("prefix_grouper", "redi", "qtuning", "sft_mora", "sft_subnet")
+METHODS = ("prefix_grouper", "prefix_sharing_dpo", "redi", "qtuning", "sft_mora", "sft_subnet")
 RTOL = 1e-5
 
 
