@@ -17,15 +17,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
-import torch
 from harness import RESULTS, add_common_flags, apply_common_flags, write_results
-from prefix_grouper_step import StepTimer
+from prefix_grouper_step import StepTimer, context_trainer
 
-from peft_trl_testbed import ToyModelSpec, arithmetic_reward, make_arithmetic_dataset, toy_args, toy_model_path
-from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
+from peft_trl_testbed import ToyModelSpec
 
 MODELS = {
     "toy model (Llama d=64, 2 layers, 4 heads)": ToyModelSpec(arch="llama"),
@@ -43,28 +40,8 @@ MODELS = {
 
 def measure(spec: ToyModelSpec, cli) -> tuple[float, float]:
     """(self-check CPU seconds, training-step CPU seconds) of the grouped trainer on ``spec``."""
-    preamble = ("Context: " + "0123456789 " * cli.context)[: cli.context] + "\n"
-    dataset = make_arithmetic_dataset(cli.rounds + 1, seed=cli.seed).map(
-        lambda row: {"prompt": preamble + row["prompt"]}
-    )
-    args = toy_args(
-        PrefixGrouperGRPOConfig,
-        tempfile.mkdtemp(),
-        max_steps=cli.rounds + 1,
-        per_device_train_batch_size=cli.generations,
-        num_generations=cli.generations,
-        max_completion_length=cli.completion_length,
-        beta=0.04,
-        disable_dropout=True,
-        disable_tqdm=True,
-        logging_steps=1000,
-        seed=cli.seed,
-    )
     timer = StepTimer()
-    torch.manual_seed(cli.seed)
-    trainer = PrefixGrouperGRPOTrainer(
-        model=toy_model_path(spec), reward_funcs=arithmetic_reward, args=args, train_dataset=dataset, callbacks=[timer]
-    )
+    trainer = context_trainer(True, spec, cli, timer)
     trainer.train()
     checks = []
     for _ in range(cli.rounds):

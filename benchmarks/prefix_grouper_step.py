@@ -43,14 +43,9 @@ class StepTimer(TrainerCallback):
         self.wall.append(time.perf_counter() - self._wall)
 
 
-def run(grouped: bool, cli) -> StepTimer:
-    spec = ToyModelSpec(
-        arch="llama",
-        hidden_size=cli.hidden_size,
-        num_hidden_layers=cli.layers,
-        num_attention_heads=4,
-        max_position_embeddings=4096,
-    )
+def context_trainer(grouped: bool, spec: ToyModelSpec, cli, timer: StepTimer):
+    """A stock or grouped GRPO trainer (beta 0.04, no dropout) on ``cli.rounds + 1`` arithmetic problems behind a
+    ``cli.context``-character preamble, ``cli.generations`` completions of up to ``cli.completion_length`` tokens."""
     preamble = ("Context: " + "0123456789 " * cli.context)[: cli.context] + "\n"
     dataset = arithmetic(cli.rounds + 1, seed=cli.seed).map(lambda row: {"prompt": preamble + row["prompt"]})
     config_cls, trainer_cls = (
@@ -70,14 +65,25 @@ def run(grouped: bool, cli) -> StepTimer:
         seed=cli.seed,
     )
     torch.manual_seed(cli.seed)
-    timer = StepTimer()
-    trainer = trainer_cls(
+    return trainer_cls(
         model=toy_model_path(spec),  # a saved random model, so the reference model loads from the same path
         reward_funcs=arithmetic_reward,
         args=args,
         train_dataset=dataset,
         callbacks=[timer],
     )
+
+
+def run(grouped: bool, cli) -> StepTimer:
+    spec = ToyModelSpec(
+        arch="llama",
+        hidden_size=cli.hidden_size,
+        num_hidden_layers=cli.layers,
+        num_attention_heads=4,
+        max_position_embeddings=4096,
+    )
+    timer = StepTimer()
+    trainer = context_trainer(grouped, spec, cli, timer)
     trainer.train()
     return timer
 
