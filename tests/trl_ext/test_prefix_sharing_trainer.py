@@ -381,6 +381,23 @@ def test_eval_logs_the_packed_share_under_an_eval_key():
     assert metrics["eval_prefix_sharing/packed_forwards"] == 1.0 and "prefix_sharing/packed_forwards" not in metrics
 
 
+def test_refuses_a_quantised_base():
+    from transformers import BitsAndBytesConfig
+
+    path = "tmp-prefix-sharing-4bit"
+    llama(hidden_size=64, intermediate_size=128).save_pretrained(path)  # bitsandbytes' CPU blocks need 64 columns
+    try:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        with pytest.raises(ValueError, match=r"not verified on quantised weights.*" + FALLBACK):
+            sgd_step(True, model, peft_config=lora, train=False)
+    finally:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def test_refuses_implicit_prompts_that_differ_with_the_row_index():
     def turns(question, answer):
         return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

@@ -137,6 +137,13 @@ class PrefixSharingMixin:
                 f"construction-time self-check, so the packed forward would not be checked. Instead, {SHARING_FALLBACK}."
             )
         models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
+        quantized = [type(m).__name__ for m in models if any(not p.is_floating_point() for p in m.parameters())]
+        if quantized:
+            raise ValueError(
+                "Prefix sharing is not verified on quantised weights: on a 4-bit bitsandbytes base the packed and stock "
+                "steps were measured to differ by more than the self-check's low-precision tolerance can tell apart "
+                f"from rounding. Instead, {SHARING_FALLBACK}."
+            )
         if not all(weights_materialised(model) for model in models):
             raise ValueError(
                 "Prefix sharing checks the packed forward against the stock one on the model's weights when the trainer "
