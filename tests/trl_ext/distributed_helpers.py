@@ -11,9 +11,11 @@ see :func:`configure_engine`); the library itself never needs them, as on GPUs `
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -30,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def run_distributed(
     script: str, *args: str, nproc: int = 2, timeout: float = 600, engines: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` under ``torchrun --nproc_per_node nproc`` on CPU; raise with its output if it fails.
+    """Run ``script`` under ``torchrun --nproc_per_node nproc`` on CPU; raise with each process's output if it fails.
 
     By default the processes train with accelerate's plain CPU data parallelism. With ``engines=True`` the
     script picks an engine of :data:`ENGINES` with :func:`configure_engine` before building each trainer.
@@ -38,28 +40,38 @@ def run_distributed(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # The workers run a script, so the repository root is not on their path; the recipes are not installed.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # A worker killed by a signal (an abort in a C++ thread, a segfault) then prints every thread's Python stack.
+    env["PYTHONFAULTHANDLER"] = "1"
     if engines:
         # DeepSpeed would probe for a GPU and fail on this machine; its CPU accelerator runs the gloo backend.
         env["DS_ACCELERATOR"] = "cpu"
         env.pop("ACCELERATE_USE_CPU", None)  # set per engine by configure_engine
     else:
         env["ACCELERATE_USE_CPU"] = "true"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        script,
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
+    with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        # Each worker's output also goes to its own file, so that a failure can show every rank's last words.
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", f"--log-dir={logs}", "--tee=3"]
+        cmd += [script, *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            ranks = "".join(
+                f"\n--- {log.relative_to(logs)} ---\n{_last_lines(log.read_text(errors='replace'))}"
+                for log in sorted(Path(logs).rglob("*.log"))
+            )
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):{ranks}\n--- torchrun ---\n{_last_lines(proc.stderr)}"
+            )
     return proc
+
+
+_NOISE = re.compile(r"it/s\]|examples/s\]|^\s*$|reducer\.cpp|kernels-community|real_accelerator\.py")
+
+
+def _last_lines(text: str, keep: int = 40) -> str:
+    """The last ``keep`` lines of a worker's output, without progress bars and known harmless warnings."""
+    lines = [line for line in text.replace("\r", "\n").splitlines() if not _NOISE.search(line)]
+    return "\n".join(lines[-keep:])
 
 
 def save_trained_state(trainer, path: str) -> None:
@@ -76,12 +88,20 @@ def save_trained_state(trainer, path: str) -> None:
 
 
 def shutdown() -> None:
-    """Tear the process group down before exit: a gloo thread alive at interpreter exit can abort the process."""
+    """End a worker once its results are written: tear the process group down, then exit at once.
+
+    The interpreter's own teardown is skipped: a C++ thread still alive as it unloads modules (gloo's, a
+    DataLoader's) can abort a worker that has finished its work, and the test would fail on a signal after
+    every result was written. Anything that fails before this call still fails the run.
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate_configs"
