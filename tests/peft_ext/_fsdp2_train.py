@@ -6,6 +6,7 @@ the largest differences in loss, trained values and base weights to the JSON fil
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -100,7 +101,12 @@ def main():
         }
         with open(out, "w") as f:
             json.dump(result, f)
+    dist.barrier()
     dist.destroy_process_group()
+    # Skip the interpreter's teardown: a C++ thread alive as it unloads modules can abort a finished worker.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

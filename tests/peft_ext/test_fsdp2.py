@@ -24,7 +24,11 @@ def result(request, tmp_path_factory):
     """One torchrun of the script per method, read by both tests."""
     method = request.param
     out = tmp_path_factory.mktemp(method) / "result.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONFAULTHANDLER": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), method, str(out)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
