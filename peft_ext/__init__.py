@@ -13,6 +13,7 @@ from ._versions import require_supported_versions
 
 require_supported_versions(("peft", "transformers", "accelerate"), package="peft_ext")
 
+from ._quantized import keep_4bit_training_layout
 from .hub import push_to_hub, save_pretrained
 from .mora import MoraConfig, MoraModel, ReMoraCallback
 from .registration import register_tuner
@@ -27,6 +28,7 @@ __all__ = [
     "SubnetModel",
     "SubnetWarmupCallback",
     "diff_checkpoints",
+    "keep_4bit_training_layout",
     "push_to_hub",
     "save_pretrained",
 ]

@@ -22,7 +22,7 @@ unless named otherwise):
   insert into parameter names (torch 2.13). ``test_wrapper_segments_are_torch_s``.
 - :func:`unpack_cpu_4bit_weight`: bitsandbytes' private CPU weight unpacking (bitsandbytes 0.50.2,
   ``bitsandbytes/nn/modules.py``, ``bitsandbytes/functional.py``).
-  ``tests/peft_ext/test_quantized.py::test_dense_weight_of_a_repacked_4bit_layer``.
+  ``tests/peft_ext/test_quantized.py::test_eval_forwards_keep_the_4bit_layout_that_training_uses``.
 
 :func:`check_peft_hooks` runs when a tuner type is registered (at ``import peft_ext``), so a release that
 renames or reshapes one of these hooks fails at import, naming it, instead of later during training.
@@ -290,18 +290,20 @@ WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_modul
 
 
 # ----------------------------------------------------------------------------- bitsandbytes
-def unpack_cpu_4bit_weight(weight) -> None:
-    """Undo bitsandbytes' CPU inference repacking of a ``Params4bit`` in place, if it was repacked.
+def unpack_cpu_4bit_weight(weight) -> bool:
+    """Undo bitsandbytes' CPU inference repacking of a ``Params4bit`` in place; True if it was repacked.
 
     bitsandbytes 0.50.2 (``bitsandbytes/nn/modules.py``, ``Linear4bit.forward``) repacks a 4-bit weight into
     a bf16 CPU kernel layout on the first eval-mode forward on CPUs with AVX512-BF16, and
     ``dequantize_4bit`` does not read that layout. bitsandbytes itself undoes it with the private
     ``bitsandbytes.functional._convert_weight_packed_for_cpu_inverse`` before saving; so do we before
     dequantising (it repacks on the next eval forward). Pinned by
-    ``tests/peft_ext/test_quantized.py::test_dense_weight_of_a_repacked_4bit_layer``.
+    ``tests/peft_ext/test_quantized.py::test_eval_forwards_keep_the_4bit_layout_that_training_uses``.
     """
     state = weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        return True
+    return False

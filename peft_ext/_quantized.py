@@ -51,6 +51,14 @@ def quantization_format(layer: nn.Module) -> str | None:
     return None
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds quantised weights: a layer in a quantised format (supported by the tuners or not), or
+    any integer parameter."""
+    if any(not param.is_floating_point() for param in model.parameters()):
+        return True
+    return any(quantization_format(module) is not None for module in model.modules())
+
+
 def describe(layer: nn.Module) -> str:
     """``Linear4bit (weight Params4bit)``: the layer type and its weight's type, for messages."""
     weight = getattr(layer, "weight", None)
@@ -68,6 +76,63 @@ def check_adaptable(layer: nn.Module, where: str, tuner: str, formats: tuple[str
         f"transformers Conv1D with floating-point weights, and {supported}. Load the base model unquantised (or in a "
         "supported format), or remove this module from target_modules."
     )
+
+
+def keep_4bit_training_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` in the layout it trains with, also through eval forwards.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for its bf16 inference kernel on the first
+    eval-mode forward without gradients, and keeps it repacked. Repacking rounds the weight's block scales to bf16
+    (the base model changes), and every later forward runs that kernel, training ones included: it passes no
+    gradient to the layer's input, so the adapters of earlier layers silently stop learning. An evaluation, a
+    generation in eval mode or a check run before or during training would trigger it.
+
+    This hooks each 4-bit layer so that its forwards always take the path a training forward takes (eval mode
+    changes nothing else in a ``Linear4bit``); eval forwards on CPU then skip bitsandbytes' bf16 kernel. A layer
+    that was repacked already is unpacked, with a warning, as its scales stay rounded. Idempotent; returns the
+    number of 4-bit layers of ``model``.
+
+    Example:
+        ```py
+        >>> keep_4bit_training_layout(model)  # a model loaded with BitsAndBytesConfig(load_in_4bit=True)
+        ```
+    """
+    layers, repacked = 0, []
+    for name, module in model.named_modules():
+        # bitsandbytes' own layer only: an adapter wrapping it may expose the same weight, and has dropout
+        if not type(module).__module__.startswith("bitsandbytes") or quantization_format(module) != "bnb_4bit":
+            continue
+        layers += 1
+        if unpack_cpu_4bit_weight(module.weight):
+            repacked.append(name)
+        if not getattr(module, _LAYOUT_KEPT, False):
+            module.register_forward_pre_hook(_forward_as_in_training)
+            module.register_forward_hook(_restore_mode, always_call=True)
+            setattr(module, _LAYOUT_KEPT, True)
+    if repacked:
+        warnings.warn(
+            f"bitsandbytes had repacked the weights of {len(repacked)} 4-bit layer(s) (first: {repacked[0]!r}) for its bf16 "
+            "CPU inference kernel, through which training gets no gradient; they are unpacked again, but their block "
+            "scales stay rounded to bf16. To train the weights exactly as loaded, build the trainer before any eval-mode "
+            "forward of the model.",
+            stacklevel=2,
+        )
+    return layers
+
+
+_LAYOUT_KEPT = "_peft_ext_keeps_4bit_training_layout"
+_IN_EVAL = "_peft_ext_forward_in_eval_mode"
+
+
+def _forward_as_in_training(module: nn.Module, args: tuple) -> None:
+    if not module.training:
+        module.training = True
+        setattr(module, _IN_EVAL, True)
+
+
+def _restore_mode(module: nn.Module, args: tuple, output) -> None:
+    if module.__dict__.pop(_IN_EVAL, False):
+        module.training = False
 
 
 def _torchao_granularity(weight) -> str | None:

@@ -19,7 +19,7 @@ from .._loading import (
 )
 from .._merging import AtomicSafeMergeMixin
 from .._mixed_batch import MixedBatchMixin
-from .._quantized import check_adaptable
+from .._quantized import check_adaptable, keep_4bit_training_layout, quantization_format
 from .._sharding import raise_partitioned_save
 from .config import MoraConfig
 from .layer import SUPPORTED_LAYERS, MoraLayer, MoraLinear
@@ -77,6 +77,8 @@ class MoraModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
                 "or add it to exclude_modules."
             )
         check_adaptable(base_layer, current_key, "MoRA")
+        if quantization_format(base_layer) == "bnb_4bit":
+            keep_4bit_training_layout(self.model)  # every 4-bit layer the gradient passes through (idempotent)
         new_module = MoraLinear(target, adapter_name, mora_config)
         if new_module.fan_in_fan_out != mora_config.fan_in_fan_out:
             warnings.warn(

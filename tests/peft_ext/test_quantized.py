@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, TorchAoConfig
 
 from peft_ext import MoraConfig, SubnetConfig
-from peft_ext._quantized import dense_weight, quantization_format
+from peft_ext._quantized import dense_weight, keep_4bit_training_layout, quantization_format
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -98,8 +98,7 @@ def match_update_norms(lora, mora):
 
 
 def logits(model, ids):
-    # Train mode (no dropout in these models): bitsandbytes' eval-mode CPU kernel computes 4-bit layers in
-    # bf16, an error of the backend's own that test_dense_weight_of_a_repacked_4bit_layer measures apart.
+    # Train mode (no dropout in these models), the mode the adapters train in.
     model.train()
     with torch.no_grad():
         return model(ids).logits.float()
@@ -213,19 +212,31 @@ def test_unsupported_quantised_layers_are_refused(toy_dir):
         get_peft_model(net, MoraConfig(r=2, target_modules=["0"]))
 
 
-def test_dense_weight_of_a_repacked_4bit_layer(toy_dir):
-    """bitsandbytes repacks 4-bit weights for its bf16 CPU kernel on the first eval forward; merging still works."""
-    model = get_peft_model(load(toy_dir, "bnb_4bit_nf4_dq"), mora_config())
-    randomize_m(model)
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    dense = dense_weight(layer.base_layer).clone()
-    expected = logits(model, IDS)
+def test_mora_on_a_base_that_bitsandbytes_repacked(toy_dir):
+    """bitsandbytes repacks 4-bit weights for its bf16 CPU kernel on an eval forward (on CPUs with AVX512-BF16),
+    rounding their block scales to bf16. MoRA on such a base unpacks them, says so, and merges what it computes."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    base = load(toy_dir, "bnb_4bit_nf4_dq")
+    dense = dense_weight(base.model.layers[0].self_attn.q_proj).clone()
+    base.eval()
+    with torch.no_grad():
+        base(IDS)
+    repacked = bool(_repacked_layers(base))
+    assert repacked == has_avx512bf16()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(base, mora_config())
+    assert any("stay rounded to bf16" in str(w.message) for w in caught) == repacked
+    assert _repacked_layers(model) == []
     model.eval()
     with torch.no_grad():
-        eval_out = model(IDS).logits  # may repack (CPUs with AVX512-BF16)
-    print(f"4-bit eval-mode (bnb CPU kernel) error: {rel(eval_out, expected):.2e}")
-    # repacking rounds the 4-bit block scales to bf16: the weight bitsandbytes now computes with moved by that much
+        model(IDS)
+    assert _repacked_layers(model) == []  # MoRA keeps every 4-bit layer in the layout it trains with
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    # the weight bitsandbytes now computes with moved by the bf16 rounding of its scales, and no further
     torch.testing.assert_close(dense_weight(layer.base_layer), dense, rtol=2**-7, atol=1e-7)
+    randomize_m(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.merge_adapter()
@@ -245,8 +256,7 @@ def test_mixed_adapter_batch_on_a_quantised_base_with_gradients_enabled(toy_dir,
     ids = torch.randint(0, 96, (3, 6), generator=torch.Generator().manual_seed(1))
     model(ids, adapter_names=["a", "__base__", "b"])  # gradients on, as in an eval loop without no_grad
     # One layer against the same batch through one adapter at a time: LLM.int8 picks outlier columns over the
-    # batch, and bitsandbytes repacks 4-bit weights at the first eval forward (done above), so only the same
-    # layer input, after that first forward, gives the same base output
+    # batch, so only the same layer input gives the same base output
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(2))
     mixed = layer(x, adapter_names=["a", "__base__", "b"])
@@ -258,3 +268,48 @@ def test_mixed_adapter_batch_on_a_quantised_base_with_gradients_enabled(toy_dir,
     only_b = layer(x)
     torch.testing.assert_close(mixed, torch.stack([only_a[0], base[1], only_b[2]]), atol=1e-6, rtol=1e-6)
     assert (only_a[0] - base[0]).abs().max() > 1e-2  # the adapters really change the rows they serve
+
+
+def _repacked_layers(model) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
+        and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+    ]
+
+
+def _input_gradient(model, ids):
+    """Gradient of the logits' sum with respect to the input embeddings, in training mode."""
+    model.train()
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeds).logits.sum().backward()
+    return embeds.grad
+
+
+def test_eval_forwards_keep_the_4bit_layout_that_training_uses(toy_dir):
+    from bitsandbytes.functional import has_avx512bf16
+
+    reference = _input_gradient(load(toy_dir, "bnb_4bit_nf4_dq"), IDS)  # never evaluated
+    assert reference.abs().max() > 0
+
+    if has_avx512bf16():  # the upstream behaviour this guards against, where bitsandbytes repacks on CPU
+        bare = load(toy_dir, "bnb_4bit_nf4_dq")
+        bare.eval()
+        with torch.no_grad():
+            bare(IDS)
+        assert _repacked_layers(bare)
+        # Only the residual stream carries gradient back: none passes through the repacked layers' kernel
+        assert rel(_input_gradient(bare, IDS), reference) > 0.1
+        with pytest.warns(UserWarning, match=r"repacked the weights of 14 4-bit layer\(s\).*stay rounded to bf16"):
+            assert keep_4bit_training_layout(bare) == 14
+        assert _repacked_layers(bare) == []
+
+    model = load(toy_dir, "bnb_4bit_nf4_dq")
+    assert keep_4bit_training_layout(model) == keep_4bit_training_layout(model) == 14  # idempotent
+    model.eval()
+    with torch.no_grad():
+        model(IDS)
+    assert _repacked_layers(model) == []
+    assert not any(module.training for module in model.modules())  # each layer's eval mode is given back
+    torch.testing.assert_close(_input_gradient(model, IDS), reference, rtol=0, atol=0)

@@ -198,3 +198,44 @@ def peak_backward_bytes(fn) -> int:
         live += event.nbytes()
         top = max(top, live)
     return top
+
+
+QUANTIZED_FORMATS = ("bnb_4bit", "bnb_8bit", "torchao_int8")
+
+
+def quantized_llama(fmt: str, directory) -> torch.nn.Module:
+    """The sharpened tiny Llama (hidden 64: bitsandbytes' CPU blocks need 64 columns) loaded quantised in ``fmt``,
+    computing in fp32."""
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    path = directory / "llama-64"
+    if not path.exists():
+        tiny_model("llama", num_key_value_heads=2, hidden_size=64, intermediate_size=128).save_pretrained(path)
+    if fmt == "bnb_4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    elif fmt == "bnb_8bit":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantization = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
+
+
+def fp32_adapters_(trainer):
+    """Cast the trained parameters to fp32. TRL casts adapters on quantised bases to bf16 (as QLoRA does), whose
+    rounding would hide a difference of the size that fp32 comparisons catch; call before the optimizer exists."""
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return trainer
+
+
+def repacked_4bit_layers(model) -> list[str]:
+    """bitsandbytes 4-bit layers whose weight it repacked for its CPU inference kernel (see
+    :func:`peft_ext._quantized.keep_4bit_training_layout`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+    ]

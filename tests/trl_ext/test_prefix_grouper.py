@@ -7,14 +7,19 @@ entropies, old and reference log-probs, the loss and every parameter gradient.
 import pytest
 import torch
 from prefix_grouper_helpers import (
+    QUANTIZED_FORMATS,
     assert_close,
+    fp32_adapters_,
     logps_of,
     loss_and_grads,
     make_batch,
     make_trainer,
     model_path,
+    quantized_llama,
     ref_logps_of,
+    repacked_4bit_layers,
     sharpen_,
+    trainer_for_model,
 )
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from trl import GRPOConfig, GRPOTrainer
@@ -324,3 +329,18 @@ def test_trainer_from_model_path_trains(tmp_path):
     )
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED_FORMATS)
+def test_quantised_base_with_lora_matches_stock(fmt, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    stock, grouped = (
+        fp32_adapters_(trainer_for_model(quantized_llama(fmt, tmp_path), grouped, tmp_path, peft_config=lora))
+        for grouped in (False, True)
+    )
+    # The self-check's eval forwards leave the weights as loaded: bitsandbytes would repack 4-bit ones for a kernel
+    # through which training gets no gradient (every LoRA tensor below the last layer would miss its gradient)
+    assert repacked_4bit_layers(grouped.model) == []
+    compare(stock, grouped, make_batch())

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from peft_trl_testbed import make_mixed_quality_sft, pretrained_toy_model_path, toy_args
+from peft_trl_testbed import build_toy_tokenizer, make_mixed_quality_sft, pretrained_toy_model_path, toy_args
 from trl_ext import QTuningConfig, QTuningSFTTrainer
 
 
@@ -105,3 +105,46 @@ def test_qtuning_window_loss_is_normalised_by_kept_tokens(tmp_path, scoring):
     )
     gap = _update_gap({k: initial[k] for k in expected}, {k: one_step[k] for k in expected}, expected)
     assert gap < 1e-4, f"update differs from the kept-token-normalised reference by {gap:.2e} (relative)"
+
+
+def test_evaluating_on_a_4bit_base_leaves_training_unchanged(tmp_path):
+    """bitsandbytes repacks 4-bit weights on an eval forward on CPU for a kernel that passes no gradient back; the
+    trainer keeps them in their training layout, so a step after ``evaluate()`` equals a step without it."""
+    from peft import LoraConfig
+    from prefix_grouper_helpers import fp32_adapters_, quantized_llama, repacked_4bit_layers
+
+    data = make_mixed_quality_sft(8, seed=3)
+    updates = {}
+    for evaluate in (False, True):
+        args = toy_args(
+            QTuningConfig,
+            tmp_path / f"evaluate-{evaluate}",
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=8,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            max_steps=1,
+            disable_tqdm=True,
+        )
+        trainer = QTuningSFTTrainer(
+            model=quantized_llama("bnb_4bit", tmp_path),
+            args=args,
+            train_dataset=data,
+            eval_dataset=data,
+            peft_config=LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False
+            ),
+            processing_class=build_toy_tokenizer(),
+        )
+        fp32_adapters_(trainer)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        if evaluate:
+            trainer.evaluate()
+            assert repacked_4bit_layers(trainer.model) == []
+        trainer.train()
+        updates[evaluate] = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if n in before}
+    assert all(update.abs().max() > 0 for update in updates[False].values())  # every adapter tensor trained
+    for name, update in updates[False].items():
+        torch.testing.assert_close(updates[True][name], update, rtol=1e-6, atol=1e-9, msg=name)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from peft_ext._quantized import is_quantized, keep_4bit_training_layout
+
 from .._compat import zero3_full_shape, zero3_partitioned
 from .attention import FALLBACK_HINT
 
@@ -165,7 +167,7 @@ def compute_dtype(model, mixed_precision: torch.dtype | None = None) -> torch.dt
     weight = getattr(embeddings, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         candidates.append(weight.dtype)
-    if any(not p.is_floating_point() for p in model.parameters()):
+    if is_quantized(model):
         candidates.append(torch.bfloat16)
     return max(candidates, key=lambda dtype: torch.finfo(dtype).eps)
 
@@ -180,7 +182,12 @@ def output_vocab_size(model: torch.nn.Module) -> int:
 
 @contextlib.contextmanager
 def probing(model: torch.nn.Module):
-    """Eval mode (no dropout) and no gradients inside the block; every module's own mode is restored after it."""
+    """Eval mode (no dropout) and no gradients inside the block; every module's own mode is restored after it.
+
+    The probe leaves the model as it was: bitsandbytes would otherwise repack 4-bit weights (lossily, and for a
+    kernel that training gets no gradient through) on this eval forward; see :func:`keep_4bit_training_layout`.
+    """
+    keep_4bit_training_layout(model)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -195,13 +202,15 @@ def probing(model: torch.nn.Module):
 def zero_parameters_perturbed(model: torch.nn.Module, seed: int = 0, std: float = 1.0):
     """Give every all-zero floating-point parameter random values inside the block, and zero it again after it.
 
-    Yields the names of the perturbed parameters. Zeroing restores them exactly.
+    Yields the names of the perturbed parameters. Zeroing restores them exactly. Tensor subclasses (quantised
+    weights such as torchao's) are left alone: they are never all zero, and support few operations.
     """
     gen = torch.Generator().manual_seed(seed)
     perturbed = []
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.is_floating_point() and param.numel() and not param.any():
+            plain = type(param.data) is torch.Tensor
+            if plain and param.is_floating_point() and param.numel() and not param.any():
                 noise = torch.randn(param.shape, generator=gen) * std
                 param.copy_(noise.to(device=param.device, dtype=param.dtype))
                 perturbed.append((name, param))

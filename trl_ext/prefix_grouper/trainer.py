@@ -6,6 +6,8 @@ import torch
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 
+from peft_ext._quantized import keep_4bit_training_layout
+
 from .._compat import grpo_tokenizer, stock_grpo_logps
 from .._peft import refuse_prompt_learning
 from .attention import (
@@ -70,6 +72,7 @@ class PrefixGrouperGRPOTrainer(GRPOTrainer):
                 f"rows do not hold; {FALLBACK_HINT}",
             )
         super().__init__(*args, **kwargs)
+        keep_4bit_training_layout(self.model)  # evaluations and checks must not change what trains
         self.prefix_grouper = getattr(self.args, "prefix_grouper", True)
         self.prefix_grouper_max_completions = getattr(self.args, "prefix_grouper_max_completions", None)
         if self.prefix_grouper:

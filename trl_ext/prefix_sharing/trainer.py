@@ -9,6 +9,8 @@ import torch
 from transformers.utils import logging
 from trl import DPOTrainer
 
+from peft_ext._quantized import keep_4bit_training_layout
+
 from .._compat import dpo_vision_dataset
 from .._peft import refuse_prompt_learning
 from ..prefix_grouper.attention import FALLBACK_HINT, install_grouped_attention
@@ -80,6 +82,7 @@ class PrefixSharingMixin:
         if self._prefix_sharing_ready:
             return
         self._prefix_sharing_ready = True
+        keep_4bit_training_layout(self.model)  # evaluations and checks must not change what trains
         requested = getattr(self.args, "prefix_sharing", True)
         if requested is False:
             return
@@ -137,13 +140,6 @@ class PrefixSharingMixin:
                 f"construction-time self-check, so the packed forward would not be checked. Instead, {SHARING_FALLBACK}."
             )
         models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
-        quantized = [type(m).__name__ for m in models if any(not p.is_floating_point() for p in m.parameters())]
-        if quantized:
-            raise ValueError(
-                "Prefix sharing is not verified on quantised weights: on a 4-bit bitsandbytes base the packed and stock "
-                "steps were measured to differ by more than the self-check's low-precision tolerance can tell apart "
-                f"from rounding. Instead, {SHARING_FALLBACK}."
-            )
         if not all(weights_materialised(model) for model in models):
             raise ValueError(
                 "Prefix sharing checks the packed forward against the stock one on the model's weights when the trainer "

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from trl import SFTTrainer
 
+from peft_ext._quantized import keep_4bit_training_layout
+
 from .._args import convert_args
 from .._compat import KeptTokensForward, fused_forward, sft_metrics
 from .._peft import refuse_prompt_learning
@@ -115,6 +117,7 @@ class QTuningSFTTrainer(SFTTrainer):
             "and token pruning do not account for",
         )
         super().__init__(model=model, args=args, **kwargs)
+        keep_4bit_training_layout(self.model)  # evaluations must not change what trains
         sizes = {"tp_size": self.get_tp_size(), "cp_size": self.get_cp_size(), "sp_size": self.get_sp_size()}
         if any(size > 1 for size in sizes.values()):
             raise ValueError(
