@@ -405,6 +405,31 @@ def test_quantised_base_with_lora_matches_stock(fmt, tmp_path):
     assert update_difference(trainers[False], trainers[True], before) <= RTOL
 
 
+def test_qlora_bf16_adapters_drift_no_more_than_stock(tmp_path):
+    # TRL casts adapters on a quantised base to bf16 (as QLoRA does): both trainers then carry bf16 rounding
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+
+    def gradient(shared, fp32):
+        trainer, _ = sgd_step(shared, quantized_llama("bnb_4bit", tmp_path), peft_config=lora, train=False)
+        assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}
+        if fp32:
+            fp32_adapters_(trainer)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()  # as Trainer.training_step does (an eval-mode forward would repack the stock model)
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.compute_loss(trainer.model, batch).backward()
+        return torch.cat([p.grad.flatten().double() for p in trainer.model.parameters() if p.requires_grad])
+
+    reference = gradient(False, fp32=True)
+    drift = {
+        shared: ((gradient(shared, fp32=False) - reference).norm() / reference.norm()).item()
+        for shared in (False, True)
+    }
+    print(f"QLoRA bf16-adapter gradient drift from fp32 adapters (relative norm), stock/shared: {drift}")
+    assert drift[False] > 1e-4
+    assert drift[True] <= 2 * drift[False], drift
+
+
 def test_refuses_implicit_prompts_that_differ_with_the_row_index():
     def turns(question, answer):
         return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
