@@ -296,14 +296,18 @@ def unpack_cpu_4bit_weight(weight) -> bool:
     bitsandbytes 0.50.2 (``bitsandbytes/nn/modules.py``, ``Linear4bit.forward``) repacks a 4-bit weight into
     a bf16 CPU kernel layout on the first eval-mode forward on CPUs with AVX512-BF16, and
     ``dequantize_4bit`` does not read that layout. bitsandbytes itself undoes it with the private
-    ``bitsandbytes.functional._convert_weight_packed_for_cpu_inverse`` before saving; so do we before
-    dequantising (it repacks on the next eval forward). Pinned by
-    ``tests/peft_ext/test_quantized.py::test_eval_forwards_keep_the_4bit_layout_that_training_uses``.
+    ``bitsandbytes.functional._convert_weight_packed_for_cpu_inverse`` before saving. That inverse leaves the
+    block scales (``absmax``) of a weight without double quantisation transposed, ``(in / blocksize, out)``
+    in bf16, where ``dequantize_4bit`` reads them row-major: restored here, in fp32 (their values stay rounded
+    to bf16). Pinned by ``tests/peft_ext/test_quantized.py::test_unpacking_a_repacked_4bit_layer``.
     """
     state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    if not getattr(state, "packing_format_for_cpu", False):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        return True
-    return False
+    nested = state.original_nested
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not nested:
+        weight.quant_state.absmax = weight.quant_state.absmax.T.reshape(-1).float().contiguous()
+    return True

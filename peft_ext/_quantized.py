@@ -51,12 +51,26 @@ def quantization_format(layer: nn.Module) -> str | None:
     return None
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` holds quantised weights: a layer in a quantised format (supported by the tuners or not), or
-    any integer parameter."""
-    if any(not param.is_floating_point() for param in model.parameters()):
-        return True
-    return any(quantization_format(module) is not None for module in model.modules())
+def quantized_compute_dtypes(model: nn.Module) -> set[torch.dtype]:
+    """The dtypes ``model``'s quantised layers compute in; empty for a model without quantised weights.
+
+    A bitsandbytes 4-bit layer computes in its ``compute_dtype`` (its dequantised dtype until one is set), a torchao
+    int8 weight-only layer in its weight's float dtype. LLM.int8 (bitsandbytes 8-bit) quantises activations to int8
+    in eval mode and on GPUs, and any other integer weight computes in some low precision: bf16 stands for both.
+    """
+    dtypes = set()
+    for module in model.modules():
+        fmt = quantization_format(module)
+        if fmt == "bnb_4bit":
+            if type(module).__module__.startswith("bitsandbytes"):  # not an adapter wrapping the layer
+                dtypes.add(module.compute_dtype or module.weight.quant_state.dtype)
+        elif fmt == "torchao_int8":
+            dtypes.add(module.weight.dtype)
+        elif fmt is not None:
+            dtypes.add(torch.bfloat16)
+        elif any(not param.is_floating_point() for param in module.parameters(recurse=False)):
+            dtypes.add(torch.bfloat16)
+    return dtypes
 
 
 def describe(layer: nn.Module) -> str:
@@ -88,36 +102,39 @@ def keep_4bit_training_layout(model: nn.Module) -> int:
     generation in eval mode or a check run before or during training would trigger it.
 
     This hooks each 4-bit layer so that its forwards always take the path a training forward takes (eval mode
-    changes nothing else in a ``Linear4bit``); eval forwards on CPU then skip bitsandbytes' bf16 kernel. A layer
-    that was repacked already is unpacked, with a warning, as its scales stay rounded. Idempotent; returns the
-    number of 4-bit layers of ``model``.
+    changes nothing else in a ``Linear4bit``); eval forwards on CPU then skip bitsandbytes' bf16 kernel.
+    Idempotent; returns the number of 4-bit layers of ``model``.
+
+    Raises:
+        ValueError: if bitsandbytes repacked a layer already, before this call: its weights are no longer the
+            ones loaded, and training would start from another base model.
 
     Example:
         ```py
         >>> keep_4bit_training_layout(model)  # a model loaded with BitsAndBytesConfig(load_in_4bit=True)
         ```
     """
-    layers, repacked = 0, []
+    layers = []
     for name, module in model.named_modules():
         # bitsandbytes' own layer only: an adapter wrapping it may expose the same weight, and has dropout
-        if not type(module).__module__.startswith("bitsandbytes") or quantization_format(module) != "bnb_4bit":
-            continue
-        layers += 1
-        if unpack_cpu_4bit_weight(module.weight):
-            repacked.append(name)
+        if type(module).__module__.startswith("bitsandbytes") and quantization_format(module) == "bnb_4bit":
+            layers.append((name, module))
+    repacked = [name for name, module in layers if getattr(module.weight.quant_state, "packing_format_for_cpu", False)]
+    if repacked:
+        raise ValueError(
+            f"bitsandbytes repacked the weights of {len(repacked)} 4-bit layer(s) (first: {repacked[0]!r}) for its bf16 "
+            "CPU inference kernel, on an eval-mode forward or generate() before this model was set up for training. "
+            "That rounded their block scales to bf16, so these are no longer the weights that were loaded, and "
+            "training would get no gradient through them. Reload the model, and build the trainer (or the MoRA "
+            "adapter) before any eval-mode forward; or call peft_ext.keep_4bit_training_layout(model) right after "
+            "loading."
+        )
+    for _, module in layers:
         if not getattr(module, _LAYOUT_KEPT, False):
             module.register_forward_pre_hook(_forward_as_in_training)
             module.register_forward_hook(_restore_mode, always_call=True)
             setattr(module, _LAYOUT_KEPT, True)
-    if repacked:
-        warnings.warn(
-            f"bitsandbytes had repacked the weights of {len(repacked)} 4-bit layer(s) (first: {repacked[0]!r}) for its bf16 "
-            "CPU inference kernel, through which training gets no gradient; they are unpacked again, but their block "
-            "scales stay rounded to bf16. To train the weights exactly as loaded, build the trainer before any eval-mode "
-            "forward of the model.",
-            stacklevel=2,
-        )
-    return layers
+    return len(layers)
 
 
 _LAYOUT_KEPT = "_peft_ext_keeps_4bit_training_layout"

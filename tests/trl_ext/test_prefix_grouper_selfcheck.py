@@ -6,7 +6,7 @@ model really differ from the stock trainer's: the refusal is what keeps the run 
 
 import pytest
 import torch
-from prefix_grouper_helpers import assert_close, logps_of, make_batch, tiny_model, trainer_for_model
+from prefix_grouper_helpers import assert_close, logps_of, make_batch, quantized_llama, tiny_model, trainer_for_model
 from test_prefix_grouper import compare
 
 from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args
@@ -309,7 +309,26 @@ def test_tolerance_dtype_is_the_least_precise_compute_dtype():
     model.model.layers[0].mlp.register_parameter(
         "packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
     )
-    assert compute_dtype(model.float()) == torch.bfloat16  # quantized weights compute in low precision
+    assert compute_dtype(model.float()) == torch.bfloat16  # unknown integer weights compute in low precision
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [("bnb_4bit", torch.float32), ("torchao_int8", torch.float32), ("bnb_8bit", torch.bfloat16)],
+)
+def test_tolerance_dtype_of_quantised_bases(fmt, expected, tmp_path):
+    # 4-bit with bnb_4bit_compute_dtype=float32 and int8 weight-only compute in fp32 and are checked at fp32's
+    # tolerance; LLM.int8 quantises activations in eval mode, which bf16's tolerance stands for
+    from peft import LoraConfig, get_peft_model
+
+    from trl_ext.prefix_grouper.trainer import compute_dtype
+
+    model = get_peft_model(quantized_llama(fmt, tmp_path), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert compute_dtype(model) == expected
+    for param in model.parameters():  # adapters in bf16, as TRL casts them on bitsandbytes bases
+        if param.requires_grad:
+            param.data = param.data.bfloat16()
+    assert compute_dtype(model) == torch.bfloat16
 
 
 def phimoe(window):

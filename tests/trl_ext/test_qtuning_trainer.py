@@ -148,3 +148,25 @@ def test_evaluating_on_a_4bit_base_leaves_training_unchanged(tmp_path):
     assert all(update.abs().max() > 0 for update in updates[False].values())  # every adapter tensor trained
     for name, update in updates[False].items():
         torch.testing.assert_close(updates[True][name], update, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_a_4bit_base_repacked_before_the_trainer_is_refused(tmp_path):
+    from bitsandbytes.functional import has_avx512bf16
+    from peft import LoraConfig
+    from prefix_grouper_helpers import quantized_llama
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+    model = quantized_llama("bnb_4bit", tmp_path)
+    model.eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))  # as a baseline evaluation would, before the trainer exists
+    args = toy_args(QTuningConfig, tmp_path / "out", max_steps=1)
+    with pytest.raises(ValueError, match=r"repacked the weights of 14 4-bit layer\(s\).*Reload the model"):
+        QTuningSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=make_mixed_quality_sft(8),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+            processing_class=build_toy_tokenizer(),
+        )

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peft_ext._quantized import is_quantized, keep_4bit_training_layout
+from peft_ext._quantized import keep_4bit_training_layout, quantized_compute_dtypes
 
 from .._compat import zero3_full_shape, zero3_partitioned
 from .attention import FALLBACK_HINT
@@ -160,15 +160,12 @@ def weights_materialised(model: torch.nn.Module) -> bool:
 
 
 def compute_dtype(model, mixed_precision: torch.dtype | None = None) -> torch.dtype:
-    """The least precise dtype the forward computes in: the autocast dtype, the embeddings' dtype, and bf16 when
-    some weights are quantized (integer storage, computed in a low-precision dtype)."""
-    candidates = [torch.float32] if mixed_precision is None else [mixed_precision]
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        candidates.append(weight.dtype)
-    if is_quantized(model):
-        candidates.append(torch.bfloat16)
+    """The least precise dtype the forward computes in: the autocast dtype, the floating-point parameters' dtypes
+    (a bf16 adapter on an fp32 base rounds its share to bf16), and what the quantised layers compute in (see
+    :func:`peft_ext._quantized.quantized_compute_dtypes`)."""
+    candidates = {torch.float32 if mixed_precision is None else mixed_precision}
+    candidates |= {param.dtype for param in model.parameters() if param.is_floating_point()}
+    candidates |= quantized_compute_dtypes(model)
     return max(candidates, key=lambda dtype: torch.finfo(dtype).eps)
 
 
