@@ -114,12 +114,8 @@ def keep_4bit_training_layout(model: nn.Module) -> int:
         >>> keep_4bit_training_layout(model)  # a model loaded with BitsAndBytesConfig(load_in_4bit=True)
         ```
     """
-    layers = []
-    for name, module in model.named_modules():
-        # bitsandbytes' own layer only: an adapter wrapping it may expose the same weight, and has dropout
-        if type(module).__module__.startswith("bitsandbytes") and quantization_format(module) == "bnb_4bit":
-            layers.append((name, module))
-    repacked = [name for name, module in layers if getattr(module.weight.quant_state, "packing_format_for_cpu", False)]
+    layers = _bnb_4bit_layers(model)
+    repacked = repacked_4bit_layers(model)
     if repacked:
         raise ValueError(
             f"bitsandbytes repacked the weights of {len(repacked)} 4-bit layer(s) (first: {repacked[0]!r}) for its bf16 "
@@ -135,6 +131,25 @@ def keep_4bit_training_layout(model: nn.Module) -> int:
             module.register_forward_hook(_restore_mode, always_call=True)
             setattr(module, _LAYOUT_KEPT, True)
     return len(layers)
+
+
+def repacked_4bit_layers(model: nn.Module) -> list[str]:
+    """Names of ``model``'s bitsandbytes 4-bit layers whose weight bitsandbytes repacked for its CPU inference
+    kernel (see :func:`keep_4bit_training_layout`)."""
+    return [
+        name
+        for name, module in _bnb_4bit_layers(model)
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+    ]
+
+
+def _bnb_4bit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # bitsandbytes' own layer only: an adapter wrapping it may expose the same weight, and has dropout
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module).__module__.startswith("bitsandbytes") and quantization_format(module) == "bnb_4bit"
+    ]
 
 
 _LAYOUT_KEPT = "_peft_ext_keeps_4bit_training_layout"

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, TorchAoConfig
 
 from peft_ext import MoraConfig, SubnetConfig
-from peft_ext._quantized import dense_weight, keep_4bit_training_layout, quantization_format
+from peft_ext._quantized import dense_weight, keep_4bit_training_layout, quantization_format, repacked_4bit_layers
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -227,7 +227,7 @@ def test_unpacking_a_repacked_4bit_layer(toy_dir, backend):
     base.eval()
     with torch.no_grad():
         base(IDS)
-    assert len(_repacked_layers(base)) == len(loaded) == 14
+    assert len(repacked_4bit_layers(base)) == len(loaded) == 14
     with pytest.raises(ValueError, match=r"repacked the weights of 14 4-bit layer\(s\).*Reload the model"):
         get_peft_model(base, mora_config())
     # bf16 scales: 2^-8 relative at most; with double quantisation, bitsandbytes quantises them to 8 bits again
@@ -235,7 +235,7 @@ def test_unpacking_a_repacked_4bit_layer(toy_dir, backend):
     for name, module in base.named_modules():
         if name in loaded:  # dense_weight unpacks first
             torch.testing.assert_close(dense_weight(module), loaded[name], rtol=rtol, atol=0, msg=name)
-    assert _repacked_layers(base) == []
+    assert repacked_4bit_layers(base) == []
 
 
 @pytest.mark.parametrize("backend", ["bnb_4bit_nf4_dq", "bnb_8bit"])
@@ -260,15 +260,7 @@ def test_mixed_adapter_batch_on_a_quantised_base_with_gradients_enabled(toy_dir,
     only_b = layer(x)
     torch.testing.assert_close(mixed, torch.stack([only_a[0], base[1], only_b[2]]), atol=1e-6, rtol=1e-6)
     assert (only_a[0] - base[0]).abs().max() > 1e-2  # the adapters really change the rows they serve
-
-
-def _repacked_layers(model) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
-        and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
-    ]
+    assert repacked_4bit_layers(model) == []  # MoRA keeps 4-bit layers in their training layout in eval mode
 
 
 def _input_gradient(model, ids):
@@ -290,7 +282,7 @@ def test_eval_forwards_keep_the_4bit_layout_that_training_uses(toy_dir):
         bare.eval()
         with torch.no_grad():
             bare(IDS)
-        assert _repacked_layers(bare)
+        assert repacked_4bit_layers(bare)
         # Only the residual stream carries gradient back: none passes through the repacked layers' kernel
         assert rel(_input_gradient(bare, IDS), reference) > 0.1
         with pytest.raises(ValueError, match=r"repacked the weights of 14 4-bit layer\(s\).*no longer the weights"):
@@ -301,6 +293,6 @@ def test_eval_forwards_keep_the_4bit_layout_that_training_uses(toy_dir):
     model.eval()
     with torch.no_grad():
         model(IDS)
-    assert _repacked_layers(model) == []
+    assert repacked_4bit_layers(model) == []
     assert not any(module.training for module in model.modules())  # each layer's eval mode is given back
     torch.testing.assert_close(_input_gradient(model, IDS), reference, rtol=0, atol=0)

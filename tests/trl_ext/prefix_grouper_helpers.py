@@ -229,13 +229,3 @@ def fp32_adapters_(trainer):
         if param.requires_grad:
             param.data = param.data.float()
     return trainer
-
-
-def repacked_4bit_layers(model) -> list[str]:
-    """bitsandbytes 4-bit layers whose weight it repacked for its CPU inference kernel (see
-    :func:`peft_ext._quantized.keep_4bit_training_layout`)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
-    ]

@@ -17,13 +17,13 @@ from prefix_grouper_helpers import (
     model_path,
     quantized_llama,
     ref_logps_of,
-    repacked_4bit_layers,
     sharpen_,
     trainer_for_model,
 )
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from trl import GRPOConfig, GRPOTrainer
 
+from peft_ext._quantized import repacked_4bit_layers
 from peft_trl_testbed import arithmetic_reward, build_toy_tokenizer, make_arithmetic_dataset, toy_args, toy_model_path
 from trl_ext import PrefixGrouperGRPOConfig, PrefixGrouperGRPOTrainer
 from trl_ext.prefix_grouper import install_grouped_attention

@@ -18,7 +18,6 @@ from prefix_grouper_helpers import (
     QUANTIZED_FORMATS,
     fp32_adapters_,
     quantized_llama,
-    repacked_4bit_layers,
     sharpen_,
     tiny_model,
 )
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
+from peft_ext._quantized import repacked_4bit_layers
 from peft_trl_testbed import build_toy_moe_model, build_toy_tokenizer, make_reasoning_preferences, toy_args
 from trl_ext import PrefixSharingDPOConfig, PrefixSharingDPOTrainer, REDIConfig, REDITrainer
 

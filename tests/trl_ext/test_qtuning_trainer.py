@@ -111,7 +111,9 @@ def test_evaluating_on_a_4bit_base_leaves_training_unchanged(tmp_path):
     """bitsandbytes repacks 4-bit weights on an eval forward on CPU for a kernel that passes no gradient back; the
     trainer keeps them in their training layout, so a step after ``evaluate()`` equals a step without it."""
     from peft import LoraConfig
-    from prefix_grouper_helpers import fp32_adapters_, quantized_llama, repacked_4bit_layers
+    from prefix_grouper_helpers import fp32_adapters_, quantized_llama
+
+    from peft_ext._quantized import repacked_4bit_layers
 
     data = make_mixed_quality_sft(8, seed=3)
     updates = {}
