@@ -20,8 +20,8 @@ unless named otherwise):
   ``test_peft_hooks_*``.
 - :data:`WRAPPER_SEGMENTS`: the names torch's FSDP1, activation-checkpoint and ``torch.compile`` wrappers
   insert into parameter names (torch 2.13). ``test_wrapper_segments_are_torch_s``.
-- :func:`unpack_cpu_4bit_weight`: bitsandbytes' private CPU weight unpacking (bitsandbytes 0.50.2,
-  ``bitsandbytes/nn/modules.py``, ``bitsandbytes/functional.py``).
+- :func:`unpack_cpu_4bit_weight`, :func:`was_repacked_4bit`: bitsandbytes' private CPU weight unpacking and the
+  fields its repacking records (bitsandbytes 0.50.2, ``bitsandbytes/nn/modules.py``, ``bitsandbytes/functional.py``).
   ``tests/peft_ext/test_quantized.py::test_eval_forwards_keep_the_4bit_layout_that_training_uses``.
 
 :func:`check_peft_hooks` runs when a tuner type is registered (at ``import peft_ext``), so a release that
@@ -52,6 +52,7 @@ __all__ = [
     "check_peft_hooks",
     "set_peft_model_state_dict_arg",
     "unpack_cpu_4bit_weight",
+    "was_repacked_4bit",
 ]
 
 PEFT_MIRRORED = "0.21.2"
@@ -296,18 +297,26 @@ def unpack_cpu_4bit_weight(weight) -> bool:
     bitsandbytes 0.50.2 (``bitsandbytes/nn/modules.py``, ``Linear4bit.forward``) repacks a 4-bit weight into
     a bf16 CPU kernel layout on the first eval-mode forward on CPUs with AVX512-BF16, and
     ``dequantize_4bit`` does not read that layout. bitsandbytes itself undoes it with the private
-    ``bitsandbytes.functional._convert_weight_packed_for_cpu_inverse`` before saving. That inverse leaves the
-    block scales (``absmax``) of a weight without double quantisation transposed, ``(in / blocksize, out)``
-    in bf16, where ``dequantize_4bit`` reads them row-major: restored here, in fp32 (their values stay rounded
-    to bf16). Pinned by ``tests/peft_ext/test_quantized.py::test_unpacking_a_repacked_4bit_layer``.
+    ``bitsandbytes.functional._convert_weight_packed_for_cpu_inverse`` when it saves (``_save_to_state_dict``, so
+    also on ``state_dict()``). That inverse leaves the block scales (``absmax``) of a weight without double
+    quantisation transposed, ``(in / blocksize, out)`` in bf16, where ``dequantize_4bit`` reads them row-major:
+    restored here in fp32, also after bitsandbytes' own inverse ran (their values stay rounded to bf16). Pinned by
+    ``tests/peft_ext/test_quantized.py::test_unpacking_a_repacked_4bit_layer``.
     """
     state = weight.quant_state
-    if not getattr(state, "packing_format_for_cpu", False):
-        return False
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    repacked = bool(getattr(state, "packing_format_for_cpu", False))
+    if repacked:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-    nested = state.original_nested
-    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-    if not nested:
-        weight.quant_state.absmax = weight.quant_state.absmax.T.reshape(-1).float().contiguous()
-    return True
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state = weight.quant_state
+    if was_repacked_4bit(state) and not state.nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+    return repacked
+
+
+def was_repacked_4bit(quant_state) -> bool:
+    """Whether bitsandbytes ever repacked the weight of this 4-bit ``QuantState`` for its CPU kernel, undone or not:
+    the repacking (``bitsandbytes.functional._convert_weight_packed_for_cpu``, 0.50.2) records ``original_nested``
+    and the other fields it changes, and rounds the block scales to bf16 for good."""
+    return getattr(quant_state, "packing_format_for_cpu", False) or hasattr(quant_state, "original_nested")

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._compat import unpack_cpu_4bit_weight
+from ._compat import unpack_cpu_4bit_weight, was_repacked_4bit
 
 QUANTIZED_FORMATS = ("bnb_4bit", "bnb_8bit", "torchao_int8")
 SUPPORTED_TEXT = (
@@ -120,10 +120,10 @@ def keep_4bit_training_layout(model: nn.Module) -> int:
         raise ValueError(
             f"bitsandbytes repacked the weights of {len(repacked)} 4-bit layer(s) (first: {repacked[0]!r}) for its bf16 "
             "CPU inference kernel, on an eval-mode forward or generate() before this model was set up for training. "
-            "That rounded their block scales to bf16, so these are no longer the weights that were loaded, and "
-            "training would get no gradient through them. Reload the model, and build the trainer (or the MoRA "
-            "adapter) before any eval-mode forward; or call peft_ext.keep_4bit_training_layout(model) right after "
-            "loading."
+            "That rounded their block scales to bf16 for good (saving or unpacking the model does not undo it), so "
+            "these are no longer the weights that were loaded; while repacked, they also pass no gradient. Reload the "
+            "model, and build the trainer (or the MoRA adapter) before any eval-mode forward, or call "
+            "peft_ext.keep_4bit_training_layout(model) right after loading."
         )
     for _, module in layers:
         if not getattr(module, _LAYOUT_KEPT, False):
@@ -135,12 +135,9 @@ def keep_4bit_training_layout(model: nn.Module) -> int:
 
 def repacked_4bit_layers(model: nn.Module) -> list[str]:
     """Names of ``model``'s bitsandbytes 4-bit layers whose weight bitsandbytes repacked for its CPU inference
-    kernel (see :func:`keep_4bit_training_layout`)."""
-    return [
-        name
-        for name, module in _bnb_4bit_layers(model)
-        if getattr(module.weight.quant_state, "packing_format_for_cpu", False)
-    ]
+    kernel (see :func:`keep_4bit_training_layout`), now or earlier: undoing it (as bitsandbytes does when it saves a
+    state dict) leaves the block scales rounded to bf16."""
+    return [name for name, module in _bnb_4bit_layers(model) if was_repacked_4bit(module.weight.quant_state)]
 
 
 def _bnb_4bit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

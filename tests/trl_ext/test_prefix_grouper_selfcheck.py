@@ -306,6 +306,8 @@ def test_tolerance_dtype_is_the_least_precise_compute_dtype():
     assert compute_dtype(model) == torch.float32
     assert compute_dtype(model, torch.bfloat16) == torch.bfloat16  # fp32 weights under bf16 autocast
     assert compute_dtype(model.to(torch.float16)) == torch.float16
+    model.float().model.norm.half()  # type promotion keeps the forward in fp32
+    assert compute_dtype(model) == torch.float32
     model.model.layers[0].mlp.register_parameter(
         "packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
     )

@@ -9,7 +9,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_trl_testbed.teacher as teacher_module
-from peft_trl_testbed import TeacherConfig, make_reasoning_traces, pretrained_toy_model_path, teacher_metrics
+from peft_trl_testbed import (
+    TeacherConfig,
+    build_toy_tokenizer,
+    make_reasoning_traces,
+    pretrained_toy_model_path,
+    teacher_metrics,
+)
 from trl_ext.redi import (
     generate_traces,
     label_traces,
@@ -269,3 +275,18 @@ def test_generation_arguments_are_checked_before_the_teacher_loads(kwargs, match
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_loading)
     with pytest.raises(ValueError, match=match):
         generate_traces("/no/such/teacher", _prompts(1), _has_digit_of_answer, **kwargs)
+
+
+def test_generating_with_a_4bit_model_leaves_it_trainable(tmp_path):
+    # bitsandbytes repacks 4-bit weights on an eval-mode forward on CPU (for a kernel that passes no gradient back,
+    # with its scales rounded to bf16): a student that generates its own traces must stay as it was loaded
+    from prefix_grouper_helpers import quantized_llama
+
+    from peft_ext._quantized import repacked_4bit_layers
+
+    model = quantized_llama("bnb_4bit", tmp_path)
+    prompts = Dataset.from_list([{"prompt": "1 + 2 =", "answer": "3"}, {"prompt": "4 + 4 =", "answer": "8"}])
+    kwargs = dict(tokenizer=build_toy_tokenizer(), max_new_tokens=4, progress=False, use_vllm=False)
+    _, report = generate_traces(model, prompts, lambda completion, answer: answer in completion, 2, **kwargs)
+    assert report.traces == 4
+    assert repacked_4bit_layers(model) == [] and not model.training

@@ -160,11 +160,17 @@ def weights_materialised(model: torch.nn.Module) -> bool:
 
 
 def compute_dtype(model, mixed_precision: torch.dtype | None = None) -> torch.dtype:
-    """The least precise dtype the forward computes in: the autocast dtype, the floating-point parameters' dtypes
-    (a bf16 adapter on an fp32 base rounds its share to bf16), and what the quantised layers compute in (see
-    :func:`peft_ext._quantized.quantized_compute_dtypes`)."""
+    """The least precise dtype the forward computes in: the autocast dtype, the embeddings' dtype, a PEFT adapter's
+    dtype (PEFT casts a layer's input to it, so a bf16 adapter computes its share in bf16), and what quantised layers
+    compute in (see :func:`peft_ext._quantized.quantized_compute_dtypes`). The dtypes other weights are stored in do
+    not count: type promotion keeps an fp32 forward in fp32 through, say, an fp16 norm weight."""
     candidates = {torch.float32 if mixed_precision is None else mixed_precision}
-    candidates |= {param.dtype for param in model.parameters() if param.is_floating_point()}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        candidates.add(weight.dtype)
+    if isinstance(getattr(model, "peft_config", None), dict):
+        candidates |= {p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()}
     candidates |= quantized_compute_dtypes(model)
     return max(candidates, key=lambda dtype: torch.finfo(dtype).eps)
 

@@ -29,6 +29,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from peft_ext._quantized import keep_4bit_training_layout, repacked_4bit_layers
+
 from .data import (
     ERROR_COLUMN,
     PairReport,
@@ -127,6 +129,8 @@ def _load_teacher(teacher, tokenizer):
 
 
 def _transformers_generate(model, tokenizer, texts, k, temperature, top_p, max_new_tokens, batch_size, progress):
+    if not repacked_4bit_layers(model):  # generating must not repack the 4-bit weights of a model trained later
+        keep_4bit_training_layout(model)
     modes = [(module, module.training) for module in model.modules()]  # per module: some may be frozen in eval
     padding_side = tokenizer.padding_side
     try:
