@@ -19,7 +19,7 @@ from .._loading import (
 )
 from .._merging import AtomicSafeMergeMixin
 from .._mixed_batch import MixedBatchMixin
-from .._quantized import check_adaptable, keep_4bit_training_layout, quantization_format
+from .._quantized import check_adaptable, keep_4bit_training_layout
 from .._sharding import raise_partitioned_save
 from .config import MoraConfig
 from .layer import SUPPORTED_LAYERS, MoraLayer, MoraLinear
@@ -66,6 +66,11 @@ class MoraModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
         current_key: str,
         **optional_kwargs,
     ) -> None:
+        if not getattr(self, "_4bit_layout_kept", False):
+            # Before the first layer is replaced: refuses a base bitsandbytes repacked (nothing changed yet), and keeps
+            # every 4-bit layer the gradient passes through, targeted or not, in its training layout
+            keep_4bit_training_layout(self.model)
+            self._4bit_layout_kept = True
         if isinstance(target, MoraLayer):
             target.update_layer(adapter_name, mora_config)
             return
@@ -77,8 +82,6 @@ class MoraModel(MixedBatchMixin, AtomicSafeMergeMixin, BaseTuner):
                 "or add it to exclude_modules."
             )
         check_adaptable(base_layer, current_key, "MoRA")
-        if quantization_format(base_layer) == "bnb_4bit":
-            keep_4bit_training_layout(self.model)  # every 4-bit layer the gradient passes through (idempotent)
         new_module = MoraLinear(target, adapter_name, mora_config)
         if new_module.fan_in_fan_out != mora_config.fan_in_fan_out:
             warnings.warn(

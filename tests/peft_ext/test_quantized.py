@@ -242,6 +242,27 @@ def test_unpacking_a_repacked_4bit_layer(toy_dir, backend, saved):
     assert len(repacked_4bit_layers(base)) == 14  # unpacked, but the scales stay rounded
 
 
+def test_mora_on_a_repacked_base_changes_nothing_before_refusing(toy_dir):
+    # q_proj is left unquantised, so the first target MoRA reaches is a float layer: still nothing is replaced
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["q_proj", "lm_head"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(toy_dir, quantization_config=quantization, dtype=torch.float32)
+    base.eval()
+    with torch.no_grad():
+        base(IDS)
+    modules = [(name, type(module)) for name, module in base.named_modules()]
+    with pytest.raises(ValueError, match=r"repacked the weights of 12 4-bit layer\(s\)"):
+        get_peft_model(base, mora_config())
+    assert [(name, type(module)) for name, module in base.named_modules()] == modules
+
+
 @pytest.mark.parametrize("backend", ["bnb_4bit_nf4_dq", "bnb_8bit"])
 def test_mixed_adapter_batch_on_a_quantised_base_with_gradients_enabled(toy_dir, backend):
     # bitsandbytes may return a view made under no_grad: each adapter's rows must not be written into it
