@@ -109,18 +109,30 @@ def test_qtuning_window_loss_is_normalised_by_kept_tokens(tmp_path, scoring):
 
 def test_evaluating_on_a_4bit_base_leaves_training_unchanged(tmp_path):
     """bitsandbytes repacks 4-bit weights on an eval forward on CPU for a kernel that passes no gradient back; the
-    trainer keeps them in their training layout, so a step after ``evaluate()`` equals a step without it."""
+    trainer keeps them in their training layout, so a step after ``evaluate()`` equals a step without it, and at full
+    keep ratios equals stock SFTTrainer's step without evaluation."""
     from peft import LoraConfig
     from prefix_grouper_helpers import fp32_adapters_, quantized_llama
 
     from peft_ext._quantized import repacked_4bit_layers
 
     data = make_mixed_quality_sft(8, seed=3)
-    updates = {}
-    for evaluate in (False, True):
-        args = toy_args(
+    runs = {  # name: (trainer, config, evaluate first, Q-Tuning options)
+        "plain": (QTuningSFTTrainer, QTuningConfig, False, {}),
+        "evaluated": (QTuningSFTTrainer, QTuningConfig, True, {}),
+        "full-ratios-evaluated": (
+            QTuningSFTTrainer,
             QTuningConfig,
-            tmp_path / f"evaluate-{evaluate}",
+            True,
+            dict(sample_keep_ratio=1.0, token_keep_ratio=1.0),
+        ),
+        "stock": (SFTTrainer, SFTConfig, False, {}),
+    }
+    updates = {}
+    for run, (trainer_cls, config_cls, evaluate, options) in runs.items():
+        args = toy_args(
+            config_cls,
+            tmp_path / run,
             per_device_train_batch_size=8,
             per_device_eval_batch_size=8,
             optim="sgd",
@@ -129,8 +141,9 @@ def test_evaluating_on_a_4bit_base_leaves_training_unchanged(tmp_path):
             max_grad_norm=0.0,
             max_steps=1,
             disable_tqdm=True,
+            **options,
         )
-        trainer = QTuningSFTTrainer(
+        trainer = trainer_cls(
             model=quantized_llama("bnb_4bit", tmp_path),
             args=args,
             train_dataset=data,
@@ -146,10 +159,13 @@ def test_evaluating_on_a_4bit_base_leaves_training_unchanged(tmp_path):
             trainer.evaluate()
             assert repacked_4bit_layers(trainer.model) == []
         trainer.train()
-        updates[evaluate] = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if n in before}
-    assert all(update.abs().max() > 0 for update in updates[False].values())  # every adapter tensor trained
-    for name, update in updates[False].items():
-        torch.testing.assert_close(updates[True][name], update, rtol=1e-6, atol=1e-9, msg=name)
+        updates[run] = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if n in before}
+    assert all(update.abs().max() > 0 for update in updates["plain"].values())  # every adapter tensor trained
+    for name, update in updates["plain"].items():
+        torch.testing.assert_close(updates["evaluated"][name], update, rtol=1e-6, atol=1e-9, msg=name)
+    # Against the stock trainer, which never evaluated: the same update, to the fp32 tolerance of the full-ratio test
+    gap = _update_gap({n: 0 for n in updates["stock"]}, updates["full-ratios-evaluated"], updates["stock"])
+    assert gap < 1e-5, f"update differs from SFTTrainer's by {gap:.2e} (relative)"
 
 
 def test_a_4bit_base_repacked_before_the_trainer_is_refused(tmp_path):
